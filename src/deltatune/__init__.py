@@ -1,0 +1,23 @@
+"""deltatune: parameter-efficient fine-tuning for Hugging Face transformers models.
+
+    import deltatune as dt
+    dt.attach(model, dt.LoraConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
+    dt.summary(model)
+    ... train ...
+    dt.save(model, "out/adapter")
+"""
+
+from .api import active, attach, attached, delta_parameters, detach, disabled, merge, set_active, set_trainable, unmerge
+from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
+from .io import load, save
+from .methods import BitFitConfig, LoraConfig, PromptTuningConfig
+from .summary import Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
+    "active", "attached", "delta_parameters", "set_trainable",
+    "DeltaConfig", "DeltaError", "LoraConfig", "PromptTuningConfig", "BitFitConfig",
+    "Summary", "METHODS", "config_from_dict", "config_from_json",
+]  # fmt: skip

@@ -1,0 +1,121 @@
+"""The peft package's adapter files: config fields and state-dict key names.
+
+Keys. A delta parameter's name in the model, e.g.
+    model.layers.0.self_attn.q_proj.lora_A.default.weight
+is saved under peft's key by dropping the adapter name after its container and any
+``base_layer`` step, and prefixing ``base_model.model.``:
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+``modules_to_save.<adapter>`` is dropped whole (a trained head saves as the head's
+own keys), and a container at the model root (``prompt_embeddings``) is saved bare.
+
+Configs. peft methods are written with exactly peft's fields (older peft versions
+reject keys they do not know); our field names map to peft's through a small table
+per peft_type. Methods peft does not have are written with their own fields and a
+``peft_type`` of their own, which peft refuses but deltatune reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import DeltaConfig, DeltaError, method_for_peft_type
+
+PREFIX = "base_model.model."
+# The peft release whose file format this module writes.
+PEFT_FORMAT_VERSION = "0.21.2"
+COMMON_FILE_FIELDS = ("peft_type", "inference_mode", "auto_mapping", "peft_version")
+
+
+def saved_key(path: str, adapter: str, containers: tuple[str, ...]) -> str:
+    parts = [p for p in path.split(".") if p != "base_layer"]
+    root_level = parts[0] in containers
+    for i in range(len(parts) - 1):
+        if parts[i] in containers and parts[i + 1] == adapter:
+            start = i if parts[i] == "modules_to_save" else i + 1
+            del parts[start : i + 2]
+            break
+    key = ".".join(parts)
+    return key if root_level else PREFIX + key
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How one peft_type's file fields relate to a deltatune config."""
+
+    rename: dict[str, str] = field(default_factory=dict)  # our field -> peft field
+    values: dict[str, dict[Any, Any]] = field(default_factory=dict)  # peft field -> {our value: peft value}
+    extra: dict[str, Any] = field(default_factory=dict)  # peft-only fields, written with these defaults
+
+
+LORA_EXTRA = {
+    "alora_invocation_tokens": None, "arrow_config": None, "bias": "none", "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
+    "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
+    "velora_config": None,
+}  # fmt: skip
+
+SCHEMAS: dict[str, Schema] = {
+    "LORA": Schema(
+        rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
+        values={"init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "none": False}},
+        extra=LORA_EXTRA,
+    ),
+    "PROMPT_TUNING": Schema(
+        rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
+        values={"prompt_tuning_init": {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}},
+    ),
+}
+
+
+def config_to_file(config: DeltaConfig) -> dict[str, Any]:
+    """The adapter_config.json content for `config`."""
+    schema = SCHEMAS.get(config.peft_type)
+    ours = {k: v for k, v in config.to_dict().items() if k != "method"}
+    out: dict[str, Any] = {"peft_type": config.peft_type, "inference_mode": True}
+    if schema is None:
+        return {**out, **ours}
+    for key, value in ours.items():
+        peft_key = schema.rename.get(key, key)
+        out[peft_key] = schema.values.get(peft_key, {}).get(value, value) if _hashable(value) else value
+    out.update({k: v for k, v in schema.extra.items() if k not in out})
+    out["auto_mapping"] = None
+    out["peft_version"] = PEFT_FORMAT_VERSION
+    return out
+
+
+def config_from_file(data: dict[str, Any], source: str = "adapter_config.json") -> DeltaConfig:
+    """A deltatune config from an adapter_config.json written by deltatune or by peft."""
+    if "peft_type" not in data:
+        raise DeltaError(f"{source} has no 'peft_type'; it is not an adapter config")
+    method = method_for_peft_type(data["peft_type"])
+    cls = method.config_cls
+    schema = SCHEMAS.get(cls.peft_type, Schema())
+    ours_by_peft = {v: k for k, v in schema.rename.items()}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in COMMON_FILE_FIELDS:
+            continue
+        ours = ours_by_peft.get(key, key)
+        if ours in fields:
+            back = {v: k for k, v in schema.values.get(key, {}).items() if _hashable(v)}
+            kwargs[ours] = back.get(value, value) if _hashable(value) else value
+            if key in schema.values and value not in back:
+                raise DeltaError(f"{source}: {key}={value!r} is not supported by deltatune (supported: {list(back)})")
+        elif value != schema.extra.get(key, None) and value not in (None, False, {}, []):
+            raise DeltaError(f"{source}: the peft option {key}={value!r} is not supported by deltatune")
+    if isinstance(kwargs.get("target_modules"), (set, tuple)):
+        kwargs["target_modules"] = sorted(kwargs["target_modules"])
+    return cls(**kwargs)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True

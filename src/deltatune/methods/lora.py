@@ -1,0 +1,265 @@
+"""LoRA, rsLoRA and DoRA.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")
+reparameterises a frozen weight W0 (out x in) as W0 + s * B A with A (r x in),
+B (out x r) and s = alpha / r:
+
+    h = W0 x + s * B A dropout(x)
+
+A starts random (Kaiming-uniform with a = sqrt(5), or Gaussian N(0, 1/r)) and B
+at zero, so the model is unchanged at attach. Merging adds s * B A to W0
+(transposed for GPT-2's Conv1D, whose weight is stored in x out); unmerging
+subtracts it. rsLoRA (Kalajdzievski 2023) uses s = alpha / sqrt(r), which keeps
+the update's scale stable as r grows.
+
+On an embedding (vocab x dim) the roles turn around: A (r x vocab) starts at zero
+and B (dim x r) Gaussian, and the delta is  s * onehot(x) A^T B^T.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits the
+adapted weight into a magnitude m (one per output row, initialised to the row
+norms of W0 + s B A) and a direction:
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||_row
+
+with the norm treated as a constant in the backward pass (paper section 4.3).
+Written on top of the base output y0 = W0 x (bias removed):
+
+    h = y0 + (m/n - 1) * y0 + (m/n) * s * B A x + bias,   n = ||W0 + s B A||_row
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DeltaConfig, DeltaError, Method, register
+from ..surgery import DeltaLayer, wrap
+from ..targets import default_targets, pattern_value, select_targets
+
+
+@dataclass(kw_only=True)
+class LoraConfig(DeltaConfig):
+    """r: rank; alpha: scale numerator (s = alpha/r, or alpha/sqrt(r) with use_rslora).
+
+    target_modules: names, a regex string, or "all-linear"; None takes the
+    architecture's default. rank_pattern / alpha_pattern: {regex on the end of a
+    module name: value} overrides. init: "kaiming" or "gaussian" for A (B zero);
+    "none" leaves B random too, so outputs change at attach (for tests).
+    """
+
+    method = "lora"
+    peft_type = "LORA"
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: Literal["kaiming", "gaussian", "none"] = "kaiming"
+    use_rslora: bool = False
+    use_dora: bool = False
+    # Set at attach, not by hand: True when the targets are GPT-2 Conv1D ([in, out] weights); peft reads it.
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r <= 0:
+            raise DeltaError(f"LoRA rank r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DeltaError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("kaiming", "gaussian", "none"):
+            raise DeltaError(f"LoRA init must be 'kaiming', 'gaussian' or 'none', got {self.init!r}")
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def supports(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding)) or _is_conv1d(module)
+
+
+class LoraLayer(DeltaLayer):
+    """Wraps an nn.Linear, a GPT-2 Conv1D or an nn.Embedding."""
+
+    containers = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.is_embedding = isinstance(base_layer, nn.Embedding)
+        self.is_conv1d = _is_conv1d(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA row norms at merge time, for an exact unmerge
+
+    # ------------------------------------------------------------ shapes
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), whatever the module stores."""
+        w = self.base_layer.weight
+        return w.T if self.is_conv1d else w
+
+    def dims(self) -> tuple[int, int]:
+        if self.is_embedding:
+            return self.base_layer.num_embeddings, self.base_layer.embedding_dim
+        out_f, in_f = self.base_weight().shape
+        return in_f, out_f
+
+    # ------------------------------------------------------------ adapters
+    def add(self, name: str, config: LoraConfig, module_name: str) -> None:
+        r = pattern_value(module_name, config.rank_pattern, config.r)
+        alpha = pattern_value(module_name, config.alpha_pattern, config.alpha)
+        in_f, out_f = self.dims()
+        device = self.base_layer.weight.device
+        # Trainable parameters are fp32 whatever the base dtype: fp16 updates underflow and drift to inf/NaN.
+        kw = dict(device=device, dtype=torch.float32)
+        if self.is_embedding:
+            if config.use_dora:
+                raise DeltaError(f"DoRA on an embedding ({module_name}) is not supported; exclude it or turn use_dora off")
+            self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, in_f, **kw))
+            self.lora_embedding_B[name] = nn.Parameter(torch.empty(out_f, r, **kw))
+            nn.init.normal_(self.lora_embedding_B[name])
+            if config.init == "none":
+                nn.init.normal_(self.lora_embedding_A[name])
+        else:
+            self.lora_A[name] = nn.Linear(in_f, r, bias=False, **kw)
+            self.lora_B[name] = nn.Linear(r, out_f, bias=False, **kw)
+            if config.init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            if config.init != "none":
+                nn.init.zeros_(self.lora_B[name].weight)
+        self.scaling[name] = config.scaling(r, alpha)
+        self.dropout[name] = config.dropout
+        if config.use_dora:
+            with torch.no_grad():
+                norm = self.dora_norm(name, self.base_weight().float())
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(**kw))
+
+    def remove(self, name: str, keep_merged: bool = False) -> None:
+        super().remove(name, keep_merged)
+        self.merged_norms.pop(name, None)
+        self.scaling.pop(name, None)
+        self.dropout.pop(name, None)
+
+    # ------------------------------------------------------------ math
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A as (out, in) for Linear/Conv1D, or (vocab, dim) for an embedding, in fp32."""
+        if self.is_embedding:
+            return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Row norms of W + s B A (out,), computed in fp32."""
+        return torch.linalg.vector_norm(weight.float() + self.delta_weight(name), dim=1)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        groups = self.batch_groups(x.shape[0]) if self.model_state is not None and self.model_state.batch_adapters is not None else None
+        if groups is not None:
+            mixed = result
+            for name, rows in groups:
+                mixed = mixed.index_copy(0, rows, self.add_delta(name, x[rows], result[rows]))
+            return mixed
+        for name in self.live:
+            result = self.add_delta(name, x, result)
+        return result
+
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.is_embedding:
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            if A.dtype != result.dtype:
+                A, B = A.to(result.dtype), B.to(result.dtype)
+            low = F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx)  # (..., r)
+            return _add_low_rank(result, low, B, self.scaling[name])
+        p = self.dropout[name]
+        h = F.dropout(x, p, training=True) if p and self.training else x
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if A.dtype != h.dtype:  # fp32 trainables, half-precision base: compute in the base's dtype
+            A, B = A.to(h.dtype), B.to(h.dtype)
+        low = F.linear(h, A)  # (..., r)
+        if name in self.lora_magnitude_vector:
+            return self.dora(name, h, x, result, low, B)
+        return _add_low_rank(result, low, B, self.scaling[name])
+
+    def dora(self, name: str, h: torch.Tensor, x: torch.Tensor, result: torch.Tensor, low: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight()
+        with torch.no_grad():
+            norm = self.dora_norm(name, weight)  # (out,), a constant in the backward pass
+        factor = (self.lora_magnitude_vector[name] / norm).to(result.dtype)  # (out,)
+        bias = getattr(self.base_layer, "bias", None)
+        if h is x:
+            base = result if bias is None else result - bias
+        else:  # dropout is on: the direction term sees the same dropped input as the LoRA path
+            base = F.linear(h, weight.to(h.dtype))
+        return result + (factor - 1) * base + factor * self.scaling[name] * F.linear(low, B)
+
+    # ------------------------------------------------------------ merge
+    def merge_delta(self, name: str) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            w = weight.data.float()
+            w_out_in = w.T if self.is_conv1d else w
+            new = w_out_in + self.delta_weight(name) if not self.is_embedding else w + self.delta_weight(name)
+            if name in self.lora_magnitude_vector:
+                norm = torch.linalg.vector_norm(new, dim=1)
+                self.merged_norms[name] = norm
+                new = new * (self.lora_magnitude_vector[name] / norm).unsqueeze(1)
+            weight.data.copy_((new.T if self.is_conv1d else new).to(weight.dtype))
+
+    def unmerge_delta(self, name: str) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            w = weight.data.float()
+            w_out_in = w.T if self.is_conv1d else w
+            if name in self.lora_magnitude_vector:
+                norm = self.merged_norms.pop(name)
+                w_out_in = w_out_in / (self.lora_magnitude_vector[name] / norm).unsqueeze(1)
+            old = w_out_in - self.delta_weight(name)
+            weight.data.copy_((old.T if self.is_conv1d else old).to(weight.dtype))
+
+
+def _add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """result + scale * low @ B^T as one fused GEMM (addmm) over the flattened rows."""
+    if result.dim() < 2:
+        return result + scale * (low @ B.T)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), B.T, alpha=scale)
+    return out.view(result.shape)
+
+
+def attach(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
+    targets = config.target_modules if config.target_modules is not None else default_targets("lora", model)
+    names = select_targets(
+        model,
+        targets,
+        supported=supports,
+        method="lora",
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+    )
+    wrap(model, names, LoraLayer, name, config)
+    conv1d = any(_is_conv1d(model.get_submodule(n).base_layer) for n in names)
+    return config.replace(target_modules=targets, fan_in_fan_out=conv1d)
+
+
+LORA = register(
+    Method(name="lora", config_cls=LoraConfig, kind="wrap", attach=attach, containers=LoraLayer.containers, peft_compatible=True)
+)

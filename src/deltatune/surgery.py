@@ -1,0 +1,363 @@
+"""Module surgery, written once for every method.
+
+Three attachment mechanisms live here:
+  * wrapping: a target module is replaced in place by a :class:`DeltaLayer` that
+    keeps the original as ``base_layer`` and holds one entry per adapter name in
+    its containers (``lora_A["default"]``, ...);
+  * root parameters: input-side methods (prompts) keep their parameters in a
+    container on the model itself (``model.prompt_embeddings["default"]``);
+  * selection: existing parameters are made trainable and their original values
+    kept, so the base model can be restored bit for bit.
+The per-model bookkeeping (which deltas exist, which are active) is a
+:class:`ModelState` stored on the model object; there is no wrapper class.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import DeltaConfig, DeltaError, Method
+
+STATE_ATTR = "_deltatune_state"
+
+
+@dataclass
+class Delta:
+    """One attached delta."""
+
+    config: DeltaConfig
+    method: Method
+    trainable: bool = True
+    # kind "select": the selected parameters (by their name at selection time; held
+    # by object, since wrapping a module later renames its parameters), their
+    # original values, and their trained values while the delta is inactive.
+    selected: dict[str, nn.Parameter] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    stash: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ModelState:
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    # Per-row adapter names for one forward (mixed batches); set by a hook, read by layers.
+    batch_adapters: list[str] | None = None
+    # requires_grad of every parameter before the first attach, restored when the last delta goes.
+    original_requires_grad: dict[nn.Parameter, bool] = field(default_factory=dict)
+
+
+def get_state(model: nn.Module, create: bool = False) -> ModelState | None:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None and create:
+        state = ModelState()
+        model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def require_state(model: nn.Module) -> ModelState:
+    state = get_state(model)
+    if state is None or not state.deltas:
+        raise DeltaError(f"{type(model).__name__} has no delta attached; call deltatune.attach or deltatune.load first")
+    return state
+
+
+def drop_state(model: nn.Module) -> None:
+    state = model.__dict__.pop(STATE_ATTR, None)
+    for handle in state.hooks if state else ():
+        handle.remove()
+
+
+# ---------------------------------------------------------------- wrapping
+
+
+class DeltaLayer(nn.Module):
+    """Base of every wrapping delta layer: bookkeeping only, no math.
+
+    A subclass declares ``containers`` (its per-adapter ModuleDicts/ParameterDicts),
+    and implements ``add``, ``forward`` and, when it can merge, ``merge_delta`` /
+    ``unmerge_delta``. Attribute reads that miss fall through to ``base_layer``,
+    so code that asks a wrapped module for ``.weight`` or ``.in_features`` still works.
+    """
+
+    containers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        # Adapters that are active and not merged: what forward adds. Kept up to
+        # date by set_active / merge / unmerge so forward does no bookkeeping.
+        self.live: tuple[str, ...] = ()
+        self.model_state: ModelState | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # -- adapters
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for container in self.containers:
+            names.update(dict.fromkeys(getattr(self, container).keys()))
+        return list(names)
+
+    def add(self, name: str, config: DeltaConfig, module_name: str) -> None:
+        raise NotImplementedError
+
+    def remove(self, name: str, keep_merged: bool = False) -> None:
+        """Drop an adapter; a merged one stays in the base weights when keep_merged."""
+        if name in self.merged:
+            if not keep_merged:
+                self.unmerge_delta(name)
+            self.merged.remove(name)
+        for container in self.containers:
+            store = getattr(self, container)
+            if name in store:
+                del store[name]
+        self.set_active([n for n in self.active if n != name])
+
+    def set_active(self, names: list[str]) -> None:
+        present = self.adapter_names()
+        self.active = tuple(n for n in names if n in present)
+        self.live = tuple(n for n in self.active if n not in self.merged)
+
+    # -- merge
+    def merge(self, name: str) -> None:
+        if name in self.merged or name not in self.adapter_names():
+            return
+        self.merge_delta(name)
+        self.merged.append(name)
+        self.set_active(list(self.active))
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        self.unmerge_delta(name)
+        self.merged.remove(name)
+        self.set_active(list(self.active))
+
+    def merge_delta(self, name: str) -> None:
+        raise DeltaError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge_delta(self, name: str) -> None:
+        raise DeltaError(f"{type(self).__name__} cannot be unmerged")
+
+    # -- mixed batches
+    def batch_groups(self, batch_size: int) -> list[tuple[str, torch.Tensor]] | None:
+        """(adapter, row indices) groups when the forward carries per-row adapter names, else None."""
+        names = self.model_state.batch_adapters if self.model_state is not None else None
+        if names is None:
+            return None
+        if len(names) != batch_size:
+            raise DeltaError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
+        if self.merged:
+            raise DeltaError(f"adapter(s) {self.merged} are merged; unmerge them before a mixed-adapter batch")
+        groups = []
+        for name in dict.fromkeys(names):
+            if name == "__base__":
+                continue
+            if name not in self.adapter_names():
+                if self.model_state is not None and name not in self.model_state.deltas:
+                    raise DeltaError(f"adapter_names names {name!r}, which is not attached; attached: {list(self.model_state.deltas)}")
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=self.device_of())
+            groups.append((name, rows))
+        return groups
+
+    def device_of(self) -> torch.device:
+        for p in self.base_layer.parameters():
+            return p.device
+        return torch.device("cpu")
+
+
+class ModulesToSave(DeltaLayer):
+    """A whole module trained and saved per adapter (a classification head, say).
+
+    Each adapter gets a full copy of the original, in fp32; the forward runs the
+    copy of the last active adapter, or the original when none is active.
+    """
+
+    containers = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add(self, name: str, config: DeltaConfig, module_name: str) -> None:
+        trained = copy.deepcopy(self.base_layer)
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in trained.parameters()):
+            trained = trained.float()
+        self.modules_to_save[name] = trained
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        groups = self.batch_groups(_batch_size(args))
+        if groups is not None:
+            result = self.base_layer(*args, **kwargs)
+            for name, rows in groups:
+                sub = [a[rows] if torch.is_tensor(a) else a for a in args]
+                result = result.index_copy(0, rows, self._run(self.modules_to_save[name], sub, kwargs))
+            return result
+        if not self.active:
+            return self.base_layer(*args, **kwargs)
+        return self._run(self.modules_to_save[self.active[-1]], args, kwargs)
+
+    def _run(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+        base_dtype = next((p.dtype for p in self.base_layer.parameters() if p.is_floating_point()), torch.float32)
+        if base_dtype == torch.float32:
+            return module(*args, **kwargs)
+        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        out = module(*args, **kwargs)
+        return out.to(base_dtype) if torch.is_tensor(out) else out
+
+    # Outputs are the same merged or not: merging is only a flag here.
+    def merge_delta(self, name: str) -> None:
+        pass
+
+    def unmerge_delta(self, name: str) -> None:
+        pass
+
+    def remove(self, name: str, keep_merged: bool = False) -> None:
+        if keep_merged and name in self.merged and name in self.modules_to_save:
+            dtype = next((p.dtype for p in self.base_layer.parameters() if p.is_floating_point()), torch.float32)
+            trained = self.modules_to_save[name].to(dtype)
+            trained.requires_grad_(False)
+            self.base_layer = trained
+        super().remove(name, keep_merged)
+
+
+def _batch_size(args: Any) -> int:
+    for a in args:
+        if torch.is_tensor(a):
+            return a.shape[0]
+    return 0
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = parent_of(model, name)
+    setattr(parent, child, new)
+
+
+def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapter: str, config: DeltaConfig) -> None:
+    """Give each named module an adapter of `layer_cls`, wrapping it first when needed."""
+    state = get_state(model, create=True)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, DeltaLayer) and not isinstance(module, layer_cls):
+            raise DeltaError(
+                f"{name} is already wrapped by {type(module).__name__}; stacking {layer_cls.__name__} on it is not supported"
+            )
+        if not isinstance(module, layer_cls):
+            module = layer_cls(module)
+            module.model_state = state
+            replace_module(model, name, module)
+        module.add(adapter, config, name)
+
+
+def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaLayer):
+            yield name, module
+
+
+def unwrap_empty(model: nn.Module) -> None:
+    """Replace every delta layer that holds no adapter by its base module."""
+    for name, layer in list(delta_layers(model)):
+        if not layer.adapter_names():
+            replace_module(model, name, layer.base_layer)
+
+
+def remove_from_layers(model: nn.Module, adapter: str, keep_merged: bool = False) -> None:
+    for _, layer in list(delta_layers(model)):
+        if adapter in layer.adapter_names():
+            layer.remove(adapter, keep_merged)
+    unwrap_empty(model)
+
+
+def wrap_modules_to_save(model: nn.Module, adapter: str, config: DeltaConfig, optional: tuple[str, ...] = ()) -> None:
+    """Wrap the config's modules_to_save; names in `optional` (default heads) may be absent."""
+    names = list(config.modules_to_save or ())
+    if not names:
+        return
+    chosen = [n for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)]
+    missing = [t for t in names if t not in optional and not any(n == t or n.endswith("." + t) for n in chosen)]
+    if missing:
+        raise DeltaError(
+            f"modules_to_save {missing} matched no module of {type(model).__name__}; "
+            f"its top-level modules are {[n for n, _ in model.named_children()]}"
+        )
+    wrap(model, chosen, ModulesToSave, adapter, config)
+
+
+# ---------------------------------------------------------------- root parameters
+
+
+def root_container(model: nn.Module, container: str, create: bool = True) -> nn.ParameterDict | None:
+    existing = model._modules.get(container)
+    if existing is None and create:
+        existing = nn.ParameterDict()
+        model.add_module(container, existing)
+    return existing
+
+
+def remove_root_parameters(model: nn.Module, container: str, adapter: str) -> None:
+    store = root_container(model, container, create=False)
+    if store is None:
+        return
+    if adapter in store:
+        del store[adapter]
+    if not len(store):
+        del model._modules[container]
+
+
+# ---------------------------------------------------------------- selection
+
+
+def select_parameters(model: nn.Module, adapter: str, names: list[str]) -> None:
+    """Record the parameters a selective delta trains, and their original values."""
+    state = get_state(model, create=True)
+    params = dict(model.named_parameters())
+    taken = {id(p) for name, d in state.deltas.items() if name != adapter for p in d.selected.values()}
+    overlap = [n for n in names if id(params[n]) in taken]
+    if overlap:
+        raise DeltaError(f"parameter {overlap[0]} is already selected by another delta; detach that delta first")
+    delta = state.deltas[adapter]
+    delta.selected = {n: params[n] for n in names}
+    delta.originals = {n: params[n].detach().clone() for n in names}
+
+
+def swap_selected(delta: Delta, active: bool) -> None:
+    """Put the trained values in place (active) or the originals (inactive)."""
+    with torch.no_grad():
+        if active and delta.stash is not None:
+            for n, value in delta.stash.items():
+                delta.selected[n].copy_(value)
+            delta.stash = None
+        elif not active and delta.stash is None:
+            delta.stash = {n: p.detach().clone() for n, p in delta.selected.items()}
+            for n, value in delta.originals.items():
+                delta.selected[n].copy_(value)
+
+
+def restore_selected(delta: Delta, keep_trained: bool) -> None:
+    """Leave the trained values in place (keep_trained) or put the originals back."""
+    with torch.no_grad():
+        source = (delta.stash or {}) if keep_trained else delta.originals
+        for n, value in source.items():
+            delta.selected[n].copy_(value)

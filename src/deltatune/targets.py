@@ -1,0 +1,164 @@
+"""Which modules a config selects.
+
+A target spec is one of
+  * a list of names: a module matches when its full name equals an entry or ends
+    with "." + entry (so "q_proj" takes every layer's q_proj);
+  * a string: a regular expression that must match the full module name;
+  * "all-linear": every Linear / Conv1D except the output head and classifier heads.
+Layer restriction picks layer indices found in names like "model.layers.7.mlp".
+Per-module overrides (rank_pattern, alpha_pattern) are regexes matched against
+the end of the module name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import torch.nn as nn
+
+from .config import DeltaError
+
+# Default targets per model_type, by method (the peft package's defaults, so files interoperate).
+DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
+    "lora": {
+        **dict.fromkeys(
+            ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "mbart", "marian"],
+            ["q_proj", "v_proj"],
+        ),
+        "gpt2": ["c_attn"],
+        "gpt_bigcode": ["c_attn", "c_proj"],
+        "gpt_neox": ["query_key_value"],
+        "bloom": ["query_key_value"],
+        "falcon": ["query_key_value"],
+        "chatglm": ["query_key_value"],
+        "phi3": ["qkv_proj"],
+        "bert": ["query", "value"],
+        "roberta": ["query", "value"],
+        "xlm-roberta": ["query", "value"],
+        "electra": ["query", "value"],
+        "distilbert": ["q_lin", "v_lin"],
+        "deberta-v2": ["query_proj", "value_proj"],
+        "t5": ["q", "v"],
+        "mt5": ["q", "v"],
+    },
+}
+
+# Head modules that "all-linear" leaves out, besides the model's output embeddings.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+# Names of the module lists that hold the transformer blocks, tried in this order.
+LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
+
+
+def default_targets(method: str, model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    table = DEFAULT_TARGETS.get(method, {})
+    if model_type in table:
+        return list(table[model_type])
+    raise DeltaError(
+        f"no default target modules for {method} on model_type {model_type!r}; pass target_modules=[...] "
+        f"(or 'all-linear'). Linear modules in this model: {_leaf_summary(model, _is_linear_like)}"
+    )
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _leaf_summary(model: nn.Module, keep: Callable[[nn.Module], bool], limit: int = 40) -> str:
+    names = [n for n, m in model.named_modules() if n and keep(m)]
+    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    text = ", ".join(leaves[:limit]) + (", ..." if len(leaves) > limit else "")
+    example = f" (full names look like {names[0]!r})" if names else ""
+    return (text or "none") + example
+
+
+def head_module_names(model: nn.Module) -> set[str]:
+    """Full names of the output head and classifier heads, which 'all-linear' skips."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            heads.add(name)
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES and name.count(".") == 0:
+            heads.add(name)
+    return heads
+
+
+def name_matches(name: str, spec: str | Sequence[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or LAYER_CONTAINERS)
+    for pattern in patterns:
+        found = re.match(rf"(?:.*\.)?(?:{pattern})\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    *,
+    supported: Callable[[nn.Module], bool],
+    method: str,
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+) -> list[str]:
+    """Full names of the modules the spec selects, in model order. Matching nothing is an error."""
+    all_linear = target_modules == "all-linear"
+    heads = head_module_names(model) if all_linear else set()
+    layers = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform or ())
+    chosen, unsupported = [], []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if all_linear:
+            if not _is_linear_like(module) or any(name == h or name.startswith(h + ".") for h in heads):
+                continue
+        elif not name_matches(name, target_modules):
+            continue
+        if exclude_modules and name_matches(name, exclude_modules):
+            continue
+        if layers:
+            index = layer_index(name, layers_pattern)
+            if index is None or index not in layers:
+                continue
+        if supported(module):
+            chosen.append(name)
+        else:
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported and not all_linear:
+        raise DeltaError(
+            f"{method} cannot wrap {unsupported[0]}" + (f" and {len(unsupported) - 1} more" if len(unsupported) > 1 else "")
+            + f"; target modules of a supported type instead: {_leaf_summary(model, supported)}"
+        )
+    if not chosen:
+        restriction = f" within layers {sorted(layers)}" if layers else ""
+        raise DeltaError(
+            f"target_modules={target_modules!r}{restriction} matched no module of {type(model).__name__}. "
+            f"Modules that can take a {method} delta: {_leaf_summary(model, supported)}"
+        )
+    return chosen
+
+
+T = TypeVar("T")
+
+
+def pattern_value(name: str, patterns: dict[str, T], default: T) -> T:
+    """The value of the first pattern that matches the end of `name` (peft's rank_pattern rule)."""
+    for key, value in patterns.items():
+        if re.match(rf"(?:.*\.)?(?:{key})$", name):
+            return value
+    return default
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
