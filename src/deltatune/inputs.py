@@ -6,57 +6,78 @@ tokens, extend the attention mask and labels) and lets a caller pass
 ``adapter_names=[...]`` for a batch whose rows use different adapters. Because
 the hooks sit on the model itself, ``generate`` and ``transformers.Trainer``
 need no wrapper class.
+
+The hooks are plain module-level functions that find the model's state through
+the module they are called on, so a ``copy.deepcopy`` of the model carries
+working hooks that point at the copy's state, not the original's.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.nn as nn
 
-from .surgery import ModelState, get_state
+from .surgery import STATE_ATTR, ModelState, get_state
 
 
 def ensure_hooks(model: nn.Module) -> None:
     state = get_state(model, create=True)
-    if state.hooks:
+    state.model = model
+    if _model_pre_hook in model._forward_pre_hooks.values():
         return
-    state.hooks.append(model.register_forward_pre_hook(_model_pre_hook(model, state, "model"), with_kwargs=True))
-    state.hooks.append(model.register_forward_hook(_clear_batch_adapters(state), always_call=True))
+    model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_clear_batch_adapters, always_call=True)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
         encoder = model.get_encoder()
-        state.hooks.append(encoder.register_forward_pre_hook(_model_pre_hook(model, state, "encoder"), with_kwargs=True))
+        encoder.__dict__[STATE_ATTR] = state
+        encoder.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True)
 
 
-def _model_pre_hook(model: nn.Module, state: ModelState, role: str):
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        if role == "model" and "adapter_names" in kwargs:
-            state.batch_adapters = kwargs.pop("adapter_names")
-        for name in state.active:
-            delta = state.deltas[name]
-            if delta.method.transform_inputs is not None:
-                args, kwargs = _args_to_kwargs(module, args, kwargs)
-                kwargs = delta.method.transform_inputs(model, role, name, delta.config, kwargs)
-        return args, kwargs
+def remove_hooks(model: nn.Module) -> None:
+    """Remove our hooks, found by identity (handles would not survive a deepcopy of the model)."""
+    for module in model.modules():
+        for table, extras in (
+            (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+            (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+        ):
+            for hook_id, fn in list(table.items()):
+                if fn in (_model_pre_hook, _encoder_pre_hook, _clear_batch_adapters):
+                    del table[hook_id]
+                    for extra in extras:
+                        extra.pop(hook_id, None)
+        module.__dict__.pop(STATE_ATTR, None)
 
-    return hook
+
+def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    state: ModelState = module.__dict__[STATE_ATTR]
+    if "adapter_names" in kwargs:
+        kwargs = dict(kwargs)
+        state.batch_adapters = kwargs.pop("adapter_names")
+    return _transform(module, state, "model", args, kwargs)
 
 
-def _clear_batch_adapters(state: ModelState):
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        state.batch_adapters = None
+def _encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    return _transform(module, module.__dict__[STATE_ATTR], "encoder", args, kwargs)
 
-    return hook
+
+def _transform(module: nn.Module, state: ModelState, role: str, args: tuple, kwargs: dict[str, Any]):
+    for name in state.active:
+        delta = state.deltas[name]
+        if delta.method.transform_inputs is not None:
+            args, kwargs = _args_to_kwargs(module, args, kwargs)
+            kwargs = delta.method.transform_inputs(state.model, role, name, delta.config, kwargs)
+    return args, kwargs
+
+
+def _clear_batch_adapters(module: nn.Module, args: tuple, output: Any) -> None:
+    module.__dict__[STATE_ATTR].batch_adapters = None
 
 
 def _args_to_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """Positional inputs become keyword inputs so a transform sees every input by name."""
     if not args:
         return args, kwargs
-    import inspect
-
-    names = [p for p in inspect.signature(module.forward).parameters if p not in ("self",)]
-    kwargs = dict(kwargs)
-    for name, value in zip(names, args):
-        kwargs[name] = value
-    return (), kwargs
+    names = list(inspect.signature(module.forward).parameters)
+    return (), {**kwargs, **dict(zip(names, args))}

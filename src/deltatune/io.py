@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import api
 from .config import DeltaError
-from .formats.peft import config_from_file, config_to_file, saved_key
+from .formats.peft import config_from_file, config_to_file, key_prefix, saved_key
 from .surgery import require_state
 
 CONFIG_NAME = "adapter_config.json"
@@ -37,7 +37,7 @@ def delta_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, param in api.delta_parameters(model, name).items():
         value = stashed.get(id(param), param.detach())
         # a copy: safetensors refuses tensors that share storage (tied or aliased weights)
-        out[saved_key(path, name, containers)] = value.to("cpu", copy=True).contiguous()
+        out[saved_key(path, name, containers, key_prefix(delta.method.kind))] = value.to("cpu", copy=True).contiguous()
     return out
 
 
@@ -128,7 +128,8 @@ def load_state_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor
     delta = require_state(model).deltas[name]
     containers = tuple(delta.method.containers) + ("modules_to_save",)
     params = api.delta_parameters(model, name)
-    expected = {saved_key(path, name, containers): param for path, param in params.items()}
+    prefix = key_prefix(delta.method.kind)
+    expected = {saved_key(path, name, containers, prefix): param for path, param in params.items()}
     for key, param in expected.items():
         if key not in tensors:
             raise DeltaError(

@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
-from torch.utils.hooks import RemovableHandle
 
 from .config import DeltaConfig, DeltaError, Method
 
@@ -46,11 +45,11 @@ class Delta:
 class ModelState:
     deltas: dict[str, Delta] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
-    hooks: list[RemovableHandle] = field(default_factory=list)
     # Per-row adapter names for one forward (mixed batches); set by a hook, read by layers.
     batch_adapters: list[str] | None = None
     # requires_grad of every parameter before the first attach, restored when the last delta goes.
     original_requires_grad: dict[nn.Parameter, bool] = field(default_factory=dict)
+    model: nn.Module | None = None  # the model this state belongs to (set with the hooks)
 
 
 def get_state(model: nn.Module, create: bool = False) -> ModelState | None:
@@ -69,9 +68,9 @@ def require_state(model: nn.Module) -> ModelState:
 
 
 def drop_state(model: nn.Module) -> None:
-    state = model.__dict__.pop(STATE_ATTR, None)
-    for handle in state.hooks if state else ():
-        handle.remove()
+    from .inputs import remove_hooks
+
+    remove_hooks(model)
 
 
 # ---------------------------------------------------------------- wrapping

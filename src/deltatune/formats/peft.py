@@ -23,12 +23,15 @@ from typing import Any
 from ..config import DeltaConfig, DeltaError, method_for_peft_type
 
 PREFIX = "base_model.model."
+# peft's prompt-learning models hold the transformers model one level up, so their
+# other saved modules (a classifier head) are keyed "base_model.<path>".
+INPUT_METHOD_PREFIX = "base_model."
 # The peft release whose file format this module writes.
 PEFT_FORMAT_VERSION = "0.21.2"
 COMMON_FILE_FIELDS = ("peft_type", "inference_mode", "auto_mapping", "peft_version")
 
 
-def saved_key(path: str, adapter: str, containers: tuple[str, ...]) -> str:
+def saved_key(path: str, adapter: str, containers: tuple[str, ...], prefix: str = PREFIX) -> str:
     parts = [p for p in path.split(".") if p != "base_layer"]
     root_level = parts[0] in containers
     for i in range(len(parts) - 1):
@@ -37,7 +40,12 @@ def saved_key(path: str, adapter: str, containers: tuple[str, ...]) -> str:
             del parts[start : i + 2]
             break
     key = ".".join(parts)
-    return key if root_level else PREFIX + key
+    return key if root_level else prefix + key
+
+
+def key_prefix(kind: str) -> str:
+    """The key prefix peft uses for a method of this kind ("wrap", "input", "select")."""
+    return INPUT_METHOD_PREFIX if kind == "input" else PREFIX
 
 
 @dataclass(frozen=True)

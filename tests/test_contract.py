@@ -1,0 +1,162 @@
+"""The contract every method keeps on every architecture.
+
+A new method joins by adding one line to METHODS below.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.surgery import DeltaLayer
+from tiny_models import ARCHS, batch, build, logits
+
+
+@dataclass(frozen=True)
+class M:
+    """A method under test: how to configure it and what its init promises."""
+
+    name: str
+    make: Callable[[], dt.DeltaConfig]
+    identity_at_attach: bool = True
+    mergeable: bool = True
+    needs_bias: bool = False
+    lr: float = 2e-2  # prompt tuning wants a larger one, as in the paper
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+METHODS = [
+    M("lora", lambda: dt.LoraConfig(r=4, alpha=8)),
+    M("rslora", lambda: dt.LoraConfig(r=4, alpha=8, use_rslora=True, init="gaussian")),
+    M("dora", lambda: dt.LoraConfig(r=4, alpha=8, use_dora=True)),
+    M("lora_all_linear", lambda: dt.LoraConfig(r=2, alpha=4, target_modules="all-linear")),
+    M("prompt_tuning", lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="sample_vocab"), identity_at_attach=False, mergeable=False, lr=0.1),
+    M("bitfit", lambda: dt.BitFitConfig(), needs_bias=True),
+]
+
+CASES = [
+    pytest.param(arch, m, id=f"{arch}-{m.name}")
+    for arch in ARCHS
+    for m in METHODS
+    if ARCHS[arch].has_bias or not m.needs_bias
+]
+
+
+def train(model, data, steps=12, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**data).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(arch: str, method: M):
+    base = build(arch)
+    model = copy.deepcopy(base)
+    dt.attach(model, method.make())
+    losses = train(model, batch(arch), lr=method.lr)
+    return base, model, losses
+
+
+def trained(arch, method):
+    """(pristine base, trained model with the delta attached); fresh copies for each test."""
+    base, model, losses = _trained(arch, method)
+    return copy.deepcopy(base), copy.deepcopy(model), losses
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_outputs_unchanged_at_attach(arch, method):
+    base = build(arch)
+    data = batch(arch)
+    before = logits(base, data)
+    dt.attach(base, method.make())
+    after = logits(base, data)
+    if method.identity_at_attach:
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    else:
+        assert after.shape != before.shape or not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_only_delta_parameters_train(arch, method):
+    model = build(arch)
+    dt.attach(model, method.make())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == set(dt.delta_parameters(model, "default"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, batch(arch), steps=2)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_loss_falls(arch, method):
+    _, _, losses = trained(arch, method)
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_save_load_round_trip(arch, method, tmp_path):
+    base, model, _ = trained(arch, method)
+    data = batch(arch)
+    dt.save(model, tmp_path)
+    dt.load(base, tmp_path)
+    torch.testing.assert_close(logits(base, data), logits(model, data), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_merge_equals_unmerged(arch, method):
+    _, model, _ = trained(arch, method)
+    data = batch(arch)
+    unmerged = logits(model, data)
+    if not method.mergeable:
+        with pytest.raises(dt.DeltaError, match="cannot be merged"):
+            dt.merge(model)
+        return
+    dt.merge(model)
+    dt.merge(model)  # idempotent
+    assert not any(layer.live for _, layer in model.named_modules() if isinstance(layer, DeltaLayer) and layer.merged)
+    torch.testing.assert_close(logits(model, data), unmerged, rtol=1e-5, atol=1e-5)
+    dt.unmerge(model)
+    torch.testing.assert_close(logits(model, data), unmerged, rtol=1e-5, atol=1e-5)
+    dt.detach(model, merge=True)
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+    torch.testing.assert_close(logits(model, data), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_disabled_runs_the_base(arch, method):
+    base, model, _ = trained(arch, method)
+    data = batch(arch)
+    with_delta = logits(model, data)
+    with dt.disabled(model):
+        torch.testing.assert_close(logits(model, data), logits(base, data), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model, data), with_delta, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_detach_restores_the_original_bit_for_bit(arch, method):
+    base, model, _ = trained(arch, method)
+    dt.detach(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
+    got, want = model.state_dict(), base.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert "_deltatune_state" not in model.__dict__

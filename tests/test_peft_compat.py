@@ -1,0 +1,392 @@
+"""File-format compatibility with the real `peft` package, both directions.
+
+Every test builds tiny random transformers models from configs with fixed seeds
+(no downloads), runs them in fp32, and compares deltatune against a reference
+computed by peft itself:
+
+* LoRA / rsLoRA / DoRA saved by deltatune load in peft with the same logits, and
+  adapters saved by peft load in deltatune with the same logits (llama, GPT-2 with
+  its Conv1D / fan_in_fan_out, BERT sequence classification with its head saved
+  through modules_to_save);
+* the files themselves: adapter_config.json key set, safetensors key names and
+  shapes, safetensors metadata;
+* prompt tuning both ways for causal LM, sequence classification and seq2seq,
+  plus greedy generation for the causal LM;
+* a peft SEQ_CLS adapter lists modules_to_save ["classifier", "score"] although
+  the model has only one of the two heads: deltatune must accept it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+ATOL = RTOL = 1e-5
+VOCAB = 64
+N_VIRTUAL = 4
+
+TASK = {
+    "llama": "CAUSAL_LM",
+    "gpt2": "CAUSAL_LM",
+    "bert": "SEQ_CLS",
+    "llama_cls": "SEQ_CLS",
+    "t5": "SEQ_2_SEQ_LM",
+}
+LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_fc"],  # Conv1D: weights stored [in, out]
+    "bert": ["query", "value"],  # Linear with bias (DoRA subtracts it)
+    "llama_cls": ["q_proj", "v_proj"],
+}
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+}
+LORA_CASES = [pytest.param(a, v, id=f"{a}-{v}") for a in ("llama", "gpt2", "bert") for v in VARIANTS]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def build(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model; the same (arch, seed) always gives the same weights."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    llama = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**llama))
+    elif arch == "llama_cls":
+        model = LlamaForSequenceClassification(LlamaConfig(**llama, num_labels=3))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64))
+    elif arch == "bert":
+        cfg = BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64, num_labels=3,
+        )  # fmt: skip
+        model = BertForSequenceClassification(cfg)
+    elif arch == "t5":
+        cfg = T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+            num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        model = T5ForConditionalGeneration(cfg)
+    else:
+        raise ValueError(arch)
+    return model.float().eval()
+
+
+def batch(arch: str, labels: bool = False) -> dict[str, torch.Tensor]:
+    """Two rows; the second is right-padded (attention_mask zeros at the end)."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    out = {"input_ids": ids, "attention_mask": mask}
+    if arch == "t5":
+        if labels:
+            out["labels"] = torch.randint(2, VOCAB, (2, 5), generator=g)
+        else:
+            out["decoder_input_ids"] = torch.randint(2, VOCAB, (2, 5), generator=g)
+    elif labels and TASK[arch] == "SEQ_CLS":
+        out["labels"] = torch.tensor([0, 2])
+    elif labels:
+        out["labels"] = ids.masked_fill(mask == 0, -100)
+    return out
+
+
+@torch.no_grad()
+def run(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    out = model(**{k: v.clone() for k, v in inputs.items()})
+    return out
+
+
+def logits(model: torch.nn.Module, arch: str) -> torch.Tensor:
+    return run(model, batch(arch)).logits
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
+
+
+def assert_differs(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Guard: the adapter really changes the output, so an equality check means something."""
+    assert a.shape != b.shape or (a - b).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def perturb(named_params, needles: tuple[str, ...], seed: int = 7) -> int:
+    """Move the parameters whose name contains a needle away from their init.
+
+    DoRA magnitudes start as the row norms (so DoRA == LoRA at init) and a
+    classification head kept by modules_to_save starts as a copy of the base head:
+    both must differ from their init for the comparison to test them.
+    Returns how many tensors were changed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    changed = 0
+    for name, p in named_params:
+        if not any(s in name for s in needles):
+            continue
+        if "magnitude" in name:
+            p.mul_(0.5 + torch.rand(p.shape, generator=g))
+        else:
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+        changed += 1
+    return changed
+
+
+def dt_perturb(model: torch.nn.Module, name: str = "default") -> int:
+    return perturb(dt.delta_parameters(model, name).items(), ("lora_magnitude_vector", "modules_to_save"))
+
+
+def peft_perturb(model: torch.nn.Module) -> int:
+    return perturb(model.named_parameters(), ("lora_magnitude_vector", "modules_to_save.default"))
+
+
+def dt_lora(arch: str, variant: str) -> dt.LoraConfig:
+    return dt.LoraConfig(r=4, alpha=8, target_modules=LORA_TARGETS[arch], init="none", **VARIANTS[variant])
+
+
+def peft_lora(arch: str, variant: str):
+    return peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch], init_lora_weights=False,
+        task_type=TASK[arch], **VARIANTS[variant],
+    )  # fmt: skip
+
+
+def expected_perturbed(arch: str, variant: str) -> int:
+    n = 0
+    if variant == "dora":
+        n += 2 * len(LORA_TARGETS[arch])  # one magnitude per targeted module, 2 layers
+    if TASK[arch] == "SEQ_CLS":
+        n += 2  # head weight and bias
+    return n
+
+
+def read_files(folder: Path) -> tuple[dict, dict[str, tuple[int, ...]], dict]:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        metadata = f.metadata()
+    return config, shapes, metadata
+
+
+# ---------------------------------------------------------------- 1. LoRA: deltatune -> peft
+
+
+@pytest.mark.parametrize("arch,variant", LORA_CASES)
+def test_lora_saved_by_deltatune_loads_in_peft(tmp_path, arch, variant):
+    base_logits = logits(build(arch), arch)
+
+    model = build(arch)
+    dt.attach(model, dt_lora(arch, variant))
+    assert dt_perturb(model) == expected_perturbed(arch, variant)
+    model.eval()
+    ours = logits(model, arch)
+    assert_differs(ours, base_logits)
+    dt.save(model, tmp_path)
+
+    reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    assert_same(logits(reference, arch), ours)
+
+
+# ---------------------------------------------------------------- 2. LoRA: peft -> deltatune
+
+
+@pytest.mark.parametrize("arch,variant", LORA_CASES)
+def test_lora_saved_by_peft_loads_in_deltatune(tmp_path, arch, variant):
+    base_logits = logits(build(arch), arch)
+
+    reference = peft.get_peft_model(build(arch), peft_lora(arch, variant))
+    assert peft_perturb(reference) == expected_perturbed(arch, variant)
+    reference.eval()
+    expected = logits(reference, arch)
+    assert_differs(expected, base_logits)
+    reference.save_pretrained(str(tmp_path))
+
+    model = dt.load(build(arch), tmp_path)
+    model.eval()
+    assert_same(logits(model, arch), expected)
+
+
+# ---------------------------------------------------------------- 3. the files themselves
+
+
+@pytest.mark.parametrize("arch,variant", LORA_CASES)
+def test_saved_files_match_peft_layout(tmp_path, arch, variant):
+    ours_dir, peft_dir = tmp_path / "dt", tmp_path / "peft"
+    model = dt.attach(build(arch), dt_lora(arch, variant))
+    dt.save(model, ours_dir)
+    peft.get_peft_model(build(arch), peft_lora(arch, variant)).save_pretrained(str(peft_dir))
+
+    ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
+    peft_cfg, peft_shapes, peft_meta = read_files(peft_dir)
+
+    assert set(ours_cfg) == set(peft_cfg), (
+        f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
+    )
+    assert ours_shapes == peft_shapes
+    assert ours_meta == {"format": "pt"}
+    assert peft_meta == {"format": "pt"}
+
+    # The fields that change what peft computes must carry the same values.
+    for key in ("peft_type", "task_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out",
+                "inference_mode", "bias", "lora_bias", "init_lora_weights", "rank_pattern", "alpha_pattern"):  # fmt: skip
+        assert ours_cfg[key] == peft_cfg[key], (key, ours_cfg[key], peft_cfg[key])
+    assert sorted(ours_cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
+    assert sorted(ours_cfg["modules_to_save"] or []) == sorted(peft_cfg["modules_to_save"] or [])
+    assert ours_cfg["fan_in_fan_out"] is (arch == "gpt2")
+    # peft's own writer: indent 2, sorted keys
+    text = (ours_dir / "adapter_config.json").read_text()
+    assert text == json.dumps(ours_cfg, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------- 4. prompt tuning
+
+# For prompt-learning methods peft's PeftModel.base_model is the transformers model itself,
+# so a SEQ_CLS head is keyed "base_model.classifier.weight" (no "model."): bert covers that.
+PROMPT_ARCHS = ["llama", "bert", "t5"]
+
+
+def peft_prompt(arch: str):
+    return peft.PromptTuningConfig(task_type=TASK[arch], num_virtual_tokens=N_VIRTUAL)
+
+
+def compare_prompt_outputs(model, reference, arch: str) -> None:
+    """Logits (attention_mask given) and, with labels, the loss."""
+    for with_labels in (False, True):
+        inputs = batch(arch, labels=with_labels)
+        ours, ref = run(model, inputs), run(reference, inputs)
+        assert_same(ours.logits, ref.logits)
+        if with_labels:
+            assert_same(ours.loss, ref.loss)
+
+
+@pytest.mark.parametrize("arch", PROMPT_ARCHS)
+def test_prompt_tuning_saved_by_deltatune_loads_in_peft(tmp_path, arch):
+    base_logits = logits(build(arch), arch)
+
+    model = dt.attach(build(arch), dt.PromptTuningConfig(num_virtual_tokens=N_VIRTUAL))
+    dt_perturb(model)  # the SEQ_CLS head; the prompt itself starts random
+    model.eval()
+    ours = logits(model, arch)
+    assert_differs(ours, base_logits)
+    dt.save(model, tmp_path)
+
+    reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    compare_prompt_outputs(model, reference, arch)
+
+
+@pytest.mark.parametrize("arch", PROMPT_ARCHS)
+def test_prompt_tuning_saved_by_peft_loads_in_deltatune(tmp_path, arch):
+    base_logits = logits(build(arch), arch)
+
+    reference = peft.get_peft_model(build(arch), peft_prompt(arch))  # prompt embeddings start random
+    peft_perturb(reference)
+    reference.eval()
+    assert_differs(logits(reference, arch), base_logits)
+    reference.save_pretrained(str(tmp_path))
+
+    model = dt.load(build(arch), tmp_path).eval()
+    compare_prompt_outputs(model, reference, arch)
+
+
+@pytest.mark.parametrize("arch", PROMPT_ARCHS)
+def test_prompt_tuning_files_match_peft_layout(tmp_path, arch):
+    ours_dir, peft_dir = tmp_path / "dt", tmp_path / "peft"
+    dt.save(dt.attach(build(arch), dt.PromptTuningConfig(num_virtual_tokens=N_VIRTUAL)), ours_dir)
+    peft.get_peft_model(build(arch), peft_prompt(arch)).save_pretrained(str(peft_dir))
+
+    ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
+    peft_cfg, peft_shapes, _ = read_files(peft_dir)
+    assert set(ours_cfg) == set(peft_cfg), (
+        f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
+    )
+    assert ours_shapes == peft_shapes
+    assert ours_meta == {"format": "pt"}
+    for key in ("peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                "num_layers", "num_attention_heads", "prompt_tuning_init"):  # fmt: skip
+        assert ours_cfg[key] == peft_cfg[key], (key, ours_cfg[key], peft_cfg[key])
+
+
+def _new_tokens(sequences: torch.Tensor, n: int) -> torch.Tensor:
+    return sequences[:, -n:]
+
+
+@pytest.mark.parametrize("direction", ["dt_to_peft", "peft_to_dt"])
+def test_prompt_tuning_generate_matches_peft(tmp_path, direction):
+    arch = "llama"
+    if direction == "dt_to_peft":
+        model = dt.attach(build(arch), dt.PromptTuningConfig(num_virtual_tokens=N_VIRTUAL)).eval()
+        dt.save(model, tmp_path)
+        reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    else:
+        reference = peft.get_peft_model(build(arch), peft_prompt(arch)).eval()
+        reference.save_pretrained(str(tmp_path))
+        model = dt.load(build(arch), tmp_path).eval()
+
+    g = torch.Generator().manual_seed(4321)
+    ids = torch.randint(2, VOCAB, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding, as for batched generation
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
+        ref = reference.generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
+        base = build(arch).generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
+    assert ours.shape[1] >= 5 and ref.shape[1] >= 5
+    assert torch.equal(_new_tokens(ours, 5), _new_tokens(ref, 5)), (ours, ref)
+    # deltatune returns the prompt ids in front, as the bare model's generate does
+    assert torch.equal(ours[:, : ids.shape[1]], ids)
+    # guard: the prompt changes what is generated (else the check above proves little)
+    assert not torch.equal(_new_tokens(base, 5), _new_tokens(ref, 5))
+
+
+# ---------------------------------------------------------------- 5. SEQ_CLS heads listed by peft
+
+
+@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("llama_cls", "score")])
+def test_seq_cls_adapter_listing_both_heads_loads(tmp_path, arch, head):
+    reference = peft.get_peft_model(build(arch), peft_lora(arch, "lora"))
+    assert peft_perturb(reference) == (2 if arch == "bert" else 1)  # the one existing head: weight (+ bias for bert)
+    reference.eval()
+    reference.save_pretrained(str(tmp_path))
+    config, shapes, _ = read_files(tmp_path)
+    assert sorted(config["modules_to_save"]) == ["classifier", "score"]  # what peft writes for SEQ_CLS
+    assert f"base_model.model.{head}.weight" in shapes
+
+    model = dt.load(build(arch), tmp_path).eval()
+    assert dt.attached(model)["default"].task_type == "SEQ_CLS"
+    inputs = batch(arch)
+    assert_same(run(model, inputs).logits, run(reference, inputs).logits)
+
+    # and the file deltatune writes back is still the same adapter for peft
+    dt.save(model, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "again")).eval()
+    assert_same(run(again, inputs).logits, run(reference, inputs).logits)
