@@ -267,6 +267,7 @@ def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapte
             module.model_state = state
             replace_module(model, name, module)
         module.add(adapter, config, name)
+        module.train(module.base_layer.training)  # new layers join in the model's current mode
 
 
 def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:

@@ -67,7 +67,9 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 
 def _leaf_summary(model: nn.Module, keep: Callable[[nn.Module], bool], limit: int = 40) -> str:
-    names = [n for n, m in model.named_modules() if n and keep(m)]
+    wrappers = [n for n, m in model.named_modules() if _is_wrapper(m)]
+    names = [n for n, m in model.named_modules()
+             if n and not any(n.startswith(w + ".") for w in wrappers) and keep(m.base_layer if _is_wrapper(m) else m)]
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
     text = ", ".join(leaves[:limit]) + (", ..." if len(leaves) > limit else "")
     example = f" (full names look like {names[0]!r})" if names else ""
@@ -85,6 +87,10 @@ def head_module_names(model: nn.Module) -> set[str]:
         if name.rsplit(".", 1)[-1] in HEAD_NAMES and name.count(".") == 0:
             heads.add(name)
     return heads
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return "base_layer" in module._modules and hasattr(type(module), "containers")
 
 
 def name_matches(name: str, spec: str | Sequence[str]) -> bool:
@@ -117,9 +123,13 @@ def select_targets(
     heads = head_module_names(model) if all_linear else set()
     layers = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform or ())
     chosen, unsupported = [], []
+    # A module already wrapped by a delta layer is targeted through its wrapper; the
+    # wrapper's insides (base_layer, adapter containers) are never targets themselves.
+    wrappers = [n for n, m in model.named_modules() if _is_wrapper(m)]
     for name, module in model.named_modules():
-        if not name:
+        if not name or any(name.startswith(w + ".") for w in wrappers):
             continue
+        module = module.base_layer if _is_wrapper(module) else module
         if all_linear:
             if not _is_linear_like(module) or any(name == h or name.startswith(h + ".") for h in heads):
                 continue

@@ -1,0 +1,75 @@
+"""Trainable-parameter counts on full-size shapes, built on the meta device (no memory).
+
+Each figure is the published one (LoRA paper, BitFit paper, QLoRA/peft benchmarks),
+or computed from the architecture's shapes in REFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import deltatune as dt
+
+
+def on_meta(config, cls):
+    with torch.device("meta"):
+        return cls(config)
+
+
+def trainable(model) -> int:
+    return dt.summary(model, print_table=False).trainable
+
+
+@pytest.fixture(scope="module")
+def gpt3_shape():
+    # GPT-3 175B's shape in a llama body: 96 layers, width 12288, full multi-head attention.
+    config = tf.LlamaConfig(hidden_size=12288, num_hidden_layers=96, num_attention_heads=96, num_key_value_heads=96,
+                            intermediate_size=4 * 12288, vocab_size=50257)
+    return config
+
+
+@pytest.mark.parametrize("r,expected", [(1, 4_718_592), (8, 37_748_736)])
+def test_lora_on_gpt3_shape_matches_the_lora_paper(gpt3_shape, r, expected):
+    model = on_meta(gpt3_shape, tf.LlamaForCausalLM)
+    dt.attach(model, dt.LoraConfig(r=r, alpha=r, target_modules=["q_proj", "v_proj"]))
+    assert trainable(model) == expected
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_lora_on_roberta_base_and_large():
+    for hidden, layers, heads, ffn, expected in [(768, 12, 12, 3072, 294_912), (1024, 24, 16, 4096, 786_432)]:
+        config = tf.RobertaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=ffn, vocab_size=50265)
+        model = on_meta(config, tf.RobertaModel)
+        dt.attach(model, dt.LoraConfig(r=8, alpha=16))  # default targets: query, value
+        assert trainable(model) == expected
+
+
+def test_bitfit_on_bert_large_matches_the_bitfit_paper():
+    config = tf.BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, vocab_size=30522)
+    model = on_meta(config, tf.BertModel)
+    dt.attach(model, dt.BitFitConfig())
+    stats = dt.summary(model, print_table=False)
+    assert (stats.trainable, stats.total) == (272_384, 335_141_888)
+    assert round(stats.percent, 4) == 0.0813
+
+
+def test_prompt_tuning_on_t5_xxl_shape():
+    config = tf.T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, vocab_size=32128)
+    model = on_meta(config, tf.T5ForConditionalGeneration)
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=5))
+    # peft keeps one block of rows per transformer submodule; the encoder's 5 x 4096 = 20,480 are the paper's count.
+    assert trainable(model) == 2 * 20_480
+
+
+def test_llama_3b_shape_lora_and_prompt_tuning():
+    config = tf.LlamaConfig(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                            head_dim=128, intermediate_size=8192, vocab_size=128256)
+    model = on_meta(config, tf.LlamaForCausalLM)
+    dt.attach(model, dt.LoraConfig(r=32, alpha=64))
+    assert trainable(model) == 9_175_040
+    dt.detach(model)
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=200))
+    assert trainable(model) == 614_400
