@@ -54,6 +54,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_note(own: float) -> str:
+    """1-minute load average; more than our own `own` threads means other processes shared the cores."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "n/a"
+    busy = load > own + 0.5
+    return f"{load:.2f}" + ("  (other processes compete for the cores: expect noisy timings; try --threads 1)" if busy else "")
+
+
 def core_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -322,6 +332,7 @@ def main() -> None:
           f"intermediate {args.intermediate}, vocab {args.vocab}; batch {args.batch} x seq {args.seq}, fp32")
     print(f"  LoRA: r {args.r}, alpha {args.alpha:g}, dropout 0, targets {','.join(args.targets)}")
     print(f"  timing: {args.warmup} warm-up + {args.repeats} interleaved rounds, medians (IQR = q3 - q1)")
+    print(f"  load average at start: {load_note(0)}")
 
     t_start = time.perf_counter()
     base = build_base(args)
@@ -373,7 +384,7 @@ def main() -> None:
     if args.layer_bench:
         layer_bench(dt_model, peft_model, base, args)
 
-    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s; load average at end: {load_note(torch.get_num_threads())}")
 
 
 if __name__ == "__main__":

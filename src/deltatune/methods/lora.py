@@ -237,11 +237,18 @@ class LoraLayer(DeltaLayer):
 
 
 def _add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """result + scale * low @ B^T as one fused GEMM (addmm) over the flattened rows."""
+    """result + scale * low @ B^T as one fused GEMM (addmm) over the flattened rows.
+
+    Peft's ``result + B(low) * scale`` makes two more passes over the output; addmm makes none.
+    Without autograd the base output is ours to overwrite, so the sum goes in place.
+    """
     if result.dim() < 2:
         return result + scale * (low @ B.T)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), B.T, alpha=scale)
-    return out.view(result.shape)
+    rows, low2d = result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1])
+    if not torch.is_grad_enabled() and result.is_contiguous():
+        rows.addmm_(low2d, B.T, alpha=scale)
+        return result
+    return torch.addmm(rows, low2d, B.T, alpha=scale).view(result.shape)
 
 
 def attach(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
