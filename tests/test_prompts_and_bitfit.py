@@ -120,3 +120,20 @@ def test_bitfit_with_lora_on_the_same_layers():
     torch.testing.assert_close(logits(model, data), both, rtol=0, atol=0)
     dt.detach(model)
     torch.testing.assert_close(logits(model, data), base, rtol=0, atol=0)
+
+
+def test_loading_a_text_initialised_prompt_needs_no_tokenizer(tmp_path):
+    model = build("llama")
+
+    class Tokenizer:
+        def __call__(self, text):
+            return {"input_ids": [5, 6]}
+
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=3, init="text", init_text="hi", tokenizer=Tokenizer(),
+                                           tokenizer_name_or_path="/nonexistent/tokenizer"))
+    perturb(model)
+    dt.save(model, tmp_path)
+    fresh = dt.load(build("llama"), tmp_path)  # the saved rows are used; no tokenizer is loaded
+    data = batch("llama")
+    torch.testing.assert_close(logits(fresh, data), logits(model, data), rtol=0, atol=0)
+    assert dt.attached(fresh)["default"].init == "text"

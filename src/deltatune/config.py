@@ -94,7 +94,7 @@ class Method:
     name: str
     config_cls: type[DeltaConfig]
     kind: Kind
-    attach: Callable[["nn.Module", DeltaConfig, str], None]
+    attach: Callable[["nn.Module", DeltaConfig, str], DeltaConfig | None]  # returns the resolved config
     # Names of the containers (ModuleDict / ParameterDict keyed by adapter name)
     # holding this method's parameters; "what trains" and "what is saved" filter on them.
     containers: tuple[str, ...] = ()
@@ -102,6 +102,9 @@ class Method:
     transform_inputs: Callable[..., dict[str, Any]] | None = None
     # Can `merge` fold the delta into the base weights (prompts cannot).
     mergeable: bool = True
+    # Config fields to replace when the weights come from a file: an init that the
+    # loaded weights overwrite anyway should not run (or need a tokenizer download).
+    load_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Does the peft package read and write this method's files.
     peft_compatible: bool = False
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import api
-from .config import DeltaError
+from .config import DeltaError, method_of
 from .formats.peft import config_from_file, config_to_file, key_prefix, saved_key
 from .surgery import require_state
 
@@ -114,7 +114,10 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
     """
     name = name or "default"
     config, tensors = read_adapter(path)
-    api.attach(model, config, name)
+    overrides = method_of(config).load_overrides
+    api.attach(model, config.replace(**overrides), name)
+    delta = require_state(model).deltas[name]
+    delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides})  # a re-save writes what was read
     try:
         load_state_into(model, name, tensors, source=str(path))
     except Exception:

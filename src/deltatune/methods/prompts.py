@@ -190,5 +190,6 @@ PROMPT_TUNING = register(
         transform_inputs=transform_inputs,
         mergeable=False,
         peft_compatible=True,
+        load_overrides={"init": "random"},
     )
 )

@@ -1,0 +1,45 @@
+"""deltatune on an unwrapped model inside transformers' own machinery."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+import deltatune as dt
+from tiny_models import batch, build, logits
+
+
+class FixedBatches(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.rows = [{k: v[i] for k, v in data.items()} for i in range(len(data["input_ids"]))]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_transformers_trainer_trains_the_delta_only(tmp_path):
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=4, alpha=8))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    data = batch("llama")
+    before = model(**data).loss.item()
+    args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=10, learning_rate=2e-2, per_device_train_batch_size=2,
+                                report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True)
+    tf.Trainer(model=model, args=args, train_dataset=FixedBatches(data)).train()
+    model.eval()
+    assert model(**data).loss.item() < before - 0.01
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_save_pretrained_of_a_merged_and_detached_model_reloads(tmp_path):
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=4, init="none"))
+    data = batch("llama")
+    expected = logits(model, data)
+    dt.detach(model, merge=True)
+    model.save_pretrained(tmp_path)
+    reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, data), expected, rtol=1e-5, atol=1e-5)
