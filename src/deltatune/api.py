@@ -64,7 +64,8 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.M
     modules_to_save = list(config.modules_to_save or ())
     if task_type == "SEQ_CLS":
         modules_to_save += [h for h in HEAD_NAMES if h not in modules_to_save]
-    config = config.replace(task_type=task_type, modules_to_save=modules_to_save or None)
+    base_name = config.base_model_name_or_path or getattr(model, "name_or_path", None) or None
+    config = config.replace(task_type=task_type, modules_to_save=modules_to_save or None, base_model_name_or_path=base_name)
     state.deltas[name] = Delta(config=config, method=method)
     try:
         wrap_modules_to_save(model, name, config, optional=HEAD_NAMES)
