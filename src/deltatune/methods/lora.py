@@ -215,9 +215,7 @@ class LoraLayer(DeltaLayer):
     def merge_delta(self, name: str) -> None:
         weight = self.base_layer.weight
         with torch.no_grad():
-            w = weight.data.float()
-            w_out_in = w.T if self.is_conv1d else w
-            new = w_out_in + self.delta_weight(name) if not self.is_embedding else w + self.delta_weight(name)
+            new = self.base_weight().float() + self.delta_weight(name)  # (out, in), a new tensor
             if name in self.lora_magnitude_vector:
                 norm = torch.linalg.vector_norm(new, dim=1)
                 self.merged_norms[name] = norm
@@ -227,8 +225,7 @@ class LoraLayer(DeltaLayer):
     def unmerge_delta(self, name: str) -> None:
         weight = self.base_layer.weight
         with torch.no_grad():
-            w = weight.data.float()
-            w_out_in = w.T if self.is_conv1d else w
+            w_out_in = self.base_weight().float()
             if name in self.lora_magnitude_vector:
                 norm = self.merged_norms.pop(name)
                 w_out_in = w_out_in / (self.lora_magnitude_vector[name] / norm).unsqueeze(1)
