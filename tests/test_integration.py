@@ -43,3 +43,15 @@ def test_save_pretrained_of_a_merged_and_detached_model_reloads(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(logits(reloaded, data), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_reaches_every_delta():
+    # init="none": with B = 0 the gradient of A is exactly zero, which would hide a missing gradient
+    for config in [dt.LoraConfig(r=4, init="none"), dt.PromptTuningConfig(num_virtual_tokens=3), dt.BitFitConfig()]:
+        model = build("gpt2")
+        dt.attach(model, config)
+        model.gradient_checkpointing_enable()
+        model.train()
+        model(**batch("gpt2")).loss.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), type(config).__name__
