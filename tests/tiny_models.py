@@ -16,6 +16,73 @@ VOCAB = 96
 SEQ = 8
 
 
+class ChatGLMStyleConfig(tf.PretrainedConfig):
+    model_type = "chatglm"
+
+    def __init__(self, vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_layers, self.num_attention_heads = num_layers, num_attention_heads
+        super().__init__(**kwargs)
+
+
+class ChatGLMStyleBlock(torch.nn.Module):
+    """A ChatGLM-shaped block: one fused query_key_value projection, pre-norm, GELU MLP."""
+
+    def __init__(self, config: ChatGLMStyleConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.input_layernorm = torch.nn.LayerNorm(h)
+        self.self_attention = torch.nn.Module()
+        self.self_attention.query_key_value = torch.nn.Linear(h, 3 * h)
+        self.self_attention.dense = torch.nn.Linear(h, h)
+        self.post_attention_layernorm = torch.nn.LayerNorm(h)
+        self.mlp = torch.nn.Module()
+        self.mlp.dense_h_to_4h = torch.nn.Linear(h, 4 * h)
+        self.mlp.dense_4h_to_h = torch.nn.Linear(4 * h, h)
+
+    def forward(self, x, mask):
+        B, T, H = x.shape
+        q, k, v = self.self_attention.query_key_value(self.input_layernorm(x)).split(H, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, H // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.self_attention.dense(att.transpose(1, 2).reshape(B, T, H))
+        return x + self.mlp.dense_4h_to_h(torch.nn.functional.gelu(self.mlp.dense_h_to_4h(self.post_attention_layernorm(x))))
+
+
+class ChatGLMStyleForCausalLM(tf.PreTrainedModel):
+    """A tiny stand-in for ChatGLM (remote code, not in transformers): its module names and fused QKV."""
+
+    config_class = ChatGLMStyleConfig
+
+    def __init__(self, config: ChatGLMStyleConfig):
+        super().__init__(config)
+        self.transformer = torch.nn.Module()
+        self.transformer.embedding = torch.nn.Module()
+        self.transformer.embedding.word_embeddings = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.transformer.encoder = torch.nn.Module()
+        self.transformer.encoder.layers = torch.nn.ModuleList(ChatGLMStyleBlock(config) for _ in range(config.num_layers))
+        self.transformer.output_layer = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.embedding.word_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        x = self.transformer.embedding.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        mask = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T) causal
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+        for layer in self.transformer.encoder.layers:
+            x = layer(x, mask)
+        logits = self.transformer.output_layer(x)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return tf.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str
@@ -42,6 +109,7 @@ ARCHS: dict[str, Arch] = {
         Arch("opt", _causal(tf.OPTConfig, tf.OPTForCausalLM, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                             num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64), "causal"),
         Arch("bloom", _causal(tf.BloomConfig, tf.BloomForCausalLM, hidden_size=32, n_layer=2, n_head=4), "causal"),
+        Arch("chatglm", lambda: ChatGLMStyleForCausalLM(ChatGLMStyleConfig()), "causal"),
         Arch("bert", _causal(tf.BertConfig, tf.BertForSequenceClassification, num_labels=3, **SMALL), "seq_cls"),
         Arch("roberta", _causal(tf.RobertaConfig, tf.RobertaForSequenceClassification, num_labels=3, pad_token_id=1, **SMALL), "seq_cls"),
         Arch("t5", _causal(tf.T5Config, tf.T5ForConditionalGeneration, d_model=32, d_kv=8, d_ff=64, num_layers=2,
