@@ -269,7 +269,7 @@ def layer_bench(dt_model, peft_model, base, args) -> None:
         for label, layer in (("base nn.Linear", base_layer), ("deltatune", dt_layer), ("peft", peft_layer)):
             fns[label + " fwd"] = (lambda l=layer: _no_grad(l, x))
         t = timeit_interleaved(fns, args.layer_repeats, args.warmup)
-        meds = print_table(f"(c) single {target} layer {tuple(x.shape)} -> {base_layer.out_features}, no_grad forward", t, ref="base nn.Linear fwd")
+        print_table(f"(c) single {target} layer {tuple(x.shape)} -> {base_layer.out_features}, no_grad forward", t, ref="base nn.Linear fwd")
         print(f"  peft / deltatune: median per-round ratio {paired_ratio(t, 'peft fwd', 'deltatune fwd')}")
 
         # A contiguous upstream gradient, as in a real model (``.sum().backward()`` would feed an
@@ -280,7 +280,7 @@ def layer_bench(dt_model, peft_model, base, args) -> None:
         for label, layer in (("deltatune", dt_layer), ("peft", peft_layer)):
             fns[label + " fwd+bwd"] = (lambda l=layer: l(xg).backward(gy))
         t = timeit_interleaved(fns, args.layer_repeats, args.warmup)
-        meds = print_table(f"(c) single {target} layer, forward + backward (grads of LoRA weights and input)", t)
+        print_table(f"(c) single {target} layer, forward + backward (grads of LoRA weights and input)", t)
         print(f"  peft / deltatune: median per-round ratio {paired_ratio(t, 'peft fwd+bwd', 'deltatune fwd+bwd')}")
         for m in (dt_layer, peft_layer):
             m.zero_grad(set_to_none=True)
@@ -365,7 +365,7 @@ def main() -> None:
         for n in ("deltatune unmerged", "peft unmerged", "deltatune merged"):
             print(f"  {n} / base: median per-round ratio {paired_ratio(t, n, 'base (no adapter)')}")
         tok = args.batch * args.seq
-        print(f"  throughput tokens/s: " + ", ".join(f"{n} {tok / m:,.0f}" for n, m in meds.items()))
+        print("  throughput tokens/s: " + ", ".join(f"{n} {tok / m:,.0f}" for n, m in meds.items()))
 
     if not args.skip_train:
         for m in (dt_model, peft_model):
