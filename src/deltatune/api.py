@@ -26,7 +26,7 @@ from .surgery import (
     wrap_modules_to_save,
 )
 
-HEAD_NAMES = ("classifier", "score")  # heads a sequence classifier trains whole (peft's choice too)
+CLASSIFIER_HEADS = ("classifier", "score")  # heads a sequence classifier trains whole (peft's choice too)
 
 
 def infer_task_type(model: nn.Module) -> str | None:
@@ -63,12 +63,12 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.M
     task_type = config.task_type or infer_task_type(model)
     modules_to_save = list(config.modules_to_save or ())
     if task_type == "SEQ_CLS":
-        modules_to_save += [h for h in HEAD_NAMES if h not in modules_to_save]
+        modules_to_save += [h for h in CLASSIFIER_HEADS if h not in modules_to_save]
     base_name = config.base_model_name_or_path or getattr(model, "name_or_path", None) or None
     config = config.replace(task_type=task_type, modules_to_save=modules_to_save or None, base_model_name_or_path=base_name)
     state.deltas[name] = Delta(config=config, method=method)
     try:
-        wrap_modules_to_save(model, name, config, optional=HEAD_NAMES)
+        wrap_modules_to_save(model, name, config, optional=CLASSIFIER_HEADS)
         state.deltas[name].config = method.attach(model, config, name) or config
     except Exception:
         _remove(model, name, keep=False)

@@ -55,17 +55,23 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
     root = Path(path)
     for n in names:
         folder = root if (name is not None or len(names) == 1 or n == "default") else root / n
-        _write_adapter(folder, config_to_file(state.deltas[n].config), delta_state_dict(model, n))
+        delta = state.deltas[n]
+        _write_adapter(folder, config_to_file(delta.config), delta_state_dict(model, n), delta.method.peft_compatible)
 
 
-def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], peft_compatible: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
     _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     if not (folder / "README.md").exists():
-        card = f"---\nlibrary_name: peft\ntags:\n- deltatune\n- {config['peft_type'].lower()}\n---\n\n" \
-               f"A {config['peft_type']} adapter written by deltatune (peft file format).\n"
+        library = "peft" if peft_compatible else "deltatune"
+        readers = "deltatune and the peft package can load it" if peft_compatible else \
+            "deltatune can load it (the peft package has no such method)"
+        base = config.get("base_model_name_or_path")
+        card = (f"---\nlibrary_name: {library}\n" + (f"base_model: {base}\n" if base else "")
+                + f"tags:\n- deltatune\n- {config['peft_type'].lower()}\n---\n\n"
+                f"A {config['peft_type']} adapter written by deltatune; {readers}.\n")
         _atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(card))
 
 
