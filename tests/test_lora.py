@@ -211,3 +211,24 @@ def test_works_with_a_plain_torch_module():
     torch.testing.assert_close(net(x), before)
     assert {n for n, p in net.named_parameters() if p.requires_grad} == {
         "0.lora_A.default.weight", "0.lora_B.default.weight", "2.lora_A.default.weight", "2.lora_B.default.weight"}
+
+
+def test_generate_serves_a_different_adapter_per_row():
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=4, init="none"), name="a")
+    dt.attach(model, dt.LoraConfig(r=4, init="none", use_rslora=True), name="b")
+    ids = torch.randint(3, 96, (3, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with dt.mixed_batch(model, ["a", "b", "__base__"]):
+        mixed = model.generate(ids, **kw)
+    singles = []
+    for active in (["a"], ["b"], []):
+        dt.set_active(model, active)
+        singles.append(model.generate(ids, **kw))
+    for row, single in enumerate(singles):
+        assert torch.equal(mixed.sequences[row], single.sequences[row])
+        for step_mixed, step_single in zip(mixed.scores, single.scores):
+            torch.testing.assert_close(step_mixed[row], step_single[row], rtol=0, atol=1e-5)
+    with pytest.raises(dt.DeltaError, match="'c', which is not attached"):
+        with dt.mixed_batch(model, ["a", "c", "b"]):
+            pass

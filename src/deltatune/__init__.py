@@ -7,7 +7,8 @@
     dt.save(model, "out/adapter")
 """
 
-from .api import active, attach, attached, delta_parameters, detach, disabled, merge, set_active, set_trainable, unmerge
+from .api import (active, attach, attached, delta_parameters, detach, disabled, merge, mixed_batch, set_active,
+                  set_trainable, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
 from .methods import BitFitConfig, LoraConfig, PromptTuningConfig
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
-    "active", "attached", "delta_parameters", "set_trainable",
+    "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
     "DeltaConfig", "DeltaError", "LoraConfig", "PromptTuningConfig", "BitFitConfig",
     "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip

@@ -214,3 +214,21 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for n in merged:
             for _, layer in delta_layers(model):
                 layer.merge(n)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Every forward inside the block runs row i with adapter adapter_names[i] ("__base__": none).
+
+    The same as passing adapter_names=[...] to the model's forward, for callers that
+    cannot pass it, such as generate().
+    """
+    state = require_state(model)
+    unknown = [n for n in adapter_names if n != "__base__" and n not in state.deltas]
+    if unknown:
+        raise DeltaError(f"adapter_names names {unknown[0]!r}, which is not attached; attached: {list(state.deltas)}")
+    state.pinned_batch_adapters = list(adapter_names)
+    try:
+        yield model
+    finally:
+        state.pinned_batch_adapters = None

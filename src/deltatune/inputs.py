@@ -55,6 +55,8 @@ def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> t
     if "adapter_names" in kwargs:
         kwargs = dict(kwargs)
         state.batch_adapters = kwargs.pop("adapter_names")
+    elif state.pinned_batch_adapters is not None:
+        state.batch_adapters = state.pinned_batch_adapters
     return _transform(module, state, "model", args, kwargs)
 
 

@@ -47,6 +47,8 @@ class ModelState:
     active: list[str] = field(default_factory=list)
     # Per-row adapter names for one forward (mixed batches); set by a hook, read by layers.
     batch_adapters: list[str] | None = None
+    # Per-row adapter names for every forward inside `mixed_batch(...)` (generate() cannot pass them).
+    pinned_batch_adapters: list[str] | None = None
     # requires_grad of every parameter before the first attach, restored when the last delta goes.
     original_requires_grad: dict[nn.Parameter, bool] = field(default_factory=dict)
     model: nn.Module | None = None  # the model this state belongs to (set with the hooks)
