@@ -232,3 +232,10 @@ def test_generate_serves_a_different_adapter_per_row():
     with pytest.raises(dt.DeltaError, match="'c', which is not attached"):
         with dt.mixed_batch(model, ["a", "c", "b"]):
             pass
+
+
+def test_quantised_linear_layers_are_refused_by_name():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net[1].weight = nn.Parameter(torch.zeros(4, 2, dtype=torch.uint8), requires_grad=False)  # a packed 4-bit weight
+    with pytest.raises(dt.DeltaError, match=r"lora cannot wrap 1 \(Linear\).*supported type instead: 0"):
+        dt.attach(net, dt.LoraConfig(target_modules=["0", "1"]))

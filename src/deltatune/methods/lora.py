@@ -88,7 +88,10 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def supports(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) or _is_conv1d(module)
+    # A quantised layer (bitsandbytes Linear8bitLt / Linear4bit) subclasses nn.Linear but holds a
+    # packed integer weight: its shape is not (out, in) and it cannot take a merge; refuse it here.
+    kinds = isinstance(module, (nn.Linear, nn.Embedding)) or _is_conv1d(module)
+    return kinds and module.weight.is_floating_point()
 
 
 class LoraLayer(DeltaLayer):
