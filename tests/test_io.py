@@ -158,11 +158,15 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     torch.testing.assert_close(logits(dt.load(build("llama"), tmp_path), data), good, rtol=0, atol=0)
 
 
-def test_tied_or_shared_tensors_save(tmp_path):
+def test_lora_on_a_tied_embedding_saves_loads_and_refuses_to_merge(tmp_path):
     model = build("gpt2")  # GPT-2 ties lm_head to wte
     dt.attach(model, dt.LoraConfig(target_modules=["wte"], r=2))
+    perturb(model)
+    data = batch("gpt2")
     dt.save(model, tmp_path)
-    dt.load(build("gpt2"), tmp_path)
+    torch.testing.assert_close(logits(dt.load(build("gpt2"), tmp_path), data), logits(model, data), rtol=0, atol=0)
+    with pytest.raises(dt.DeltaError, match=r"cannot merge LoRA into transformer.wte.base_layer.weight: its weight is shared with lm_head.weight"):
+        dt.merge(model)
 
 
 def test_bitfit_saves_only_the_biases(tmp_path):

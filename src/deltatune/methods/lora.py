@@ -217,6 +217,13 @@ class LoraLayer(DeltaLayer):
     # ------------------------------------------------------------ merge
     def merge_delta(self, name: str) -> None:
         weight = self.base_layer.weight
+        if self.is_embedding and self.model_state is not None and self.model_state.model is not None:
+            sharing = [n for n, p in self.model_state.model.named_parameters(remove_duplicate=False) if p is weight]
+            if len(sharing) > 1:  # tied to the output head: a merge would change the head too
+                raise DeltaError(
+                    f"cannot merge LoRA into {sharing[0]}: its weight is shared with {', '.join(sharing[1:])}, so the merge "
+                    "would change that module too; untie the weights first or keep the adapter unmerged"
+                )
         with torch.no_grad():
             new = self.base_weight().float() + self.delta_weight(name)  # (out, in), a new tensor
             if name in self.lora_magnitude_vector:
