@@ -197,6 +197,20 @@ def read_files(folder: Path) -> tuple[dict, dict[str, tuple[int, ...]], dict]:
     return config, shapes, metadata
 
 
+def assert_same_layout(ours_dir: Path, peft_dir: Path, same_value_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """Same config key set, same tensor keys and shapes, peft's metadata, and equal values for the given keys."""
+    ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
+    peft_cfg, peft_shapes, peft_meta = read_files(peft_dir)
+    assert set(ours_cfg) == set(peft_cfg), (
+        f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
+    )
+    assert ours_shapes == peft_shapes
+    assert ours_meta == peft_meta == {"format": "pt"}
+    for key in same_value_keys:
+        assert ours_cfg[key] == peft_cfg[key], (key, ours_cfg[key], peft_cfg[key])
+    return ours_cfg, peft_cfg
+
+
 # ---------------------------------------------------------------- 1. LoRA: deltatune -> peft
 
 
@@ -245,20 +259,10 @@ def test_saved_files_match_peft_layout(tmp_path, arch, variant):
     dt.save(model, ours_dir)
     peft.get_peft_model(build(arch), peft_lora(arch, variant)).save_pretrained(str(peft_dir))
 
-    ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
-    peft_cfg, peft_shapes, peft_meta = read_files(peft_dir)
-
-    assert set(ours_cfg) == set(peft_cfg), (
-        f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
-    )
-    assert ours_shapes == peft_shapes
-    assert ours_meta == {"format": "pt"}
-    assert peft_meta == {"format": "pt"}
-
     # The fields that change what peft computes must carry the same values.
-    for key in ("peft_type", "task_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out",
-                "inference_mode", "bias", "lora_bias", "init_lora_weights", "rank_pattern", "alpha_pattern"):  # fmt: skip
-        assert ours_cfg[key] == peft_cfg[key], (key, ours_cfg[key], peft_cfg[key])
+    ours_cfg, peft_cfg = assert_same_layout(ours_dir, peft_dir, (
+        "peft_type", "task_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out",
+        "inference_mode", "bias", "lora_bias", "init_lora_weights", "rank_pattern", "alpha_pattern"))  # fmt: skip
     assert sorted(ours_cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
     assert sorted(ours_cfg["modules_to_save"] or []) == sorted(peft_cfg["modules_to_save"] or [])
     assert ours_cfg["fan_in_fan_out"] is (arch == "gpt2")
@@ -323,16 +327,9 @@ def test_prompt_tuning_files_match_peft_layout(tmp_path, arch):
     dt.save(dt.attach(build(arch), dt.PromptTuningConfig(num_virtual_tokens=N_VIRTUAL)), ours_dir)
     peft.get_peft_model(build(arch), peft_prompt(arch)).save_pretrained(str(peft_dir))
 
-    ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
-    peft_cfg, peft_shapes, _ = read_files(peft_dir)
-    assert set(ours_cfg) == set(peft_cfg), (
-        f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
-    )
-    assert ours_shapes == peft_shapes
-    assert ours_meta == {"format": "pt"}
-    for key in ("peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                "num_layers", "num_attention_heads", "prompt_tuning_init"):  # fmt: skip
-        assert ours_cfg[key] == peft_cfg[key], (key, ours_cfg[key], peft_cfg[key])
+    assert_same_layout(ours_dir, peft_dir, (
+        "peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+        "num_layers", "num_attention_heads", "prompt_tuning_init"))  # fmt: skip
 
 
 def _new_tokens(sequences: torch.Tensor, n: int) -> torch.Tensor:

@@ -27,18 +27,21 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def file_keys(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Delta `name`'s parameters under the keys its adapter file uses (peft's names)."""
+    delta = require_state(model).deltas[name]
+    containers = tuple(delta.method.containers) + ("modules_to_save",)
+    prefix = key_prefix(delta.method.kind)
+    return {saved_key(path, name, containers, prefix): p for path, p in api.delta_parameters(model, name).items()}
+
+
 def delta_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Delta `name`'s tensors under their file keys, detached, contiguous, on the CPU."""
     delta = require_state(model).deltas[name]
-    containers = tuple(delta.method.containers) + ("modules_to_save",)
     # An inactive selective delta keeps its trained values aside; the live parameters hold the originals.
     stashed = {id(p): delta.stash[n] for n, p in delta.selected.items()} if delta.stash is not None else {}
-    out: dict[str, torch.Tensor] = {}
-    for path, param in api.delta_parameters(model, name).items():
-        value = stashed.get(id(param), param.detach())
-        # a copy: safetensors refuses tensors that share storage (tied or aliased weights)
-        out[saved_key(path, name, containers, key_prefix(delta.method.kind))] = value.to("cpu", copy=True).contiguous()
-    return out
+    # a copy: safetensors refuses tensors that share storage (tied or aliased weights)
+    return {key: stashed.get(id(p), p.detach()).to("cpu", copy=True).contiguous() for key, p in file_keys(model, name).items()}
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
@@ -134,11 +137,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
 
 
 def load_state_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-    delta = require_state(model).deltas[name]
-    containers = tuple(delta.method.containers) + ("modules_to_save",)
-    params = api.delta_parameters(model, name)
-    prefix = key_prefix(delta.method.kind)
-    expected = {saved_key(path, name, containers, prefix): param for path, param in params.items()}
+    expected = file_keys(model, name)
     for key, param in expected.items():
         if key not in tensors:
             raise DeltaError(

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .config import DeltaConfig, DeltaError, Method
+from .targets import name_matches
 
 STATE_ATTR = "_deltatune_state"
 
@@ -215,7 +216,7 @@ class ModulesToSave(DeltaLayer):
         return self._run(self.modules_to_save[self.active[-1]], args, kwargs)
 
     def _run(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
-        base_dtype = next((p.dtype for p in self.base_layer.parameters() if p.is_floating_point()), torch.float32)
+        base_dtype = _float_dtype(self.base_layer)
         if base_dtype == torch.float32:
             return module(*args, **kwargs)
         args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
@@ -231,11 +232,14 @@ class ModulesToSave(DeltaLayer):
 
     def remove(self, name: str, keep_merged: bool = False) -> None:
         if keep_merged and name in self.merged and name in self.modules_to_save:
-            dtype = next((p.dtype for p in self.base_layer.parameters() if p.is_floating_point()), torch.float32)
-            trained = self.modules_to_save[name].to(dtype)
+            trained = self.modules_to_save[name].to(_float_dtype(self.base_layer))
             trained.requires_grad_(False)
             self.base_layer = trained
         super().remove(name, keep_merged)
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _batch_size(args: Any) -> int:
@@ -297,8 +301,8 @@ def wrap_modules_to_save(model: nn.Module, adapter: str, config: DeltaConfig, op
     names = list(config.modules_to_save or ())
     if not names:
         return
-    chosen = [n for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)]
-    missing = [t for t in names if t not in optional and not any(n == t or n.endswith("." + t) for n in chosen)]
+    chosen = [n for n, _ in model.named_modules() if n and name_matches(n, names)]
+    missing = [t for t in names if t not in optional and not any(name_matches(n, [t]) for n in chosen)]
     if missing:
         raise DeltaError(
             f"modules_to_save {missing} matched no module of {type(model).__name__}; "

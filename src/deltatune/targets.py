@@ -13,7 +13,7 @@ the end of the module name.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch.nn as nn
 
@@ -168,7 +168,3 @@ def pattern_value(name: str, patterns: dict[str, T], default: T) -> T:
         if re.match(rf"(?:.*\.)?(?:{key})$", name):
             return value
     return default
-
-
-def unique(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
