@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -21,7 +24,8 @@ class DeltaError(ValueError):
     """Bad input to deltatune: the message says what was wrong and how to fix it."""
 
 
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+TaskType = Literal["CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
+TASK_TYPES: tuple[str, ...] = typing.get_args(TaskType)
 
 
 @dataclass(kw_only=True)
@@ -31,14 +35,14 @@ class DeltaConfig:
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
 
-    task_type: str | None = None  # inferred from the model class at attach when None
+    # inferred from the model class at attach when None (never when loading a file: the file decides)
+    task_type: TaskType | None = None
     modules_to_save: list[str] | None = None  # whole modules trained and saved beside the delta
     base_model_name_or_path: str | None = None
     revision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise DeltaError(f"task_type {self.task_type!r} is not one of {', '.join(TASK_TYPES)}")
+        validate_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"method": self.method}
@@ -62,6 +66,8 @@ def _plain(value: Any) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> DeltaConfig:
     """Build a config from :meth:`DeltaConfig.to_dict` output; unknown fields are an error."""
+    if not isinstance(data, dict):
+        raise DeltaError(f"a config must be a JSON object with a 'method' field, got {type(data).__name__}: {data!r:.80}")
     data = dict(data)
     name = data.pop("method", None)
     if name not in METHODS:
@@ -75,7 +81,149 @@ def config_from_dict(data: dict[str, Any]) -> DeltaConfig:
 
 
 def config_from_json(text: str) -> DeltaConfig:
-    return config_from_dict(json.loads(text))
+    try:
+        data = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise DeltaError(f"config text is not valid JSON: {err}") from None
+    return config_from_dict(data)
+
+
+# ---------------------------------------------------------------- field validation
+#
+# Every config field is checked against its type hint on construction (and so on
+# load from JSON, and on every `replace`): int is not bool, float takes int, a
+# Literal lists its allowed values, X | None takes None. Ranges and regexes are
+# declared next to the field with `check(...)` and hold for every number (or
+# pattern) inside the value, so `rank_pattern={"q": 0}` fails like `r=0`.
+
+
+def check(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, gt: float | None = None,
+          ge: float | None = None, lt: float | None = None, le: float | None = None, regex: bool = False) -> Any:
+    """A dataclass field with a range for its numbers and/or regex syntax for its strings (and dict keys)."""
+    metadata = {"bounds": (gt, ge, lt, le), "regex": regex}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def validate_fields(config: DeltaConfig) -> None:
+    cls = type(config)
+    hints = _hints(cls)
+    for f in dataclasses.fields(config):
+        if not f.init or f.metadata.get("serialise", True) is False:
+            continue
+        value = getattr(config, f.name)
+        where = f"{cls.__name__}.{f.name}"
+        ok, value = _conform(value, hints[f.name])
+        if not ok:
+            raise DeltaError(f"{where} = {getattr(config, f.name)!r} is not allowed: expected {_describe(hints[f.name])}")
+        object.__setattr__(config, f.name, value)  # tuples and sets become lists, as JSON has them
+        bounds = f.metadata.get("bounds")
+        if bounds and any(b is not None for b in bounds):
+            for number in _numbers(value):
+                if not _within(number, *bounds):
+                    raise DeltaError(f"{where} = {value!r} is not allowed: {number!r} must be {_describe_bounds(*bounds)}")
+        if f.metadata.get("regex"):
+            for pattern in _patterns(value):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise DeltaError(f"{where}: {pattern!r} is not a valid regular expression ({err})") from None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(value fits hint, value normalised)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if hint is type(None):
+        return value is None, value
+    if origin in (Union, types.UnionType):
+        for option in args:
+            ok, normalised = _conform(value, option)
+            if ok:
+                return True, normalised
+        return False, value
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list or hint is list:
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return False, value
+        items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        if not args:
+            return True, items
+        conformed = [_conform(v, args[0]) for v in items]
+        return all(ok for ok, _ in conformed), [v for _, v in conformed]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False, value
+        if not args:
+            return True, value
+        keys = [_conform(k, args[0]) for k in value]
+        values = [_conform(v, args[1]) for v in value.values()]
+        return all(ok for ok, _ in keys + values), dict(zip([k for _, k in keys], [v for _, v in values]))
+    return isinstance(value, hint) if isinstance(hint, type) else True, value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "None"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a dict of {_describe(args[0])} to {_describe(args[1])}" if args else "a dict"
+    return {int: "an int", float: "a number", bool: "True or False", str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+def _patterns(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [k for k in value if isinstance(k, str)]
+    return []
+
+
+def _within(x: float, gt: float | None, ge: float | None, lt: float | None, le: float | None) -> bool:
+    return (gt is None or x > gt) and (ge is None or x >= ge) and (lt is None or x < lt) and (le is None or x <= le)
+
+
+def _describe_bounds(gt: float | None, ge: float | None, lt: float | None, le: float | None) -> str:
+    parts = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if b is not None]
+    return " and ".join(parts)
 
 
 Kind = Literal["wrap", "input", "select"]
@@ -102,11 +250,24 @@ class Method:
     transform_inputs: Callable[..., dict[str, Any]] | None = None
     # Can `merge` fold the delta into the base weights (prompts cannot).
     mergeable: bool = True
+    # Can rows of one batch use different adapters of this method (adapter_names=, mixed_batch)?
+    # The method's layers then apply each adapter to its rows only (DeltaLayer.batch_groups).
+    per_row: bool = False
     # Config fields to replace when the weights come from a file: an init that the
     # loaded weights overwrite anyway should not run (or need a tokenizer download).
     load_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Does the peft package read and write this method's files.
     peft_compatible: bool = False
+    # What the file holds, when it is not the parameters themselves: (model, adapter, config,
+    # {file key: tensor}) -> {file key: tensor} on save, and the inverse on load.
+    to_file: Callable[..., dict[str, Any]] | None = None
+    from_file: Callable[..., dict[str, Any]] | None = None
+    # Training hooks, no-ops when None: a loss term (model, adapter, config) -> tensor that the
+    # loop adds to its loss; a call after every optimizer step (model, adapter, config, global_step);
+    # and one at the end of training (model, adapter, config).
+    regularization: Callable[..., Any] | None = None
+    step: Callable[..., None] | None = None
+    finalize: Callable[..., None] | None = None
 
 
 METHODS: dict[str, Method] = {}

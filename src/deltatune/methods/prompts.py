@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, DeltaError, Method, not_serialised, register
+from ..config import DeltaConfig, DeltaError, Method, check, not_serialised, register
 from ..surgery import root_container
 
 CONTAINER = "prompt_embeddings"
@@ -48,23 +48,19 @@ class PromptTuningConfig(DeltaConfig):
     method = "prompt_tuning"
     peft_type = "PROMPT_TUNING"
 
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = check(20, gt=0)
     init: Literal["random", "sample_vocab", "text"] = "random"
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
     tokenizer: Any = not_serialised()
-    token_dim: int | None = None
-    num_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_transformer_submodules: int | None = None
+    token_dim: int | None = check(None, gt=0)
+    num_layers: int | None = check(None, gt=0)
+    num_attention_heads: int | None = check(None, gt=0)
+    num_transformer_submodules: int | None = check(None, gt=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_virtual_tokens <= 0:
-            raise DeltaError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
-        if self.init not in ("random", "sample_vocab", "text"):
-            raise DeltaError(f"prompt init must be 'random', 'sample_vocab' or 'text', got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise DeltaError("init='text' needs init_text (and a tokenizer or tokenizer_name_or_path)")
 

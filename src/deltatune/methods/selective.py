@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..config import DeltaConfig, DeltaError, Method, register
+from ..config import DeltaConfig, DeltaError, Method, check, register
 from ..surgery import DeltaLayer, ModulesToSave, select_parameters
 from ..targets import name_matches
 
@@ -27,7 +27,7 @@ class BitFitConfig(DeltaConfig):
     method = "bitfit"
     peft_type = "BITFIT"
 
-    target_modules: list[str] | str | None = None
+    target_modules: list[str] | str | None = check(None, regex=True)
 
 
 def _owner(param_name: str) -> str:
