@@ -2,19 +2,33 @@
 
 Every function works in place on a plain transformers model and dispatches on
 the method's kind ("wrap", "input", "select"); no method needs a special case here.
+
+Every operation is all-or-nothing: it checks what it can before changing
+anything, and if a step still fails it puts back what it had changed (the
+active set, trainable flags, merged flags and weights), so an error leaves the
+model computing exactly what it computed before.
+
+Merged deltas are in the weights, so they are always active: `set_active` refuses
+to leave one out (unmerge it first), and attaching or loading another delta keeps
+the merged ones active beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
+import torch
 import torch.nn as nn
 
 from .config import DeltaConfig, DeltaError, method_of
 from .inputs import ensure_hooks
 from .surgery import (
     Delta,
+    ModelState,
+    check_adapter_name,
+    check_batch_adapters,
     delta_layers,
     drop_state,
     get_state,
@@ -46,52 +60,134 @@ def infer_task_type(model: nn.Module) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- undo
+
+
+@dataclass
+class _Snapshot:
+    """The bookkeeping an operation may change, to put back if it fails (weights roll back separately)."""
+
+    active: list[str]
+    trainable: dict[str, bool]
+    requires_grad: dict[nn.Parameter, bool]
+
+    @classmethod
+    def take(cls, model: nn.Module, state: ModelState) -> "_Snapshot":
+        return cls(
+            active=list(state.active),
+            trainable={n: d.trainable for n, d in state.deltas.items()},
+            requires_grad={p: p.requires_grad for p in model.parameters()},
+        )
+
+    def restore(self, model: nn.Module, state: ModelState) -> None:
+        _apply_active(model, state, [n for n in self.active if n in state.deltas])
+        for n, flag in self.trainable.items():
+            if n in state.deltas:
+                state.deltas[n].trainable = flag
+        for p, flag in self.requires_grad.items():
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module, state: ModelState) -> Iterator[None]:
+    snapshot = _Snapshot.take(model, state)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore(model, state)
+        raise
+
+
+# ---------------------------------------------------------------- attach
+
+
 def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.Module:
     """Inject a delta into `model` in place, freeze everything else, make it the active delta.
 
     Returns the same model object, so generate(), save_pretrained() and
-    transformers.Trainer keep working.
+    transformers.Trainer keep working. The task type, when the config leaves it
+    None, is inferred from the model class (a sequence classifier's head then trains too).
     """
+    _attach(model, config, name, infer_task=True, activate=True)
+    return model
+
+
+def _attach(model: nn.Module, config: DeltaConfig, name: str, *, infer_task: bool, activate: bool) -> Delta:
+    if not isinstance(model, nn.Module):
+        raise DeltaError(f"attach expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
     if not isinstance(config, DeltaConfig):
         raise DeltaError(f"attach expects a deltatune config (LoraConfig, ...), got {type(config).__name__}")
+    check_adapter_name(name)
     method = method_of(config)
     state = get_state(model, create=True)
     if name in state.deltas:
         raise DeltaError(f"a delta named {name!r} is already attached; pass another name=..., or detach it first")
-    if not state.deltas:
+    first = not state.deltas
+    if first:
         state.original_requires_grad = {p: p.requires_grad for p in model.parameters()}
-    task_type = config.task_type or infer_task_type(model)
-    modules_to_save = list(config.modules_to_save or ())
-    if task_type == "SEQ_CLS":
-        modules_to_save += [h for h in CLASSIFIER_HEADS if h not in modules_to_save]
+    task_type, modules_to_save = config.task_type, list(config.modules_to_save or ())
+    if infer_task and task_type is None:
+        task_type = infer_task_type(model)
+        if task_type == "SEQ_CLS":
+            modules_to_save += [h for h in CLASSIFIER_HEADS if h not in modules_to_save]
     base_name = config.base_model_name_or_path or getattr(model, "name_or_path", None) or None
     config = config.replace(task_type=task_type, modules_to_save=modules_to_save or None, base_model_name_or_path=base_name)
-    state.deltas[name] = Delta(config=config, method=method)
+    snapshot = _Snapshot.take(model, state)
+    delta = state.deltas[name] = Delta(config=config, method=method)
     try:
         wrap_modules_to_save(model, name, config, optional=CLASSIFIER_HEADS)
-        state.deltas[name].config = method.attach(model, config, name) or config
-    except Exception:
+        delta.config = method.attach(model, config, name) or config
+        ensure_hooks(model)
+        if activate:
+            _apply_active(model, state, state.merged() + [name])
+    except BaseException:
         _remove(model, name, keep=False)
+        if not first:
+            snapshot.restore(model, state)
         raise
-    ensure_hooks(model)
-    set_active(model, [name])
-    return model
+    return delta
+
+
+# ---------------------------------------------------------------- active set and trainable flags
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Choose which attached deltas the forward uses (and which train). [] runs the bare base."""
+    """Choose which attached deltas the forward uses (and which train). [] runs the bare base.
+
+    A merged delta is in the weights and stays in effect: leaving it out is an error
+    that says to unmerge it first.
+    """
     state = require_state(model)
-    names = [names] if isinstance(names, str) else list(names)
+    names = _name_list(state, names)
+    left_out = [n for n in state.merged() if n not in names]
+    if left_out:
+        raise DeltaError(
+            f"delta {left_out[0]!r} is merged into the base weights, so it stays in effect whatever the active set; "
+            f"dt.unmerge(model, {left_out[0]!r}) first, then set the active deltas"
+        )
+    with _all_or_nothing(model, state):
+        _apply_active(model, state, names)
+
+
+def _name_list(state: ModelState, names: object) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise DeltaError(f"expected an adapter name or a list of adapter names, got {names!r:.80}")
     unknown = [n for n in names if n not in state.deltas]
     if unknown:
         raise DeltaError(f"no delta named {unknown[0]!r} is attached; attached: {list(state.deltas)}")
-    state.active = names
+    return list(dict.fromkeys(names))
+
+
+def _apply_active(model: nn.Module, state: ModelState, names: list[str]) -> None:
+    state.active = list(names)
     for _, layer in delta_layers(model):
         layer.set_active(names)
     for name, delta in state.deltas.items():
         if delta.method.kind == "select":
             swap_selected(delta, active=name in names)
-    _refresh_trainable(model)
+    _refresh_trainable(model, state)
 
 
 def active(model: nn.Module) -> list[str]:
@@ -105,12 +201,17 @@ def attached(model: nn.Module) -> dict[str, DeltaConfig]:
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
-    require_state(model).deltas[name].trainable = trainable
-    _refresh_trainable(model)
-
-
-def _refresh_trainable(model: nn.Module) -> None:
+    """Let delta `name` train (when active) or freeze it."""
     state = require_state(model)
+    name = _one_name(state, name)
+    if not isinstance(trainable, bool):
+        raise DeltaError(f"set_trainable expects trainable=True or False, got {trainable!r}")
+    with _all_or_nothing(model, state):
+        state.deltas[name].trainable = trainable
+        _refresh_trainable(model, state)
+
+
+def _refresh_trainable(model: nn.Module, state: ModelState) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in state.active:
@@ -122,8 +223,7 @@ def _refresh_trainable(model: nn.Module) -> None:
 def delta_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The parameters that make up delta `name`, by their current name in the model."""
     state = require_state(model)
-    if name not in state.deltas:
-        raise DeltaError(f"no delta named {name!r} is attached; attached: {list(state.deltas)}")
+    name = _one_name(state, name)
     delta = state.deltas[name]
     containers = set(delta.method.containers) | {"modules_to_save"}
     selected = {id(p) for p in delta.selected.values()}
@@ -135,47 +235,137 @@ def delta_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
-def _names(model: nn.Module, name: str | None, default: list[str]) -> list[str]:
-    state = require_state(model)
-    if name is None:
-        return default
-    if name not in state.deltas:
-        raise DeltaError(f"no delta named {name!r} is attached; attached: {list(state.deltas)}")
-    return [name]
+def _one_name(state: ModelState, name: object) -> str:
+    if not isinstance(name, str):
+        raise DeltaError(f"expected one adapter name (a string), got {name!r:.80}")
+    return _name_list(state, [name])[0]
 
 
-def merge(model: nn.Module, name: str | None = None) -> None:
-    """Fold delta `name` (default: the active ones) into the base weights. Idempotent."""
+def _names(state: ModelState, name: str | None, default: list[str]) -> list[str]:
+    return default if name is None else [_one_name(state, name)]
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge(model: nn.Module, name: str | None = None, *, untie: bool = False) -> None:
+    """Fold delta `name` (default: the active ones) into the base weights. Idempotent.
+
+    A delta must be active to merge (merged deltas are always in effect). A weight
+    shared with another module (GPT-2's lm_head and wte) is refused, since the merge
+    would change the other module too; untie=True gives the merged module its own
+    copy of the weight first (and sets config.tie_word_embeddings False).
+    """
     state = require_state(model)
-    for n in _names(model, name, list(state.active)):
+    names = _names(state, name, list(state.active))
+    inactive = [n for n in names if n not in state.active]
+    if inactive:
+        raise DeltaError(f"delta {inactive[0]!r} is not active; dt.set_active it first (a merged delta is always in effect)")
+    _merge(model, state, names, untie)
+
+
+def _merge(model: nn.Module, state: ModelState, names: list[str], untie: bool) -> None:
+    for n in names:
         delta = state.deltas[n]
         if not delta.method.mergeable:
             raise DeltaError(f"{n!r} is a {delta.method.name} delta, which adds inputs rather than weights and cannot be merged")
-        for _, layer in delta_layers(model):
+    owners: dict[int, list[str]] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(path)
+    plan = []
+    for n in names:
+        for layer_name, layer in delta_layers(model):
+            if n not in layer.adapter_names() or n in layer.merged:
+                continue
+            problem = layer.merge_problem(n)
+            if problem:
+                raise DeltaError(f"cannot merge {n!r} into {layer_name}: {problem}")
+            tied = [a for a in layer.merged_parameters() if len(owners.get(id(getattr(layer.base_layer, a)), ())) > 1]
+            if tied and not untie:
+                sharing = owners[id(getattr(layer.base_layer, tied[0]))]
+                raise DeltaError(
+                    f"cannot merge {n!r} into {sharing[0]}: the weight is shared (tied) with "
+                    f"{', '.join(s for s in sharing if s != sharing[0])}, so the merge would change that module too; "
+                    "pass untie=True to give the merged module its own copy, or keep the delta unmerged"
+                )
+            plan.append((layer, n, tied))
+    done: list[tuple[Any, str]] = []
+    untied_before = len(state.untied)
+    try:
+        for layer, n, tied in plan:
+            for attribute in tied:
+                _untie(model, state, layer.base_layer, attribute)
             layer.merge(n)
+            done.append((layer, n))
+        for n in names:
+            state.deltas[n].merged = True
+    except BaseException:
+        for layer, n in reversed(done):
+            layer.unmerge(n)
+        _retie(model, state, keep=untied_before)
+        raise
+
+
+def _untie(model: nn.Module, state: ModelState, module: nn.Module, attribute: str) -> None:
+    shared = getattr(module, attribute)
+    setattr(module, attribute, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
+    state.untied.append((module, attribute, shared))
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        if state.tie_word_embeddings is None:
+            state.tie_word_embeddings = True
+        config.tie_word_embeddings = False  # so save_pretrained / from_pretrained keep them apart
+
+
+def _retie(model: nn.Module, state: ModelState, keep: int = 0) -> None:
+    """Put back the shared parameters that merge(untie=True) replaced, beyond the first `keep`."""
+    while len(state.untied) > keep:
+        module, attribute, shared = state.untied.pop()
+        setattr(module, attribute, shared)
+    if not state.untied and state.tie_word_embeddings is not None:
+        model.config.tie_word_embeddings = state.tie_word_embeddings
+        state.tie_word_embeddings = None
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> None:
     """Take merged delta `name` (default: every merged one) back out of the base weights."""
-    merged_anywhere = list(dict.fromkeys(n for _, layer in delta_layers(model) for n in layer.merged))
-    for n in _names(model, name, merged_anywhere):
-        for _, layer in delta_layers(model):
+    state = require_state(model)
+    names = _names(state, name, state.merged())
+    _unmerge(model, state, names)
+
+
+def _unmerge(model: nn.Module, state: ModelState, names: list[str]) -> None:
+    plan = [(layer, n) for n in names for _, layer in delta_layers(model) if n in layer.merged]
+    done = []
+    try:
+        for layer, n in plan:
             layer.unmerge(n)
+            done.append((layer, n))
+        for n in names:
+            state.deltas[n].merged = False
+    except BaseException:
+        for layer, n in reversed(done):
+            layer.merge(n)
+        raise
 
 
-_merge = merge  # detach's `merge` flag shadows the function
+# ---------------------------------------------------------------- detach
+
+_merge_fn = merge  # detach's `merge` flag shadows the function
 
 
-def detach(model: nn.Module, name: str | None = None, merge: bool = False) -> nn.Module:
+def detach(model: nn.Module, name: str | None = None, merge: bool = False, *, untie: bool = False) -> nn.Module:
     """Remove delta `name` (default: all) and restore the original modules.
 
-    merge=True keeps its effect in the base weights (merge-and-unload); otherwise the
-    base is restored exactly as it was before attach.
+    merge=True keeps its effect in the base weights (merge-and-unload), whether or not
+    it is active; otherwise the base is restored exactly as it was before attach.
     """
     state = require_state(model)
-    for n in _names(model, name, list(state.deltas)):
-        if merge:
-            _merge(model, n)
+    names = _names(state, name, list(state.deltas))
+    if merge:
+        # every merge runs (and may fail, rolled back) before anything is removed
+        _merge(model, state, [n for n in names if not state.deltas[n].merged], untie)
+    for n in names:
         _remove(model, n, keep=merge)
     return model
 
@@ -183,19 +373,34 @@ def detach(model: nn.Module, name: str | None = None, merge: bool = False) -> nn
 def _remove(model: nn.Module, name: str, keep: bool) -> None:
     state = get_state(model)
     delta = state.deltas[name]
+    if keep and delta.merged:
+        # the merged weights stay, in their own (untied) tensors: never re-tie those
+        merged_into = {id(layer.base_layer) for _, layer in delta_layers(model) if name in layer.merged}
+        kept = [r for r in state.untied if id(r[0]) in merged_into]
+        if kept:
+            state.untied = [r for r in state.untied if id(r[0]) not in merged_into]
+            state.tie_word_embeddings = None
     remove_from_layers(model, name, keep_merged=keep)
     for container in delta.method.containers if delta.method.kind == "input" else ():
         remove_root_parameters(model, container, name)
     if delta.method.kind == "select":
         restore_selected(delta, keep_trained=keep)
+    if not keep:
+        with torch.no_grad():
+            for param, original in delta.base_originals.values():
+                param.copy_(original)
     del state.deltas[name]
     state.active = [n for n in state.active if n != name]
     if state.deltas:
-        _refresh_trainable(model)
+        _refresh_trainable(model, state)
     else:
+        _retie(model, state)
         for p, flag in state.original_requires_grad.items():
             p.requires_grad_(flag)
         drop_state(model)
+
+
+# ---------------------------------------------------------------- contexts
 
 
 @contextlib.contextmanager
@@ -203,17 +408,19 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the bare base model inside the block; merged deltas are unmerged for its duration."""
     state = require_state(model)
     previous = list(state.active)
-    merged = list(dict.fromkeys(n for _, layer in delta_layers(model) for n in layer.merged))
-    for n in merged:
-        unmerge(model, n)
-    set_active(model, [])
+    merged = state.merged()
+    _unmerge(model, state, merged)
+    try:
+        with _all_or_nothing(model, state):
+            _apply_active(model, state, [])
+    except BaseException:
+        _merge(model, state, merged, untie=True)
+        raise
     try:
         yield model
     finally:
-        set_active(model, previous)
-        for n in merged:
-            for _, layer in delta_layers(model):
-                layer.merge(n)
+        _apply_active(model, state, previous)
+        _merge(model, state, merged, untie=True)
 
 
 @contextlib.contextmanager
@@ -221,14 +428,45 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     """Every forward inside the block runs row i with adapter adapter_names[i] ("__base__": none).
 
     The same as passing adapter_names=[...] to the model's forward, for callers that
-    cannot pass it, such as generate().
+    cannot pass it, such as generate(). Only methods that can act per row (LoRA and
+    other wrapping methods) may take part; a prompt or selective delta that is named
+    or active is an error, since it would reach every row.
     """
     state = require_state(model)
-    unknown = [n for n in adapter_names if n != "__base__" and n not in state.deltas]
-    if unknown:
-        raise DeltaError(f"adapter_names names {unknown[0]!r}, which is not attached; attached: {list(state.deltas)}")
-    state.pinned_batch_adapters = list(adapter_names)
+    state.pinned_batch_adapters = check_batch_adapters(state, adapter_names)
     try:
         yield model
     finally:
         state.pinned_batch_adapters = None
+
+
+# ---------------------------------------------------------------- training hooks
+
+
+def regularization(model: nn.Module) -> torch.Tensor | float:
+    """The sum of the active deltas' loss terms (AdaLoRA's orthogonality, diff pruning's L0); 0.0 when none."""
+    state = get_state(model)
+    total: torch.Tensor | float = 0.0
+    for name in state.active if state else ():
+        delta = state.deltas[name]
+        if delta.method.regularization is not None and delta.trainable:
+            total = total + delta.method.regularization(model, name, delta.config)
+    return total
+
+
+def step(model: nn.Module, global_step: int) -> None:
+    """Call after every optimizer step: methods that reshape themselves while training (AdaLoRA) do it here."""
+    state = get_state(model)
+    for name in list(state.active) if state else ():
+        delta = state.deltas[name]
+        if delta.method.step is not None and delta.trainable:
+            delta.method.step(model, name, delta.config, global_step)
+
+
+def finalize(model: nn.Module) -> None:
+    """Call once when training ends (diff pruning projects to its target sparsity here)."""
+    state = get_state(model)
+    for name in list(state.active) if state else ():
+        delta = state.deltas[name]
+        if delta.method.finalize is not None:
+            delta.method.finalize(model, name, delta.config)

@@ -34,6 +34,11 @@ class Delta:
     config: DeltaConfig
     method: Method
     trainable: bool = True
+    # Folded into the base weights by `merge`. A merged delta stays active until unmerged.
+    merged: bool = False
+    # Base tensors the delta's file overrode at load (peft's saved embedding weights): the
+    # parameter and its value before the load, restored by detach.
+    base_originals: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     # kind "select": the selected parameters (by their name at selection time; held
     # by object, since wrapping a module later renames its parameters), their
     # original values, and their trained values while the delta is inactive.
@@ -52,7 +57,16 @@ class ModelState:
     pinned_batch_adapters: list[str] | None = None
     # requires_grad of every parameter before the first attach, restored when the last delta goes.
     original_requires_grad: dict[nn.Parameter, bool] = field(default_factory=dict)
+    # Weights untied by merge(untie=True): (module, attribute, the shared parameter), re-tied
+    # when the last delta goes without having been kept merged; and the config flag to restore.
+    untied: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list)
+    tie_word_embeddings: bool | None = None
+    # Modules with a `gradient_checkpointing` flag (transformers sets it on the blocks).
+    checkpointing_modules: list[nn.Module] = field(default_factory=list)
     model: nn.Module | None = None  # the model this state belongs to (set with the hooks)
+
+    def merged(self) -> list[str]:
+        return [n for n, d in self.deltas.items() if d.merged]
 
 
 def get_state(model: nn.Module, create: bool = False) -> ModelState | None:
@@ -64,10 +78,53 @@ def get_state(model: nn.Module, create: bool = False) -> ModelState | None:
 
 
 def require_state(model: nn.Module) -> ModelState:
+    if not isinstance(model, nn.Module):
+        raise DeltaError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
     state = get_state(model)
     if state is None or not state.deltas:
         raise DeltaError(f"{type(model).__name__} has no delta attached; call deltatune.attach or deltatune.load first")
     return state
+
+
+RESERVED_NAMES = ("__base__",)
+
+
+def check_adapter_name(name: object) -> str:
+    """An adapter name must work as a key of nn.ModuleDict / nn.ParameterDict and in file paths."""
+    if not isinstance(name, str) or not name:
+        raise DeltaError(f"an adapter name must be a non-empty string, got {name!r}")
+    problem = None
+    if name in RESERVED_NAMES:
+        problem = "it is reserved for the bare base model in mixed batches"
+    elif "." in name or "/" in name or "\\" in name:
+        problem = "it contains '.' or a path separator"
+    elif hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
+        problem = "it is an attribute name of torch's module containers"
+    if problem:
+        raise DeltaError(f"adapter name {name!r} cannot be used: {problem}; choose another, such as 'my_adapter'")
+    return name
+
+
+def check_batch_adapters(state: ModelState, names: object) -> list[str]:
+    """Per-row adapter names for one batch: every row must get exactly what its name says."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise DeltaError(f"adapter_names must be a list of adapter names, one per row, got {names!r:.80}")
+    for n in names:
+        if n != "__base__" and n not in state.deltas:
+            raise DeltaError(f"adapter_names names {n!r}, which is not attached; attached: {list(state.deltas)}")
+    merged = state.merged()
+    if merged:
+        raise DeltaError(f"adapter(s) {merged} are merged into the base weights, so every row would get them; "
+                         "dt.unmerge(model) before a mixed-adapter batch")
+    for n in dict.fromkeys(list(names) + state.active):
+        delta = state.deltas.get(n)
+        if delta is not None and not delta.method.per_row:
+            role = "is named in adapter_names" if n in names else "is active, so it would reach every row"
+            raise DeltaError(
+                f"delta {n!r} ({delta.method.name}) {role}, but a {delta.method.name} delta changes the whole batch and "
+                "cannot be applied per row; deactivate it (dt.set_active) and run its rows in a batch of their own"
+            )
+    return list(names)
 
 
 def drop_state(model: nn.Module) -> None:
@@ -156,6 +213,14 @@ class DeltaLayer(nn.Module):
     def unmerge_delta(self, name: str) -> None:
         raise DeltaError(f"{type(self).__name__} cannot be unmerged")
 
+    def merge_problem(self, name: str) -> str | None:
+        """Why adapter `name` cannot be merged here (checked before any layer merges), or None."""
+        return None
+
+    def merged_parameters(self) -> tuple[str, ...]:
+        """Names of base_layer's parameters that a merge writes into (a tie to them is checked first)."""
+        return ("weight",)
+
     # -- mixed batches
     def batch_groups(self, batch_size: int) -> list[tuple[str, torch.Tensor]] | None:
         """(adapter, row indices) groups when the forward carries per-row adapter names, else None."""
@@ -164,18 +229,12 @@ class DeltaLayer(nn.Module):
             return None
         if len(names) != batch_size:
             raise DeltaError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
-        if self.merged:
-            raise DeltaError(f"adapter(s) {self.merged} are merged; unmerge them before a mixed-adapter batch")
+        present = self.adapter_names()
         groups = []
         for name in dict.fromkeys(names):
-            if name == "__base__":
-                continue
-            if name not in self.adapter_names():
-                if self.model_state is not None and name not in self.model_state.deltas:
-                    raise DeltaError(f"adapter_names names {name!r}, which is not attached; attached: {list(self.model_state.deltas)}")
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=self.device_of())
-            groups.append((name, rows))
+            if name in present:  # names were checked against the model by the forward hook
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=self.device_of())
+                groups.append((name, rows))
         return groups
 
     def device_of(self) -> torch.device:
@@ -229,6 +288,9 @@ class ModulesToSave(DeltaLayer):
 
     def unmerge_delta(self, name: str) -> None:
         pass
+
+    def merged_parameters(self) -> tuple[str, ...]:
+        return ()
 
     def remove(self, name: str, keep_merged: bool = False) -> None:
         if keep_merged and name in self.merged and name in self.modules_to_save:
@@ -367,3 +429,56 @@ def restore_selected(delta: Delta, keep_trained: bool) -> None:
         source = (delta.stash or {}) if keep_trained else delta.originals
         for n, value in source.items():
             delta.selected[n].copy_(value)
+
+
+# ---------------------------------------------------------------- the base model's own state dict
+
+
+def base_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The model's tensors under the base model's own keys, and the active deltas left out.
+
+    Wrapped modules give their base_layer's tensors under the original names; delta
+    parameters are dropped. Merged deltas are in the weights already (a merged head
+    kept whole gives the trained copy); an unmerged selective delta gives the original
+    values. So the result is exactly the base model, or the merged model.
+    """
+    state = get_state(model)
+    layers = dict(delta_layers(model))
+    roots = {c for d in state.deltas.values() if d.method.kind == "input" for c in d.method.containers}
+    path_of = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        mapped = _base_key(key, layers, roots)
+        if mapped is not None:
+            out[mapped] = value
+    for name, layer in layers.items():
+        if isinstance(layer, ModulesToSave):
+            merged = [n for n in layer.merged if n in layer.modules_to_save]
+            if merged:
+                dtype = _float_dtype(layer.base_layer)
+                prefix = _base_key(name + ".base_layer", layers, roots)
+                for key, value in layer.modules_to_save[merged[-1]].state_dict().items():
+                    out[f"{prefix}.{key}"] = value.to(dtype) if value.is_floating_point() else value
+    for delta in state.deltas.values():
+        if delta.method.kind == "select" and not delta.merged and delta.stash is None:  # trained values in place
+            for n, p in delta.selected.items():
+                out[_base_key(path_of[id(p)], layers, roots)] = delta.originals[n]
+    left_out = [n for n in state.active if not state.deltas[n].merged]
+    return out, left_out
+
+
+def _base_key(key: str, layers: dict[str, DeltaLayer], roots: set[str]) -> str | None:
+    """`key` with every wrapper's `base_layer` step removed; None for a delta's own tensors."""
+    parts = key.split(".")
+    if parts[0] in roots:
+        return None
+    kept, path, i = [], "", 0
+    while i < len(parts):
+        path = f"{path}.{parts[i]}" if path else parts[i]
+        kept.append(parts[i])
+        i += 1
+        if path in layers and i < len(parts):
+            if parts[i] != "base_layer":
+                return None  # an adapter container inside the wrapper
+            path, i = f"{path}.base_layer", i + 1
+    return ".".join(kept)

@@ -30,14 +30,14 @@ Written on top of the base output y0 = W0 x (bias removed):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, DeltaError, Method, register
+from ..config import DeltaConfig, DeltaError, Method, check, register
 from ..surgery import DeltaLayer, wrap
 from ..targets import default_targets, pattern_value, select_targets
 
@@ -55,29 +55,20 @@ class LoraConfig(DeltaConfig):
     method = "lora"
     peft_type = "LORA"
 
-    r: int = 8
+    r: int = check(8, gt=0)
     alpha: float = 8
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | int | None = None
+    dropout: float = check(0.0, ge=0, lt=1)
+    target_modules: list[str] | str | None = check(None, regex=True)
+    exclude_modules: list[str] | str | None = check(None, regex=True)
+    layers_to_transform: list[int] | int | None = check(None, ge=0)
     layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    rank_pattern: dict[str, int] = check(default_factory=dict, gt=0, regex=True)
+    alpha_pattern: dict[str, float] = check(default_factory=dict, regex=True)
     init: Literal["kaiming", "gaussian", "none"] = "kaiming"
     use_rslora: bool = False
     use_dora: bool = False
     # Set at attach, not by hand: True when the targets are GPT-2 Conv1D ([in, out] weights); peft reads it.
     fan_in_fan_out: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r <= 0:
-            raise DeltaError(f"LoRA rank r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltaError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in ("kaiming", "gaussian", "none"):
-            raise DeltaError(f"LoRA init must be 'kaiming', 'gaussian' or 'none', got {self.init!r}")
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -217,13 +208,6 @@ class LoraLayer(DeltaLayer):
     # ------------------------------------------------------------ merge
     def merge_delta(self, name: str) -> None:
         weight = self.base_layer.weight
-        if self.is_embedding and self.model_state is not None and self.model_state.model is not None:
-            sharing = [n for n, p in self.model_state.model.named_parameters(remove_duplicate=False) if p is weight]
-            if len(sharing) > 1:  # tied to the output head: a merge would change the head too
-                raise DeltaError(
-                    f"cannot merge LoRA into {sharing[0]}: its weight is shared with {', '.join(sharing[1:])}, so the merge "
-                    "would change that module too; untie the weights first or keep the adapter unmerged"
-                )
         with torch.no_grad():
             new = self.base_weight().float() + self.delta_weight(name)  # (out, in), a new tensor
             if name in self.lora_magnitude_vector:
@@ -275,5 +259,6 @@ def attach(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
 
 
 LORA = register(
-    Method(name="lora", config_cls=LoraConfig, kind="wrap", attach=attach, containers=LoraLayer.containers, peft_compatible=True)
+    Method(name="lora", config_cls=LoraConfig, kind="wrap", attach=attach, containers=LoraLayer.containers, per_row=True,
+           peft_compatible=True)
 )
