@@ -205,7 +205,7 @@ def assert_same_layout(ours_dir: Path, peft_dir: Path, same_value_keys: tuple[st
         f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
     )
     assert ours_shapes == peft_shapes
-    assert ours_meta == peft_meta == {"format": "pt"}
+    assert peft_meta == {"format": "pt"} and ours_meta == {"format": "pt", "deltatune_config_sha256": ours_meta["deltatune_config_sha256"]}
     for key in same_value_keys:
         assert ours_cfg[key] == peft_cfg[key], (key, ours_cfg[key], peft_cfg[key])
     return ours_cfg, peft_cfg

@@ -1,30 +1,46 @@
 """Saving and loading deltas: adapter_config.json + adapter_model.safetensors.
 
 The files are the peft package's (see formats/peft.py), so adapters move both
-ways. Every file is written to a temporary name and renamed into place, weights
-before config, so an interrupted save leaves the previous adapter readable.
-Weights are only ever read with safetensors; nothing is unpickled.
+ways. Weights are only ever read with safetensors; nothing is unpickled.
+
+A save is one transaction over the two files. Both are first written in full
+under temporary names (and fsynced); the weights carry, in their safetensors
+metadata, the SHA-256 of the config text they belong with. Then the weights are
+renamed into place (the commit point) and the config after them. A process
+killed at any moment leaves either the old pair, or the new pair, or the new
+weights beside the old config with the new config still waiting under its
+temporary name: `load` sees that the config's hash is not the one the weights
+name, finds the waiting config that matches, and reads the new adapter (the next
+`save` into the folder completes the rename and clears other leftovers). So a
+reader gets exactly the old adapter or exactly the new one, never a mix. A pair
+that disagrees with no waiting config to explain it (a config edited by hand,
+one file copied over from elsewhere) is a clear error naming both files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import api
 from .config import DeltaError, method_of
-from .formats.peft import config_from_file, config_to_file, key_prefix, saved_key
-from .surgery import require_state
+from .formats.peft import PREFIX, config_from_file, config_to_file, key_prefix, saved_key
+from .surgery import get_state, require_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
+# safetensors metadata key: SHA-256 of the adapter_config.json text saved with these weights
+PAIR_KEY = "deltatune_config_sha256"
 
 
 def file_keys(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -36,78 +52,184 @@ def file_keys(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
 
 
 def delta_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Delta `name`'s tensors under their file keys, detached, contiguous, on the CPU."""
+    """Delta `name`'s tensors as its file holds them: file keys, detached, contiguous, on the CPU."""
     delta = require_state(model).deltas[name]
     # An inactive selective delta keeps its trained values aside; the live parameters hold the originals.
     stashed = {id(p): delta.stash[n] for n, p in delta.selected.items()} if delta.stash is not None else {}
     # a copy: safetensors refuses tensors that share storage (tied or aliased weights)
-    return {key: stashed.get(id(p), p.detach()).to("cpu", copy=True).contiguous() for key, p in file_keys(model, name).items()}
+    tensors = {key: stashed.get(id(p), p.detach()).to("cpu", copy=True).contiguous() for key, p in file_keys(model, name).items()}
+    for key, (param, _) in delta.base_originals.items():  # base tensors the delta's file overrode, as peft saved them
+        tensors[key] = param.detach().to("cpu", copy=True).contiguous()
+    if delta.method.to_file is not None:
+        tensors = delta.method.to_file(model, name, delta.config, tensors)
+    return tensors
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
     """Write delta `name` into `path`; with name=None, every attached delta.
 
     With several deltas, the one named "default" goes in `path` and each other in
-    `path/<name>`, as the peft package lays them out.
+    `path/<name>`, as the peft package lays them out. Each folder is written as one
+    transaction (see the module docstring).
     """
     state = require_state(model)
-    names = [name] if name is not None else list(state.deltas)
-    for n in names:
-        if n not in state.deltas:
-            raise DeltaError(f"no delta named {n!r} is attached; attached: {list(state.deltas)}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise DeltaError(f"save expects a folder path, got {type(path).__name__}")
+    names = [api._one_name(state, name)] if name is not None else list(state.deltas)
     root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise DeltaError(f"cannot save into {root}: it is a file, not a folder")
+    # everything is computed before anything is written
+    plan = []
     for n in names:
         folder = root if (name is not None or len(names) == 1 or n == "default") else root / n
         delta = state.deltas[n]
-        _write_adapter(folder, config_to_file(delta.config), delta_state_dict(model, n), delta.method.peft_compatible)
+        plan.append((folder, config_to_file(delta.config), delta_state_dict(model, n), delta.method.peft_compatible))
+    for folder, config, tensors, peft_compatible in plan:
+        _write_adapter(folder, config, tensors, peft_compatible)
 
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], peft_compatible: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    finish_interrupted_save(folder)
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    if not (folder / "README.md").exists():
-        library = "peft" if peft_compatible else "deltatune"
-        readers = "deltatune and the peft package can load it" if peft_compatible else \
-            "deltatune can load it (the peft package has no such method)"
-        base = config.get("base_model_name_or_path")
-        card = (f"---\nlibrary_name: {library}\n" + (f"base_model: {base}\n" if base else "")
-                + f"tags:\n- deltatune\n- {config['peft_type'].lower()}\n---\n\n"
-                f"A {config['peft_type']} adapter written by deltatune; {readers}.\n")
-        _atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(card))
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    token = secrets.token_hex(6)
+    tmp_config, tmp_weights = folder / f".{CONFIG_NAME}.{token}.tmp", folder / f".{WEIGHTS_NAME}.{token}.tmp"
+    committed = False
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        _write_new(tmp_config, lambda f: f.write(text.encode()))
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt", PAIR_KEY: _digest(text.encode())})
+        _fsync(tmp_weights)
+        os.replace(tmp_weights, folder / WEIGHTS_NAME)  # the commit point
+        committed = True
+        os.replace(tmp_config, folder / CONFIG_NAME)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if committed and tmp_config.exists():  # roll forward: the new weights are in place
+            os.replace(tmp_config, folder / CONFIG_NAME)
+        for tmp in (tmp_config, tmp_weights):
+            if tmp.exists():
+                tmp.unlink()
         raise
+    finally:
+        _fsync_dir(folder)
+    if not (folder / CARD_NAME).exists():
+        _write_card(folder, config, peft_compatible)
 
 
-def read_adapter(path: str | os.PathLike):
-    """(config, tensors) from an adapter folder, with clear errors for missing or damaged files."""
+def _write_card(folder: Path, config: dict, peft_compatible: bool) -> None:
+    library = "peft" if peft_compatible else "deltatune"
+    readers = ("deltatune and the peft package can load it" if peft_compatible
+               else "deltatune can load it (the peft package has no such method)")
+    base = config.get("base_model_name_or_path")
+    card = (f"---\nlibrary_name: {library}\n" + (f"base_model: {base}\n" if base else "")
+            + f"tags:\n- deltatune\n- {str(config['peft_type']).lower()}\n---\n\n"
+            f"A {config['peft_type']} adapter written by deltatune; {readers}.\n")
+    tmp = folder / f".{CARD_NAME}.{secrets.token_hex(6)}.tmp"
+    try:
+        _write_new(tmp, lambda f: f.write(card.encode()))
+        os.replace(tmp, folder / CARD_NAME)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_new(path: Path, write: Callable[[Any], Any]) -> None:
+    """Create `path` (it must not exist) with the usual permissions (0666 less the umask), write, fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pair_digest(weights_path: Path) -> str | None:
+    """The config hash the weights were saved with (None for files not written by deltatune)."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return (f.metadata() or {}).get(PAIR_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def _waiting_config(folder: Path, digest: str) -> Path | None:
+    """The temporary config of an interrupted save whose weights are already in place."""
+    for tmp in sorted(folder.glob(f".{CONFIG_NAME}.*.tmp")):
+        if _digest(tmp.read_bytes()) == digest:
+            return tmp
+    return None
+
+
+def finish_interrupted_save(folder: Path) -> None:
+    """Complete a save that was killed between its two renames; remove every other leftover."""
+    weights = folder / WEIGHTS_NAME
+    digest = _pair_digest(weights) if weights.is_file() else None
+    config = folder / CONFIG_NAME
+    if digest is not None and (not config.is_file() or _digest(config.read_bytes()) != digest):
+        waiting = _waiting_config(folder, digest)
+        if waiting is not None:
+            os.replace(waiting, config)
+    for pattern in (f".{CONFIG_NAME}.*.tmp", f".{WEIGHTS_NAME}.*.tmp", f".{CARD_NAME}.*.tmp"):
+        for leftover in folder.glob(pattern):
+            leftover.unlink(missing_ok=True)
+
+
+def read_adapter(path: str | os.PathLike, verify: bool = True):
+    """(config, tensors) from an adapter folder, with clear errors for missing, damaged or mismatched files."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DeltaError(f"expected an adapter folder path, got {type(path).__name__}")
     folder = Path(path)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        subfolders = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise DeltaError(f"no adapter folder at {folder}" + (" (it is a file; pass its folder)" if folder.exists() else ""))
+    if not weights_path.is_file():
+        if config_path.is_file():
+            raise DeltaError(f"no {WEIGHTS_NAME} in {folder} (only safetensors weights are read; nothing is unpickled)")
+        subfolders = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
         hint = f"; adapters found in subfolders: {subfolders}" if subfolders else ""
         raise DeltaError(f"no {CONFIG_NAME} in {folder}{hint}")
+    digest = _pair_digest(weights_path)
+    config_bytes = config_path.read_bytes() if config_path.is_file() else None
+    if digest is not None and (config_bytes is None or _digest(config_bytes) != digest):
+        waiting = _waiting_config(folder, digest)
+        if waiting is not None:  # a save was interrupted after its commit point: this is its config
+            config_bytes = waiting.read_bytes()
+        elif verify and _parses(config_bytes):
+            raise DeltaError(
+                f"{weights_path} and {config_path} do not belong together: the weights were saved with a different "
+                f"adapter_config.json (SHA-256 {digest[:12]}...). One of them was replaced or edited after the save, or "
+                "the folder mixes two saves; save the adapter again, or pass verify=False to read them anyway"
+            )
+    if config_bytes is None:
+        raise DeltaError(f"no {CONFIG_NAME} in {folder}")
     try:
-        data = json.loads(config_path.read_text())
+        data = json.loads(config_bytes.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DeltaError(f"{config_path} is not valid JSON ({err}); the file is corrupted or truncated") from None
+    if not isinstance(data, dict):
+        raise DeltaError(f"{config_path} holds a JSON {type(data).__name__}, not an object; it is not an adapter config")
     config = config_from_file(data, str(config_path))
-    weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise DeltaError(f"no {WEIGHTS_NAME} in {folder} (only safetensors weights are read)")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -115,46 +237,91 @@ def read_adapter(path: str | os.PathLike):
     return config, tensors
 
 
-def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, trainable: bool = False) -> nn.Module:
+def _parses(data: bytes | None) -> bool:
+    try:
+        json.loads((data or b"").decode())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return data is not None
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, trainable: bool = False,
+         verify: bool = True) -> nn.Module:
     """Attach the delta saved in `path` (by deltatune or peft) and load its weights.
 
-    The loaded delta becomes the active one; it is frozen unless trainable=True.
-    Files that do not fit the model are refused, and the model is left as it was.
+    The file's config decides everything, the task type and the modules kept whole
+    included (nothing is inferred from the model class). The loaded delta becomes
+    active beside any merged ones; it is frozen unless trainable=True. Files that do
+    not fit the model are refused, and the model is left exactly as it was.
     """
-    name = name or "default"
-    config, tensors = read_adapter(path)
-    overrides = method_of(config).load_overrides
-    api.attach(model, config.replace(**overrides), name)
-    delta = require_state(model).deltas[name]
-    delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides})  # a re-save writes what was read
+    name = "default" if name is None else name
+    if not isinstance(trainable, bool):
+        raise DeltaError(f"load expects trainable=True or False, got {trainable!r}")
+    config, tensors = read_adapter(path, verify=verify)
+    method = method_of(config)
+    overrides = method.load_overrides
+    state = get_state(model) if isinstance(model, nn.Module) else None
+    snapshot = api._Snapshot.take(model, state) if state is not None and state.deltas else None
+    delta = api._attach(model, config.replace(**overrides), name, infer_task=False, activate=False)
+    state = require_state(model)
     try:
+        delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides})  # a re-save writes what was read
+        if method.from_file is not None:
+            tensors = method.from_file(model, name, delta.config, tensors)
         load_state_into(model, name, tensors, source=str(path))
-    except Exception:
-        api.detach(model, name)
+        delta.trainable = trainable
+        api._apply_active(model, state, state.merged() + [name])
+    except BaseException:
+        api._remove(model, name, keep=False)
+        if snapshot is not None:
+            snapshot.restore(model, state)
         raise
-    api.set_trainable(model, name, trainable)
     return model
 
 
 def load_state_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Check every key and shape first, then copy; a base weight the file carries must match or is loaded in."""
     expected = file_keys(model, name)
+    where = f"adapter at {source} does not fit {type(model).__name__}"
     for key, param in expected.items():
         if key not in tensors:
             raise DeltaError(
-                f"adapter at {source} does not fit {type(model).__name__}: key {key} is missing from the file "
+                f"{where}: key {key} is missing from the file "
                 f"(the file has {len(tensors)} keys, e.g. {next(iter(tensors), 'none')}); was it saved for another model?"
             )
         if tuple(tensors[key].shape) != tuple(param.shape):
             raise DeltaError(
-                f"adapter at {source} does not fit {type(model).__name__}: key {key} has shape "
-                f"{list(tensors[key].shape)} in the file but {list(param.shape)} in the model; was it saved for another model?"
+                f"{where}: key {key} has shape {list(tensors[key].shape)} in the file but {list(param.shape)} in the "
+                "model; was it saved for another model?"
             )
-    unexpected = sorted(set(tensors) - set(expected))
+    base = _base_tensors(model, name, set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected) - set(base))
     if unexpected:
         raise DeltaError(
-            f"adapter at {source} does not fit {type(model).__name__}: the file has key {unexpected[0]}"
+            f"{where}: the file has key {unexpected[0]}"
             f"{f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}, which this model has no place for"
         )
+    for key, param in base.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise DeltaError(f"{where}: base weight {key} has shape {list(tensors[key].shape)} in the file but "
+                             f"{list(param.shape)} in the model")
+    delta = require_state(model).deltas[name]
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.dtype))
+        for key, param in base.items():
+            value = tensors[key].to(device=param.device, dtype=param.dtype)
+            if not torch.equal(value, param):  # a changed base (say, an extended vocabulary): load it, keep the original
+                delta.base_originals[key] = (param, param.detach().clone())
+                param.copy_(value)
+
+
+def _base_tensors(model: nn.Module, name: str, keys: set[str]) -> dict[str, nn.Parameter]:
+    """Keys that name a wrapped module's base weight (`...embed_tokens.base_layer.weight`), as peft's
+    save_embedding_layers writes them for embedding LoRA, by the parameter they name."""
+    params = dict(model.named_parameters())
+    found = {}
+    for key in keys:
+        if key.startswith(PREFIX) and ".base_layer." in key and key[len(PREFIX):] in params:
+            found[key] = params[key[len(PREFIX):]]
+    return found
