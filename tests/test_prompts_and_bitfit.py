@@ -84,7 +84,7 @@ def test_prompt_fills_model_dims_for_peft():
     dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=4))
     config = dt.attached(model)["default"]
     assert (config.token_dim, config.num_transformer_submodules, config.num_layers, config.num_attention_heads) == (32, 2, 2, 4)
-    assert model.prompt_embeddings["default"].shape == (8, 32)
+    assert model.prompt_embeddings["default"].shape == (4, 32)  # only the encoder's rows train
 
 
 def test_bitfit_on_a_model_without_biases_is_a_clear_error():

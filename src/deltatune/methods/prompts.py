@@ -10,9 +10,10 @@ P starts as random N(0, 1) rows, as the embeddings of n tokens sampled from the
 vocabulary, or as the embeddings of a text (repeated or cut to n tokens). Only P
 trains: n x d parameters (5 tokens on T5-XXL's d = 4096: 20,480).
 
-For encoder-decoder models the prompt goes in front of the encoder input; the
-file keeps peft's layout of one block of n rows per transformer submodule
-(encoder and decoder, 2n rows) of which the encoder's block is used.
+For encoder-decoder models the prompt goes in front of the encoder input. Only
+those n rows train; the file keeps peft's layout of one block of n rows per
+transformer submodule (encoder and decoder, 2n rows, of which peft too uses only
+the encoder's), written as two copies of the prompt and read back from the first.
 
 The prompt is injected by a forward pre-hook on the model (and on the encoder of
 an encoder-decoder), so generate() works on the plain model: the first call gets
@@ -105,11 +106,26 @@ def attach(model: nn.Module, config: PromptTuningConfig, name: str) -> PromptTun
     dim = model.get_input_embeddings().weight.shape[1]
     submodules = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
     config = config.replace(token_dim=dim, num_transformer_submodules=submodules, **_model_dims(model))
-    rows = config.num_virtual_tokens * submodules
     # fp32 whatever the base dtype; cast to the embeddings' dtype at use
-    prompt = nn.Parameter(_init_rows(model, config, rows).to(torch.float32))
+    prompt = nn.Parameter(_init_rows(model, config, config.num_virtual_tokens).to(torch.float32))
     root_container(model, CONTAINER)[name] = prompt
     return config
+
+
+def to_file(model: nn.Module, name: str, config: PromptTuningConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's layout: one block of n rows per transformer submodule (2 for encoder-decoders)."""
+    copies = config.num_transformer_submodules or 1
+    return {k: torch.cat([v] * copies) if k == CONTAINER else v for k, v in tensors.items()}
+
+
+def from_file(model: nn.Module, name: str, config: PromptTuningConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's block of a peft file (the only one either library uses)."""
+    n, blocks = config.num_virtual_tokens, config.num_transformer_submodules or 1
+    out = dict(tensors)
+    prompt = out.get(CONTAINER)
+    if prompt is not None and prompt.dim() == 2 and prompt.shape[0] == n * blocks:
+        out[CONTAINER] = prompt[:n]
+    return out
 
 
 def _cache_length(cache: Any) -> int:
@@ -127,7 +143,7 @@ def _extend_mask(mask: torch.Tensor | None, n: int, target: int) -> torch.Tensor
     return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
 
 
-def _prepend(model: nn.Module, prompt: torch.Tensor, n: int, kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _prepend(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Replace input_ids by inputs_embeds with the prompt in front; returns the original length T."""
     ids = kwargs.pop("input_ids", None)
     embeds = kwargs.get("inputs_embeds")
@@ -136,7 +152,7 @@ def _prepend(model: nn.Module, prompt: torch.Tensor, n: int, kwargs: dict[str, A
             raise DeltaError("prompt tuning needs input_ids or inputs_embeds in the forward call")
         embeds = model.get_input_embeddings()(ids)
     batch, length = embeds.shape[:2]
-    rows = prompt[:n].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+    rows = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
     kwargs["inputs_embeds"] = torch.cat([rows, embeds], dim=1)  # (B, n + T, d)
     return length, kwargs
 
@@ -150,7 +166,7 @@ def transform_inputs(model: nn.Module, role: str, name: str, config: PromptTunin
     kwargs.pop("cache_position", None)
     if getattr(model.config, "is_encoder_decoder", False):
         if role == "encoder":
-            length, kwargs = _prepend(model, prompt, n, kwargs)
+            length, kwargs = _prepend(model, prompt, kwargs)
             kwargs["attention_mask"] = _extend_mask(kwargs.get("attention_mask"), n, length + n)
         else:  # top-level call: the mask reaches the decoder's cross-attention too
             encoder_outputs = kwargs.get("encoder_outputs")
@@ -165,7 +181,7 @@ def transform_inputs(model: nn.Module, role: str, name: str, config: PromptTunin
         if mask is not None:
             kwargs["attention_mask"] = _extend_mask(mask, n, mask.shape[1] + n)
         return kwargs
-    length, kwargs = _prepend(model, prompt, n, kwargs)
+    length, kwargs = _prepend(model, prompt, kwargs)
     kwargs["attention_mask"] = _extend_mask(kwargs.get("attention_mask"), n, length + n)
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() == 2 and labels.shape[1] == length:  # per-token labels
@@ -184,6 +200,8 @@ PROMPT_TUNING = register(
         attach=attach,
         containers=(CONTAINER,),
         transform_inputs=transform_inputs,
+        to_file=to_file,
+        from_file=from_file,
         mergeable=False,
         peft_compatible=True,
         load_overrides={"init": "random"},
