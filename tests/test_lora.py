@@ -239,3 +239,27 @@ def test_quantised_linear_layers_are_refused_by_name():
     net[1].weight = nn.Parameter(torch.zeros(4, 2, dtype=torch.uint8), requires_grad=False)  # a packed 4-bit weight
     with pytest.raises(dt.DeltaError, match=r"lora cannot wrap 1 \(Linear\).*supported type instead: 0"):
         dt.attach(net, dt.LoraConfig(target_modules=["0", "1"]))
+
+
+def test_several_dora_adapters_merge_to_what_they_compute_unmerged():
+    model = build("llama")
+    data = batch("llama")
+    dt.attach(model, dt.LoraConfig(r=2, use_dora=True), name="a")
+    perturb(model, seed=0)
+    dt.attach(model, dt.LoraConfig(r=2, use_dora=True), name="b")
+    perturb(model, seed=1)
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="c")
+    dt.set_active(model, ["c", "a", "b"])  # adapters apply in this order; DoRA's step does not commute
+    unmerged = logits(model, data)
+    dt.merge(model)
+    torch.testing.assert_close(logits(model, data), unmerged, rtol=0, atol=1e-5)
+    with pytest.raises(dt.DeltaError, match=r"cannot unmerge 'a' .*\['b'\] were merged after it"):
+        dt.unmerge(model, "a")
+    dt.unmerge(model, "b")  # the last one applied comes out alone
+    torch.testing.assert_close(logits(model, data), unmerged, rtol=0, atol=1e-5)
+    dt.unmerge(model)
+    with pytest.raises(dt.DeltaError, match=r"cannot merge 'b' .*\['c', 'a'\] apply before it"):
+        dt.merge(model, "b")
+    dt.merge(model, "c")
+    dt.merge(model, "a")
+    torch.testing.assert_close(logits(model, data), unmerged, rtol=0, atol=1e-5)

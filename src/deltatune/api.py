@@ -273,20 +273,23 @@ def _merge(model: nn.Module, state: ModelState, names: list[str], untie: bool) -
     for path, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(path)
     plan = []
+    earlier: dict[int, list[str]] = {}  # per layer, what this call merges into it before
     for n in names:
         for layer_name, layer in delta_layers(model):
             if n not in layer.adapter_names() or n in layer.merged:
                 continue
-            problem = layer.merge_problem(n)
+            problem = layer.merge_problem(n, earlier.setdefault(id(layer), []))
+            earlier[id(layer)].append(n)
             if problem:
                 raise DeltaError(f"cannot merge {n!r} into {layer_name}: {problem}")
             tied = [a for a in layer.merged_parameters() if len(owners.get(id(getattr(layer.base_layer, a)), ())) > 1]
             if tied and not untie:
-                sharing = owners[id(getattr(layer.base_layer, tied[0]))]
+                own = f"{layer_name}.base_layer.{tied[0]}"
+                others = [s for s in owners[id(getattr(layer.base_layer, tied[0]))] if s != own]
                 raise DeltaError(
-                    f"cannot merge {n!r} into {sharing[0]}: the weight is shared (tied) with "
-                    f"{', '.join(s for s in sharing if s != sharing[0])}, so the merge would change that module too; "
-                    "pass untie=True to give the merged module its own copy, or keep the delta unmerged"
+                    f"cannot merge {n!r} into {layer_name}: its {tied[0]} is shared (tied) with {', '.join(others)}, so "
+                    "the merge would change that module too; pass untie=True to give the merged module its own copy, "
+                    "or keep the delta unmerged"
                 )
             plan.append((layer, n, tied))
     done: list[tuple[Any, str]] = []
@@ -335,7 +338,15 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
 
 
 def _unmerge(model: nn.Module, state: ModelState, names: list[str]) -> None:
-    plan = [(layer, n) for n in names for _, layer in delta_layers(model) if n in layer.merged]
+    # last merged, first unmerged: a merge may depend on what was merged into the weight before it
+    plan = []
+    for layer_name, layer in delta_layers(model):
+        for n in reversed(layer.merged):
+            if n in names:
+                problem = layer.unmerge_problem(n, names)
+                if problem:
+                    raise DeltaError(f"cannot unmerge {n!r} from {layer_name}: {problem}")
+                plan.append((layer, n))
     done = []
     try:
         for layer, n in plan:

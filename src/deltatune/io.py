@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,6 +100,7 @@ def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor],
     try:
         _write_new(tmp_config, lambda f: f.write(text.encode()))
         save_file(tensors, str(tmp_weights), metadata={"format": "pt", PAIR_KEY: _digest(text.encode())})
+        os.chmod(tmp_weights, stat.S_IMODE(tmp_config.stat().st_mode))  # safetensors creates it 0600
         _fsync(tmp_weights)
         os.replace(tmp_weights, folder / WEIGHTS_NAME)  # the commit point
         committed = True

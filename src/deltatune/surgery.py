@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -203,8 +203,14 @@ class DeltaLayer(nn.Module):
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        self.unmerge_delta(name)
-        self.merged.remove(name)
+        # Merges stack: take out the ones merged after `name` first, and put them back after.
+        later = self.merged[self.merged.index(name) + 1 :]
+        for other in reversed(later + [name]):
+            self.unmerge_delta(other)
+            self.merged.remove(other)
+        for other in later:
+            self.merge_delta(other)
+            self.merged.append(other)
         self.set_active(list(self.active))
 
     def merge_delta(self, name: str) -> None:
@@ -213,8 +219,13 @@ class DeltaLayer(nn.Module):
     def unmerge_delta(self, name: str) -> None:
         raise DeltaError(f"{type(self).__name__} cannot be unmerged")
 
-    def merge_problem(self, name: str) -> str | None:
-        """Why adapter `name` cannot be merged here (checked before any layer merges), or None."""
+    def merge_problem(self, name: str, earlier: Sequence[str] = ()) -> str | None:
+        """Why adapter `name` cannot be merged here, or None; checked before any layer merges.
+        `earlier`: adapters this same call merges into the layer before `name`."""
+        return None
+
+    def unmerge_problem(self, name: str, also: Sequence[str] = ()) -> str | None:
+        """Why adapter `name` cannot be unmerged here, or None; `also`: adapters this call unmerges too."""
         return None
 
     def merged_parameters(self) -> tuple[str, ...]:

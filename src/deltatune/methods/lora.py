@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -101,7 +101,7 @@ class LoraLayer(DeltaLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA row norms at merge time, for an exact unmerge
+        self.merged_factors: dict[str, torch.Tensor] = {}  # DoRA's m / ||W0 + s B A|| at merge time, for unmerge
 
     # ------------------------------------------------------------ shapes
     def base_weight(self) -> torch.Tensor:
@@ -149,7 +149,7 @@ class LoraLayer(DeltaLayer):
 
     def remove(self, name: str, keep_merged: bool = False) -> None:
         super().remove(name, keep_merged)
-        self.merged_norms.pop(name, None)
+        self.merged_factors.pop(name, None)
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
 
@@ -163,6 +163,25 @@ class LoraLayer(DeltaLayer):
     def dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Row norms of W + s B A (out,), computed in fp32."""
         return torch.linalg.vector_norm(weight.float() + self.delta_weight(name), dim=1)
+
+    def original_weight(self) -> torch.Tensor:
+        """W0 as (out, in): the base weight with every merged adapter taken back out (last merged first).
+
+        DoRA's norm is always that of W0 + s B A, merged neighbours or not, so that merging
+        adapters in the order they apply gives exactly what the unmerged forward computes.
+        """
+        weight = self.base_weight()
+        if not self.merged:
+            return weight
+        weight = weight.float()
+        for name in reversed(self.merged):
+            if name in self.merged_factors:
+                weight = weight / self.merged_factors[name].unsqueeze(1)
+            weight = weight - self.delta_weight(name)
+        return weight
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -196,7 +215,7 @@ class LoraLayer(DeltaLayer):
     def dora(self, name: str, h: torch.Tensor, x: torch.Tensor, result: torch.Tensor, low: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight()
         with torch.no_grad():
-            norm = self.dora_norm(name, weight)  # (out,), a constant in the backward pass
+            norm = self.dora_norm(name, self.original_weight())  # (out,), a constant in the backward pass
         factor = (self.lora_magnitude_vector[name] / norm).to(result.dtype)  # (out,)
         bias = getattr(self.base_layer, "bias", None)
         if h is x:
@@ -206,25 +225,44 @@ class LoraLayer(DeltaLayer):
         return result + (factor - 1) * base + factor * self.scaling[name] * F.linear(low, B)
 
     # ------------------------------------------------------------ merge
+    # Merging applies each adapter to the weight as its forward applies it to the output:
+    # LoRA  W <- W + s B A;   DoRA  W <- f (W + s B A),  f = m / ||W0 + s B A||_row.
+    # Unmerging inverts the last one applied.
     def merge_delta(self, name: str) -> None:
         weight = self.base_layer.weight
         with torch.no_grad():
             new = self.base_weight().float() + self.delta_weight(name)  # (out, in), a new tensor
-            if name in self.lora_magnitude_vector:
-                norm = torch.linalg.vector_norm(new, dim=1)
-                self.merged_norms[name] = norm
-                new = new * (self.lora_magnitude_vector[name] / norm).unsqueeze(1)
+            if self.is_dora(name):
+                factor = self.lora_magnitude_vector[name] / self.dora_norm(name, self.original_weight())  # (out,)
+                new = new * factor.unsqueeze(1)
+                self.merged_factors[name] = factor
             weight.data.copy_((new.T if self.is_conv1d else new).to(weight.dtype))
 
     def unmerge_delta(self, name: str) -> None:
         weight = self.base_layer.weight
         with torch.no_grad():
             w_out_in = self.base_weight().float()
-            if name in self.lora_magnitude_vector:
-                norm = self.merged_norms.pop(name)
-                w_out_in = w_out_in / (self.lora_magnitude_vector[name] / norm).unsqueeze(1)
+            if name in self.merged_factors:
+                w_out_in = w_out_in / self.merged_factors.pop(name).unsqueeze(1)
             old = w_out_in - self.delta_weight(name)
             weight.data.copy_((old.T if self.is_conv1d else old).to(weight.dtype))
+
+    def merge_problem(self, name: str, earlier: Sequence[str] = ()) -> str | None:
+        # Adapters apply in the active order, merged ones first. LoRA steps commute; a DoRA step
+        # does not, so merging must not move it before a live adapter that now applies earlier.
+        live = [n for n in self.active if n not in self.merged and n not in earlier]
+        before = live[: live.index(name)] if name in live else []
+        if before and (self.is_dora(name) or any(self.is_dora(n) for n in before)):
+            return (f"DoRA's result depends on the order adapters apply, and {before} apply before it here; "
+                    "merge those first, or every active delta at once with dt.merge(model)")
+        return None
+
+    def unmerge_problem(self, name: str, also: Sequence[str] = ()) -> str | None:
+        later = [n for n in self.merged[self.merged.index(name) + 1 :] if n not in also] if name in self.merged else []
+        if later and (self.is_dora(name) or any(self.is_dora(n) for n in later)):
+            return (f"{later} were merged after it and DoRA's result depends on the order; unmerge those first, "
+                    "or every merged delta at once with dt.unmerge(model)")
+        return None
 
 
 def _add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:

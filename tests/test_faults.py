@@ -1,0 +1,589 @@
+"""The fault catalogue: every bad input and fault we know of, and what deltatune does about it.
+
+Each test feeds one mistake or fault and asserts the error type, that the message
+names the field, key or file at fault (and says what to do), and that the model
+and the files on disk are exactly as before. The generic faults run for every
+method of the contract suite's METHODS, so a new method joins the catalogue by
+joining that list. Crash safety under SIGKILL is in test_crash_safety.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+import transformers as tf
+
+import deltatune as dt
+from checks import assert_unchanged, fingerprint, folder_bytes
+from deltatune.io import CONFIG_NAME, WEIGHTS_NAME
+from deltatune.methods.lora import LoraLayer
+from deltatune.surgery import DeltaLayer
+from test_contract import METHODS
+from test_lora import perturb
+from tiny_models import batch, build, logits
+
+GENERIC = [pytest.param(m, id=m.name) for m in METHODS]
+
+
+def _arch(method) -> str:
+    return "gpt2"  # has biases, Conv1D and a tied head: every method applies
+
+
+def _trained_and_saved(method, folder, name="default"):
+    model = build(_arch(method))
+    dt.attach(model, method.make(), name=name)
+    perturb(model)
+    dt.save(model, folder)
+    return model
+
+
+def _wider_gpt2():
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+# ---------------------------------------------------------------- files: every method
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_loading_into_the_wrong_model_names_the_key_and_changes_nothing(method, tmp_path):
+    _trained_and_saved(method, tmp_path)
+    files = folder_bytes(tmp_path)
+    wider = _wider_gpt2()
+    before = fingerprint(wider)
+    with pytest.raises(dt.DeltaError, match=r"does not fit GPT2LMHeadModel: key \S+ (has shape \[.*\] in the file but|is missing)"):
+        dt.load(wider, tmp_path)
+    assert_unchanged(wider, before)
+    assert "_deltatune_state" not in wider.__dict__
+    assert folder_bytes(tmp_path) == files
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_a_failed_load_leaves_the_active_delta_alone(method, tmp_path):
+    _trained_and_saved(method, tmp_path)
+    model = _wider_gpt2()
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="working")
+    data = batch("gpt2")
+    out, before = logits(model, data), fingerprint(model)
+    with pytest.raises(dt.DeltaError, match="does not fit"):
+        dt.load(model, tmp_path, name="broken")
+    assert_unchanged(model, before)
+    assert dt.active(model) == ["working"] and list(dt.attached(model)) == ["working"]
+    assert torch.equal(logits(model, data), out)
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_truncated_weights_are_refused(method, tmp_path):
+    _trained_and_saved(method, tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-40])
+    model = build(_arch(method))
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=f"{WEIGHTS_NAME} cannot be read .*corrupted or truncated"):
+        dt.load(model, tmp_path)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_files_from_two_saves_are_refused_naming_both(method, tmp_path):
+    _trained_and_saved(method, tmp_path / "one")
+    other = build(_arch(method))
+    config = method.make()
+    # a different config (another init or size) saved elsewhere, then its config copied over
+    dt.attach(other, config.replace(base_model_name_or_path="elsewhere"))
+    dt.save(other, tmp_path / "two")
+    (tmp_path / "one" / CONFIG_NAME).write_bytes((tmp_path / "two" / CONFIG_NAME).read_bytes())
+    with pytest.raises(dt.DeltaError, match=rf"{WEIGHTS_NAME} and .*{CONFIG_NAME} do not belong together"):
+        dt.load(build(_arch(method)), tmp_path / "one")
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_an_interrupted_save_keeps_the_previous_adapter(method, tmp_path, monkeypatch):
+    model = _trained_and_saved(method, tmp_path)
+    data = batch("gpt2")
+    good, files = logits(model, data), folder_bytes(tmp_path)
+    perturb(model, seed=5)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr("deltatune.io.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        dt.save(model, tmp_path)
+    assert folder_bytes(tmp_path) == files  # no temporary files left either
+    torch.testing.assert_close(logits(dt.load(build("gpt2"), tmp_path), data), good, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_saved_files_have_the_usual_permissions(method, tmp_path):
+    old = os.umask(0o022)
+    try:
+        _trained_and_saved(method, tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {CONFIG_NAME: 0o644, WEIGHTS_NAME: 0o644, "README.md": 0o644}
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_the_same_name_twice_and_unknown_names(method):
+    model = build(_arch(method))
+    dt.attach(model, method.make())
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match="a delta named 'default' is already attached"):
+        dt.attach(model, method.make())
+    for call in (lambda: dt.set_active(model, "nope"), lambda: dt.set_trainable(model, "nope", True),
+                 lambda: dt.merge(model, "nope"), lambda: dt.detach(model, "nope"), lambda: dt.save(model, "x", name="nope"),
+                 lambda: dt.delta_parameters(model, "nope")):
+        with pytest.raises(dt.DeltaError, match="no delta named 'nope' is attached; attached: \\['default'\\]"):
+            call()
+    assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    "make,field,fragment",
+    [
+        (lambda: dt.LoraConfig(use_rslora="false"), "use_rslora", "expected True or False"),
+        (lambda: dt.LoraConfig(use_dora=1), "use_dora", "expected True or False"),
+        (lambda: dt.LoraConfig(rank_pattern={"q_proj": 0}), "rank_pattern", "0 must be > 0"),
+        (lambda: dt.LoraConfig(r=-4), "r", "-4 must be > 0"),
+        (lambda: dt.LoraConfig(r=2.5), "r", "expected an int"),
+        (lambda: dt.LoraConfig(r="8"), "r", "expected an int"),
+        (lambda: dt.LoraConfig(r=True), "r", "expected an int"),
+        (lambda: dt.LoraConfig(dropout=1.5), "dropout", "must be >= 0 and < 1"),
+        (lambda: dt.LoraConfig(target_modules="q_proj("), "target_modules", "not a valid regular expression"),
+        (lambda: dt.LoraConfig(target_modules=["q_proj", 3]), "target_modules", "expected a list of a string or a string or None"),
+        (lambda: dt.LoraConfig(rank_pattern={"[": 4}), "rank_pattern", "not a valid regular expression"),
+        (lambda: dt.LoraConfig(init="xavier"), "init", "one of 'kaiming', 'gaussian', 'none'"),
+        (lambda: dt.LoraConfig(task_type="CAUSAL"), "task_type", "one of 'CAUSAL_LM'"),
+        (lambda: dt.PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens", "0 must be > 0"),
+        (lambda: dt.BitFitConfig(target_modules=7), "target_modules", "expected a list of a string or a string or None"),
+    ],
+)
+def test_configs_validate_types_and_ranges(make, field, fragment):
+    with pytest.raises(dt.DeltaError) as err:
+        make()
+    assert f".{field} = " in str(err.value) or f".{field}: " in str(err.value)
+    assert fragment in str(err.value)
+
+
+def test_configs_validate_on_load_from_json_too(tmp_path):
+    text = dt.LoraConfig(r=4).to_json().replace('"use_rslora": false', '"use_rslora": "false"')
+    with pytest.raises(dt.DeltaError, match=r"LoraConfig.use_rslora = 'false' is not allowed"):
+        dt.config_from_json(text)
+    for bad in ("[1, 2]", '"lora"', "{not json"):
+        with pytest.raises(dt.DeltaError, match="JSON object|not valid JSON"):
+            dt.config_from_json(bad)
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=4))
+    dt.save(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["r"] = "4"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(dt.DeltaError, match=r"LoraConfig.r = '4' is not allowed: expected an int"):
+        dt.load(build("llama"), tmp_path, verify=False)
+    (tmp_path / CONFIG_NAME).write_text("[]")
+    with pytest.raises(dt.DeltaError, match="not an object"):
+        dt.load(build("llama"), tmp_path, verify=False)
+
+
+def test_tuples_and_sets_become_lists():
+    config = dt.LoraConfig(target_modules=("q_proj", "v_proj"), layers_to_transform={1, 0})
+    assert config.target_modules == ["q_proj", "v_proj"] and config.layers_to_transform == [0, 1]
+    assert dt.config_from_json(config.to_json()) == config
+
+
+# ---------------------------------------------------------------- names and arguments
+
+
+@pytest.mark.parametrize("name,reason", [("my.adapter", "contains '.'"), ("", "non-empty string"), ("training", "attribute name"),
+                                         ("__base__", "reserved"), ("a/b", "path separator"), (3, "non-empty string"),
+                                         ("keys", "attribute name")])
+def test_adapter_names_that_cannot_work_are_refused(name, reason):
+    model = build("llama")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=reason):
+        dt.attach(model, dt.LoraConfig(), name=name)
+    assert_unchanged(model, before)
+
+
+def test_wrong_argument_types_are_delta_errors(tmp_path):
+    model = build("llama")
+    with pytest.raises(dt.DeltaError, match="expects a deltatune config"):
+        dt.attach(model, {"r": 8})
+    with pytest.raises(dt.DeltaError, match="expects a torch.nn.Module"):
+        dt.attach("llama", dt.LoraConfig())
+    with pytest.raises(dt.DeltaError, match="has no delta attached"):
+        dt.detach(model)
+    dt.attach(model, dt.LoraConfig())
+    with pytest.raises(dt.DeltaError, match="trainable=True or False"):
+        dt.set_trainable(model, "default", "yes")
+    with pytest.raises(dt.DeltaError, match="list of adapter names"):
+        dt.set_active(model, 3)
+    with pytest.raises(dt.DeltaError, match="folder path"):
+        dt.save(model, 3)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(dt.DeltaError, match="it is a file, not a folder"):
+        dt.save(model, tmp_path / "file")
+    with pytest.raises(dt.DeltaError, match="it is a file; pass its folder"):
+        dt.load(build("llama"), tmp_path / "file")
+    with pytest.raises(dt.DeltaError, match="list of adapter names, one per row"):
+        model(**batch("llama"), adapter_names="default")
+
+
+# ---------------------------------------------------------------- all-or-nothing, with a failure injected at the end
+
+
+def _two_adapters():
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=4, init="none"), name="a")
+    dt.attach(model, dt.LoraConfig(r=2, init="none", target_modules=["q_proj", "k_proj"]), name="b")
+    dt.set_active(model, ["a", "b"])
+    dt.set_trainable(model, "b", False)
+    return model
+
+
+def _fail_on_call(monkeypatch, owner, attribute, call: int, before: bool = False):
+    """Make owner.attribute raise on its call-th call, once: after doing its work, or before it
+    (for a layer's merge, which computes the new weight and then writes it in one step)."""
+    original = getattr(owner, attribute)
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if before and calls["n"] == call:
+            raise RuntimeError("injected fault")
+        result = original(*args, **kwargs)
+        if not before and calls["n"] == call:
+            raise RuntimeError("injected fault")
+        return result
+
+    monkeypatch.setattr(owner, attribute, failing)
+    return calls
+
+
+def _count_layers(model, adapter):
+    return sum(adapter in m.adapter_names() for m in model.modules() if isinstance(m, DeltaLayer))
+
+
+def test_attach_failing_at_its_last_layer_changes_nothing(monkeypatch):
+    model = _two_adapters()
+    data = batch("llama")
+    out, before = logits(model, data), fingerprint(model)
+    _fail_on_call(monkeypatch, LoraLayer, "add", call=4)  # q, v in two layers: the 4th is the last
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.attach(model, dt.LoraConfig(r=2), name="c")
+    assert_unchanged(model, before)
+    assert torch.equal(logits(model, data), out)
+
+
+def test_attach_failing_while_activating_changes_nothing(monkeypatch):
+    model = _two_adapters()
+    before = fingerprint(model)
+    import deltatune.api as api
+
+    _fail_on_call(monkeypatch, api, "_refresh_trainable", call=1)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.attach(model, dt.LoraConfig(r=2), name="c")
+    assert_unchanged(model, before)
+
+
+def test_load_failing_after_its_last_tensor_changes_nothing(monkeypatch, tmp_path):
+    donor = build("llama")
+    dt.attach(donor, dt.LoraConfig(r=4, init="none"))
+    dt.save(donor, tmp_path)
+    model = _two_adapters()
+    data = batch("llama")
+    out, before = logits(model, data), fingerprint(model)
+    import deltatune.io as io
+
+    _fail_on_call(monkeypatch, io, "load_state_into", call=1)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.load(model, tmp_path, name="c")
+    assert_unchanged(model, before)
+    assert torch.equal(logits(model, data), out)
+
+
+def test_merge_failing_at_its_last_layer_unmerges_the_rest(monkeypatch):
+    model = _two_adapters()
+    data = batch("llama")
+    out, before = logits(model, data), fingerprint(model)
+    layers = _count_layers(model, "a") + _count_layers(model, "b")
+    _fail_on_call(monkeypatch, LoraLayer, "merge_delta", call=layers, before=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.merge(model)
+    assert_unchanged(model, before, atol=1e-6)  # merge then unmerge is exact to rounding
+    torch.testing.assert_close(logits(model, data), out, rtol=0, atol=1e-5)
+
+
+def test_unmerge_failing_at_its_last_layer_merges_the_rest_back(monkeypatch):
+    model = _two_adapters()
+    dt.merge(model)
+    before = fingerprint(model)
+    _fail_on_call(monkeypatch, LoraLayer, "unmerge_delta", call=_count_layers(model, "a") + _count_layers(model, "b"),
+                  before=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.unmerge(model)
+    assert_unchanged(model, before, atol=1e-6)
+
+
+def test_set_active_failing_at_its_last_layer_changes_nothing(monkeypatch):
+    model = _two_adapters()
+    before = fingerprint(model)
+    layers = sum(isinstance(m, DeltaLayer) for m in model.modules())
+    _fail_on_call(monkeypatch, LoraLayer, "set_active", call=layers)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.set_active(model, "a")
+    assert_unchanged(model, before)
+
+
+def test_detach_with_merge_failing_at_its_last_layer_changes_nothing(monkeypatch):
+    model = _two_adapters()
+    before = fingerprint(model)
+    layers = _count_layers(model, "a") + _count_layers(model, "b")
+    _fail_on_call(monkeypatch, LoraLayer, "merge_delta", call=layers, before=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.detach(model, merge=True)
+    assert_unchanged(model, before, atol=1e-6)
+
+
+def test_detach_with_merge_checks_every_delta_before_removing_any():
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=2), name="a")
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=2), name="p")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match="'p' is a prompt_tuning delta, which adds inputs rather than weights"):
+        dt.detach(model, merge=True)
+    assert_unchanged(model, before)
+
+
+def test_merge_with_an_unmergeable_active_delta_merges_nothing():
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="a")
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=2), name="p")
+    dt.set_active(model, ["a", "p"])
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match="cannot be merged"):
+        dt.merge(model)
+    assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------- merged deltas
+
+
+def test_a_merged_delta_stays_active_until_unmerged():
+    model = build("llama")
+    data = batch("llama")
+    base = logits(model, data)
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="a")
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="b")
+    dt.set_active(model, "a")
+    dt.merge(model)
+    before = fingerprint(model)
+    for names in ([], ["b"]):
+        with pytest.raises(dt.DeltaError, match=r"'a' is merged into the base weights.*dt.unmerge\(model, 'a'\) first"):
+            dt.set_active(model, names)
+    with pytest.raises(dt.DeltaError, match="'b' is not active"):
+        dt.merge(model, "b")
+    assert_unchanged(model, before)
+    dt.set_active(model, ["a", "b"])  # adding one beside the merged delta is fine
+    dt.set_active(model, "a")
+    dt.unmerge(model)
+    dt.set_active(model, [])
+    torch.testing.assert_close(logits(model, data), base, rtol=0, atol=1e-5)
+
+
+def test_attach_and_load_keep_a_merged_delta_active(tmp_path):
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="a")
+    dt.save(model, tmp_path)
+    dt.merge(model)
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="b")
+    assert dt.active(model) == ["a", "b"]
+    dt.load(model, tmp_path, name="c")
+    assert dt.active(model) == ["a", "c"]
+
+
+def test_a_training_step_on_a_merged_delta_is_refused():
+    model = build("llama")
+    dt.attach(model, dt.LoraConfig(r=2))
+    dt.merge(model)
+    model.train()
+    with pytest.raises(dt.DeltaError, match=r"'default' is merged .* a training step would not reach .* dt.unmerge\(model\)"):
+        model(**batch("llama"))
+    with torch.no_grad():  # inference on the merged model is what merging is for
+        model(**batch("llama"))
+    dt.unmerge(model)
+    model(**batch("llama")).loss.backward()
+
+
+# ---------------------------------------------------------------- tied weights
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+TIED = [("gpt2", build, "lm_head", "transformer.wte"), ("gpt2", build, "wte", "lm_head"),
+        ("llama", lambda _: _tied_llama(), "lm_head", "model.embed_tokens"),
+        ("llama", lambda _: _tied_llama(), "embed_tokens", "lm_head")]
+
+
+@pytest.mark.parametrize("arch,make,target,other", TIED, ids=[f"{t[0]}-{t[2]}" for t in TIED])
+def test_merging_into_a_tied_weight_is_refused_unless_untied(arch, make, target, other, tmp_path):
+    model = make(arch)
+    data = batch(arch)
+    base_embed = model.get_input_embeddings().weight.detach().clone()
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=[target], init="none"))
+    perturb(model)
+    unmerged = logits(model, data)
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=rf"into \S*{target}: its weight is shared \(tied\) with {other}\S*weight.*untie=True"):
+        dt.merge(model)
+    assert_unchanged(model, before)
+    dt.merge(model, untie=True)
+    torch.testing.assert_close(logits(model, data), unmerged, rtol=0, atol=1e-5)
+    assert model.config.tie_word_embeddings is False
+    if target in ("lm_head",):  # the other side of the tie is untouched
+        assert torch.equal(model.get_input_embeddings().weight, base_embed)
+    # detach without merge restores the tie itself, bit for bit
+    restored = make(arch)
+    dt.attach(restored, dt.LoraConfig(r=2, target_modules=[target], init="none"))
+    dt.merge(restored, untie=True)
+    dt.detach(restored)
+    assert restored.get_output_embeddings().weight is restored.get_input_embeddings().weight
+    assert restored.config.tie_word_embeddings is True
+    assert torch.equal(restored.get_input_embeddings().weight, base_embed)
+    # merge-and-unload keeps the untied merged weights, and a plain from_pretrained reads them back
+    dt.detach(model, merge=True)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, data), unmerged, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- mixed batches
+
+
+def test_mixed_batches_refuse_whole_batch_deltas():
+    model = build("bert")
+    data = batch("bert")
+    dt.attach(model, dt.LoraConfig(r=2, init="none"), name="a")
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=2), name="p")
+    dt.attach(model, dt.BitFitConfig(), name="bias")
+    dt.set_active(model, "a")
+    for names, culprit in ((["a", "p"], "'p' \\(prompt_tuning\\) is named"), (["__base__", "bias"], "'bias' \\(bitfit\\) is named")):
+        with pytest.raises(dt.DeltaError, match=culprit + ".*cannot be applied per row"):
+            model(**data, adapter_names=names)
+        with pytest.raises(dt.DeltaError, match=culprit):
+            with dt.mixed_batch(model, names):
+                pass
+    dt.set_active(model, ["a", "p"])
+    with pytest.raises(dt.DeltaError, match="'p' \\(prompt_tuning\\) is active, so it would reach every row"):
+        model(**data, adapter_names=["a", "__base__"])
+    dt.set_active(model, "a")
+    with torch.no_grad():
+        mixed = model(**data, adapter_names=["a", "__base__"]).logits
+    with dt.disabled(model):
+        base = logits(model, data)
+    torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=1e-6)
+    dt.merge(model)
+    with pytest.raises(dt.DeltaError, match=r"\['a'\] are merged into the base weights, so every row would get them"):
+        model(**data, adapter_names=["a", "__base__"])
+
+
+# ---------------------------------------------------------------- save_pretrained with a delta attached
+
+
+@pytest.mark.parametrize("config", [dt.LoraConfig(r=2, init="none"), dt.BitFitConfig(), dt.LoraConfig(r=2, init="none", use_dora=True)],
+                         ids=["lora", "bitfit", "dora"])
+def test_save_pretrained_writes_the_base_or_the_merged_model(config, tmp_path):
+    model = build("bert")
+    data = batch("bert")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dt.attach(model, config)
+    perturb(model)
+    with pytest.warns(UserWarning, match=r"without the unmerged delta\(s\) \['default'\]"):
+        model.save_pretrained(tmp_path / "base")
+    reloaded = tf.BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    got = reloaded.state_dict()
+    assert set(got) == set(base_state) and all(torch.equal(got[k], base_state[k]) for k in base_state)
+    adapted = logits(model, data)
+    dt.merge(model)
+    merged_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = tf.BertForSequenceClassification.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(reloaded, data), adapted, rtol=0, atol=1e-5)  # the trained head came along
+    assert model.state_dict().keys() == merged_state.keys()  # state_dict itself is untouched torch behaviour
+
+
+def test_save_pretrained_with_a_prompt_writes_the_base(tmp_path):
+    model = build("llama")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.warns(UserWarning, match="without the unmerged delta"):
+        model.save_pretrained(tmp_path)
+    got = tf.LlamaForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(got[k], base[k]) for k in base)
+    dt.detach(model)
+    assert "save_pretrained" not in model.__dict__
+
+
+# ---------------------------------------------------------------- the existing clear errors
+
+
+def test_unknown_targets_list_the_modules_that_exist():
+    model = build("llama")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=r"target_modules=\['query'\] matched no module of LlamaForCausalLM.*q_proj"):
+        dt.attach(model, dt.LoraConfig(target_modules=["query"]))
+    assert_unchanged(model, before)
+
+
+def test_a_target_of_the_wrong_type_is_named():
+    with pytest.raises(dt.DeltaError, match=r"lora cannot wrap model.layers.0.mlp \(LlamaMLP\)"):
+        dt.attach(build("llama"), dt.LoraConfig(target_modules=["mlp"]))
+
+
+def test_bitfit_without_biases_and_dora_on_embeddings():
+    model = build("llama")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match="has no bias terms"):
+        dt.attach(model, dt.BitFitConfig())
+    with pytest.raises(dt.DeltaError, match=r"DoRA on an embedding \(model.embed_tokens\)"):
+        dt.attach(model, dt.LoraConfig(use_dora=True, target_modules=["embed_tokens", "q_proj"]))
+    assert_unchanged(model, before)
+
+
+def test_corrupted_config_and_unknown_peft_type(tmp_path):
+    _trained_and_saved(METHODS[0], tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"peft_type": "LORA", "r": ')
+    with pytest.raises(dt.DeltaError, match=f"{CONFIG_NAME} is not valid JSON"):
+        dt.load(build("gpt2"), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"peft_type": "VERA"}')
+    with pytest.raises(dt.DeltaError, match="'VERA' are not supported; supported: .*LORA"):
+        dt.load(build("gpt2"), tmp_path, verify=False)
+    (tmp_path / CONFIG_NAME).write_text('{"r": 8}')
+    with pytest.raises(dt.DeltaError, match="has no 'peft_type'"):
+        dt.load(build("gpt2"), tmp_path, verify=False)
+
+
+def test_missing_weights_and_pickles_are_never_read(tmp_path):
+    _trained_and_saved(METHODS[0], tmp_path)
+    (tmp_path / WEIGHTS_NAME).unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle we would open")
+    with pytest.raises(dt.DeltaError, match=f"no {WEIGHTS_NAME} in .*nothing is unpickled"):
+        dt.load(build("gpt2"), tmp_path)
