@@ -15,6 +15,7 @@ import torch
 
 import deltatune as dt
 from deltatune.surgery import DeltaLayer
+from test_lora import perturb
 from tiny_models import ARCHS, batch, build, logits
 
 
@@ -159,4 +160,31 @@ def test_detach_restores_the_original_bit_for_bit(arch, method):
         assert torch.equal(got[key], want[key]), key
     assert all(p.requires_grad for p in model.parameters())
     assert not model._forward_pre_hooks and not model._forward_hooks
-    assert "_deltatune_state" not in model.__dict__
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in base.modules()]
+    assert not any("_deltatune_state" in m.__dict__ for m in model.modules())
+    assert "save_pretrained" not in model.__dict__
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_mixed_batch_rows_get_exactly_their_own_delta(arch, method):
+    model = build(arch)
+    data = batch(arch)
+    base = logits(model, data)
+    dt.attach(model, method.make(), name="a")
+    perturb(model, seed=1)
+    if not dt.METHODS[method.make().method].per_row:  # a whole-batch delta: refused, never mixed silently
+        with pytest.raises(dt.DeltaError, match="cannot be applied per row"):
+            model(**data, adapter_names=["a", "__base__"])
+        return
+    out_a = logits(model, data)
+    dt.attach(model, method.make(), name="b")
+    perturb(model, seed=2)
+    out_b = logits(model, data)
+    with torch.no_grad():
+        mixed = model(**data, adapter_names=["b", "a"]).logits
+        with_base = model(**data, adapter_names=["__base__", "a"]).logits
+    torch.testing.assert_close(mixed[0], out_b[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], out_a[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_base[0], base[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_base[1], out_a[1], rtol=0, atol=1e-5)

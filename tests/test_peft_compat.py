@@ -387,3 +387,59 @@ def test_seq_cls_adapter_listing_both_heads_loads(tmp_path, arch, head):
     dt.save(model, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "again")).eval()
     assert_same(run(again, inputs).logits, run(reference, inputs).logits)
+
+
+# ---------------------------------------------------------------- 6. the file decides, not the model class
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_peft_file_without_task_type_loads_into_a_sequence_classifier(tmp_path, variant):
+    """peft with task_type=None wraps a BertForSequenceClassification without training its head;
+    the file has no head, and deltatune must not infer SEQ_CLS from the class and ask for one."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["bert"], init_lora_weights=False,
+                             task_type=None, **VARIANTS[variant])
+    reference = peft.get_peft_model(build("bert"), config)
+    peft_perturb(reference)
+    reference.eval()
+    reference.save_pretrained(str(tmp_path))
+    saved, shapes, _ = read_files(tmp_path)
+    assert saved["task_type"] is None and not any("classifier" in k for k in shapes)
+
+    model = dt.load(build("bert"), tmp_path).eval()
+    loaded = dt.attached(model)["default"]
+    assert loaded.task_type is None and loaded.modules_to_save is None
+    assert_same(logits(model, "bert"), logits(reference, "bert"))
+    dt.save(model, tmp_path / "again")  # and it goes back out as it came in
+    assert read_files(tmp_path / "again")[0]["task_type"] is None
+
+
+# ---------------------------------------------------------------- 7. peft's saved embedding base weights
+
+
+@pytest.mark.parametrize("changed_base", [False, True], ids=["same-base", "changed-base"])
+def test_embedding_lora_saved_with_its_base_layer_loads(tmp_path, changed_base):
+    """peft's default save_embedding_layers="auto" writes embed_tokens.base_layer.weight beside the LoRA."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"], init_lora_weights=False,
+                             task_type="CAUSAL_LM")
+    reference = peft.get_peft_model(build("llama"), config)
+    if changed_base:  # e.g. new tokens trained into the vocabulary before the adapter
+        with torch.no_grad():
+            reference.base_model.model.model.embed_tokens.base_layer.weight.normal_()
+    reference.eval()
+    reference.save_pretrained(str(tmp_path))
+    _, shapes, _ = read_files(tmp_path)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in shapes
+
+    model = build("llama")
+    original = model.model.embed_tokens.weight.detach().clone()
+    dt.load(model, tmp_path)
+    model.eval()
+    assert_same(logits(model, "llama"), logits(reference, "llama"))
+    if changed_base:
+        with dt.disabled(model):  # guard: the file's base embedding really was loaded in
+            assert_differs(logits(model, "llama"), logits(build("llama"), "llama"))
+    dt.save(model, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(build("llama"), str(tmp_path / "again")).eval()
+    assert_same(logits(again, "llama"), logits(reference, "llama"))
+    dt.detach(model)
+    assert torch.equal(model.model.embed_tokens.weight, original)  # the base comes back bit for bit

@@ -238,14 +238,17 @@ class DeltaLayer(nn.Module):
         names = self.model_state.batch_adapters if self.model_state is not None else None
         if names is None:
             return None
-        if len(names) != batch_size:
+        if not names or batch_size % len(names):
             raise DeltaError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
+        # Some blocks flatten (B, T, H) to (B * T, H) before a linear layer (OPT's MLP): row i then
+        # belongs to batch row i // T.
+        per_row = batch_size // len(names)
         present = self.adapter_names()
         groups = []
         for name in dict.fromkeys(names):
             if name in present:  # names were checked against the model by the forward hook
-                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=self.device_of())
-                groups.append((name, rows))
+                rows = [j for i, n in enumerate(names) if n == name for j in range(i * per_row, (i + 1) * per_row)]
+                groups.append((name, torch.tensor(rows, device=self.device_of())))
         return groups
 
     def device_of(self) -> torch.device:
