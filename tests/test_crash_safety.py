@@ -1,0 +1,64 @@
+"""A save killed with SIGKILL at any moment leaves a folder that loads as exactly the old or the new adapter.
+
+crash_saver.py (run here as a subprocess) saves adapter B over adapter A and kills
+the saving process just before and just after every file system step of the save
+(each open, write, fsync and rename), and at random moments in a loop over one
+folder. Each folder is then loaded in this process and compared with A and B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import deltatune as dt
+from crash_saver import build_net, probe, with_adapter
+from deltatune.io import CONFIG_NAME, WEIGHTS_NAME
+
+HERE = Path(__file__).parent
+
+
+def _outputs(folder: Path) -> torch.Tensor:
+    net = dt.load(build_net(), folder)
+    with torch.no_grad():
+        return net(probe())
+
+
+def test_a_killed_save_loads_as_the_old_or_the_new_adapter(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(HERE / "crash_saver.py"), str(tmp_path), "25", "0"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["events"] >= 10  # opens, writes, fsyncs, renames: each killed before and after
+    steps = {k: v for k, v in report["outcomes"].items() if k.startswith("step/")}
+    assert len(steps) == report["events"] and set(steps.values()) == {"killed"}
+
+    with torch.no_grad():
+        expected = {"A": with_adapter("A")(probe()), "B": with_adapter("B")(probe())}
+    assert not torch.allclose(expected["A"], expected["B"])
+    seen = []
+    for k in range(1, report["events"] + 1):
+        folder = tmp_path / "step" / str(k)
+        out = _outputs(folder)
+        which = [name for name, want in expected.items() if torch.equal(out, want)]
+        assert len(which) == 1, f"kill at step {k} left a folder that is neither adapter"
+        seen.append(which[0])
+    # before the commit point the old adapter, after it the new one, never back
+    assert seen == sorted(seen) and set(seen) == {"A", "B"}, seen
+
+    # the next save into a killed folder completes or clears what the kill left, and writes cleanly
+    for k in range(1, report["events"] + 1):
+        folder = tmp_path / "step" / str(k)
+        dt.save(with_adapter("A"), folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+        assert torch.equal(_outputs(folder), expected["A"])
+
+    randoms = Counter(v for k, v in report["outcomes"].items() if k.startswith("random/"))
+    assert set(randoms) <= {"A", "B"} and sum(randoms.values()) == 25, randoms
