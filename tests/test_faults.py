@@ -587,3 +587,29 @@ def test_missing_weights_and_pickles_are_never_read(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle we would open")
     with pytest.raises(dt.DeltaError, match=f"no {WEIGHTS_NAME} in .*nothing is unpickled"):
         dt.load(build("gpt2"), tmp_path)
+
+
+def test_functions_given_something_other_than_a_model_say_so():
+    for call in (lambda: dt.attached("model"), lambda: dt.active(None), lambda: dt.summary("model"),
+                 lambda: dt.merge("model"), lambda: dt.save(None, "x"), lambda: dt.load("model", "x")):
+        with pytest.raises(dt.DeltaError, match="torch.nn.Module"):
+            call()
+
+
+def test_a_copied_or_pickled_model_keeps_working_hooks(tmp_path):
+    import copy
+    import io as bytes_io
+
+    model = build("llama")
+    data = batch("llama")
+    dt.attach(model, dt.LoraConfig(r=2, init="none"))
+    buffer = bytes_io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert torch.equal(logits(twin, data), logits(model, data))
+        dt.merge(twin)  # the twin's own weights, not the original's
+        twin.save_pretrained(tmp_path)
+        reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
+        torch.testing.assert_close(logits(reloaded, data), logits(model, data), rtol=0, atol=1e-5)
+        assert not dt.attached(model)["default"] is None and model.model.layers[0].self_attn.q_proj.merged == []

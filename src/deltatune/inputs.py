@@ -22,7 +22,6 @@ working hooks that point at the copy's state, not the original's.
 from __future__ import annotations
 
 import inspect
-import types
 import warnings
 from typing import Any
 
@@ -51,8 +50,8 @@ def ensure_hooks(model: nn.Module) -> None:
         embeddings.__dict__[STATE_ATTR] = state
         embeddings.register_forward_hook(_embedding_output_hook)
     if callable(getattr(type(model), "save_pretrained", None)):
-        # an instance attribute shadows the class's method; deepcopy rebinds it to the copy
-        model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
+        # an instance attribute shadows the class's method; deepcopy and pickle carry it to the copy
+        model.__dict__["save_pretrained"] = SavePretrained(model)
 
 
 def remove_hooks(model: nn.Module) -> None:
@@ -69,8 +68,7 @@ def remove_hooks(model: nn.Module) -> None:
                     for extra in extras:
                         extra.pop(hook_id, None)
         module.__dict__.pop(STATE_ATTR, None)
-    bound = model.__dict__.get("save_pretrained")
-    if isinstance(bound, types.MethodType) and bound.__func__ is _save_pretrained:
+    if isinstance(model.__dict__.get("save_pretrained"), SavePretrained):
         del model.__dict__["save_pretrained"]
 
 
@@ -99,22 +97,28 @@ def _embedding_output_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     return output
 
 
-def _save_pretrained(model: nn.Module, save_directory: Any, *args: Any, state_dict: dict | None = None, **kwargs: Any) -> Any:
-    """transformers' save_pretrained, writing the base model's own keys.
+class SavePretrained:
+    """transformers' save_pretrained for a model with a delta attached, writing the base model's own keys.
 
     Merged deltas are in the saved weights; unmerged ones are left out (with a
     warning), so the folder is the base model, or the merged model, that a plain
     from_pretrained loads. dt.save writes the delta itself.
     """
-    if state_dict is None and get_state(model) is not None:
-        state_dict, left_out = base_state_dict(model)
-        if left_out:
-            warnings.warn(
-                f"deltatune: save_pretrained writes the base model without the unmerged delta(s) {left_out}; "
-                "dt.merge(model) first to include them, or dt.save(model, path) to save the delta alone",
-                stacklevel=2,
-            )
-    return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, state_dict: dict | None = None, **kwargs: Any) -> Any:
+        model = self.model
+        if state_dict is None and get_state(model) is not None:
+            state_dict, left_out = base_state_dict(model)
+            if left_out:
+                warnings.warn(
+                    f"deltatune: save_pretrained writes the base model without the unmerged delta(s) {left_out}; "
+                    "dt.merge(model) first to include them, or dt.save(model, path) to save the delta alone",
+                    stacklevel=2,
+                )
+        return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 def _encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

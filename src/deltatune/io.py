@@ -257,12 +257,13 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
     not fit the model are refused, and the model is left exactly as it was.
     """
     name = "default" if name is None else name
+    get_state(model)  # a clear error for something that is not a model, before any file is read
     if not isinstance(trainable, bool):
         raise DeltaError(f"load expects trainable=True or False, got {trainable!r}")
     config, tensors = read_adapter(path, verify=verify)
     method = method_of(config)
     overrides = method.load_overrides
-    state = get_state(model) if isinstance(model, nn.Module) else None
+    state = get_state(model)
     snapshot = api._Snapshot.take(model, state) if state is not None and state.deltas else None
     delta = api._attach(model, config.replace(**overrides), name, infer_task=False, activate=False)
     state = require_state(model)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from .config import DeltaError
+
 
 @dataclass
 class Summary:
@@ -33,6 +35,8 @@ class Summary:
 
 def summary(model: nn.Module, print_table: bool = True) -> Summary:
     """Count trainable and total parameters (each shared tensor once) and print a table."""
+    if not isinstance(model, nn.Module):
+        raise DeltaError(f"summary expects a torch.nn.Module, got {type(model).__name__}")
     trainable = total = 0
     per_module: dict[str, int] = {}
     for name, p in model.named_parameters():

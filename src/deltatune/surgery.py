@@ -70,6 +70,8 @@ class ModelState:
 
 
 def get_state(model: nn.Module, create: bool = False) -> ModelState | None:
+    if not isinstance(model, nn.Module):
+        raise DeltaError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
     state = model.__dict__.get(STATE_ATTR)
     if state is None and create:
         state = ModelState()
