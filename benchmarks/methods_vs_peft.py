@@ -1,0 +1,147 @@
+"""Training-step time of every method that peft also has: deltatune vs peft, side by side.
+
+    python benchmarks/methods_vs_peft.py                   # every case, ~2-4 min on 2 CPU cores
+    python benchmarks/methods_vs_peft.py --cases lora ia3  # some of them
+
+For each case both libraries get the same adapter on copies of one llama-shaped
+model (random init, fixed seed, no downloads): deltatune attaches it, writes it in
+peft's format, and peft loads those weights, so the logits are checked equal before
+anything is timed. Then forward + loss + backward + AdamW steps of the two are
+interleaved (the order alternates each round) and the medians and the median of
+the per-round ratio peft / deltatune are printed (> 1: deltatune is faster).
+
+A method joins with one entry in CASES: a deltatune config and the peft config
+that computes the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora_vs_peft import core_count, cpu_model, load_note, med_iqr, paired_ratio, timeit_interleaved  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+@dataclass(frozen=True)
+class Case:
+    deltatune: Callable[[], dt.DeltaConfig]
+    peft: Callable[[Any], Any]  # (the peft module) -> a peft config
+
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
+
+CASES: dict[str, Case] = {
+    "lora": Case(lambda: dt.LoraConfig(r=16, alpha=32, target_modules=ALL),
+                 lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
+    "dora": Case(lambda: dt.LoraConfig(r=16, alpha=32, target_modules=ALL, use_dora=True),
+                 lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, use_dora=True, task_type="CAUSAL_LM")),
+    "prompt_tuning": Case(lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
+                          lambda peft: peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
+}
+
+
+def build_base(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
+                         max_position_embeddings=1024, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def nudge(model: torch.nn.Module) -> None:
+    """Move every trainable tensor off its init, so both libraries compute a non-trivial delta."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def pair(name: str, case: Case, base: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    import peft
+
+    ours = copy.deepcopy(base)
+    dt.attach(ours, case.deltatune())
+    nudge(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), case.peft(peft))
+    with tempfile.TemporaryDirectory() as tmp:
+        dt.save(ours, tmp)  # peft's file format
+        peft.set_peft_model_state_dict(theirs, load_file(os.path.join(tmp, "adapter_model.safetensors")))
+    return ours, theirs
+
+
+def step_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="0: the number of usable cores")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import peft
+    import transformers
+
+    torch.set_num_threads(args.threads or core_count())
+    print("deltatune vs peft: training step per method")
+    print(f"  python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft.__version__}; CPU {cpu_model()}, torch threads {torch.get_num_threads()}")
+    print(f"  llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens, fp32; "
+          f"{args.warmup} warm-up + {args.repeats} interleaved rounds; load average {load_note(0)}")
+    base = build_base(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+    start = time.perf_counter()
+    print(f"\n  {'case':<16}{'max |logit diff|':>18}{'deltatune ms':>14}{'peft ms':>10}{'peft / deltatune':>24}")
+    for name in args.cases:
+        ours, theirs = pair(name, CASES[name], base)
+        with torch.no_grad():
+            diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+        ours.train(), theirs.train()
+        times = timeit_interleaved({"deltatune": step_fn(ours, ids), "peft": step_fn(theirs, ids)}, args.repeats, args.warmup)
+        mine, other = med_iqr(times["deltatune"])[0], med_iqr(times["peft"])[0]
+        flag = "" if diff < 1e-4 else "   MISMATCH: not the same computation"
+        print(f"  {name:<16}{diff:>18.1e}{mine * 1e3:>14.1f}{other * 1e3:>10.1f}{paired_ratio(times, 'peft', 'deltatune'):>24}{flag}")
+    print(f"\n  total {time.perf_counter() - start:.0f} s; load average at end {load_note(torch.get_num_threads())}")
+
+
+if __name__ == "__main__":
+    main()
