@@ -106,14 +106,17 @@ def check(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclas
     return field(default=default, metadata=metadata)
 
 
-def validate_fields(config: DeltaConfig) -> None:
+def validate_fields(config: Any, prefix: str | None = None) -> None:
+    """Check every field of a dataclass instance against its type hint and declared checks.
+
+    Errors name the field as `prefix.field` (default: the class name)."""
     cls = type(config)
     hints = _hints(cls)
     for f in dataclasses.fields(config):
         if not f.init or f.metadata.get("serialise", True) is False:
             continue
         value = getattr(config, f.name)
-        where = f"{cls.__name__}.{f.name}"
+        where = f"{prefix or cls.__name__}.{f.name}"
         ok, value = _conform(value, hints[f.name])
         if not ok:
             raise DeltaError(f"{where} = {getattr(config, f.name)!r} is not allowed: expected {_describe(hints[f.name])}")
