@@ -84,6 +84,15 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer, scheduler: A
     return record
 
 
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Only the optimizer state of a checkpoint (continued training on new data starts its own schedule)."""
+    record = json.loads((folder / "trainer_state.json").read_text())
+    saved = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), record["optimizer"])
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        saved_group.update({k: group[k] for k in ("lr", "initial_lr") if k in group})  # this run's learning rate
+    optimizer.load_state_dict(saved)
+
+
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     skeleton: dict[str, Any] = {"param_groups": state_dict["param_groups"], "state": {}}

@@ -499,15 +499,16 @@ def prepare(config: Any, tokenizer: Any, model_limit: int | None) -> Prepared:
         notes.append(f"data.max_length {chosen} is above the model's limit {model_limit}; using {model_limit}")
         chosen = model_limit
     report = length_report(train, chosen, recommended, model_limit)
-    train, dropped = truncate(train, chosen)
-    evaluation, _ = truncate(evaluation, chosen)
-    report.lost_answers = dropped
-    if not train:
-        raise DataError(f"{where}: no example keeps a trained token within max_length {chosen}; raise data.max_length")
-    if data.packing:
+    if data.packing:  # whole examples are concatenated and cut into rows: nothing is truncated away
         before = len(train)
         train = pack(train, chosen)
+        report.truncated = 0
         notes.append(f"packing: {before} examples into {len(train)} rows of up to {chosen} tokens")
+    else:
+        train, report.lost_answers = truncate(train, chosen)
+    evaluation, _ = truncate(evaluation, chosen)
+    if not train:
+        raise DataError(f"{where}: no example keeps a trained token within max_length {chosen}; raise data.max_length")
     datasets.enable_progress_bars()
     return Prepared(train=train, eval=evaluation, lengths=report, labels=labels, renderer=renderer,
                     eval_rows=eval_rows, notes=notes)

@@ -160,8 +160,10 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         dt_io.load(model, resume_from / "adapter", trainable=True)
         say(f"resuming from {resume_from}")
     elif config.train.init_adapter:
-        dt_io.load(model, config.train.init_adapter, trainable=True)
-        say(f"continuing the adapter at {config.train.init_adapter}")
+        source = Path(config.train.init_adapter)
+        adapter = source / "adapter" if (source / "trainer_state.json").is_file() else source  # a checkpoint, or an adapter
+        dt_io.load(model, adapter, trainable=True)
+        say(f"continuing the adapter at {adapter}")
     else:
         api.attach(model, config.delta)
     if config.model.quant is not None:
@@ -189,6 +191,9 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         record = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
         step, offset = record["step"], record["offset"]
         log.truncate_after(step)
+    elif config.train.init_adapter and (Path(config.train.init_adapter) / "trainer_state.json").is_file():
+        ckpt.load_optimizer(Path(config.train.init_adapter), optimizer)  # continued training keeps the moments
+        say("kept the checkpoint's optimizer state")
     collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
     say(f"training {total} steps of {per_step} examples ({config.train.batch_size} x {world} process(es) x "
         f"{config.train.grad_accum} accumulation); {len(prepared.train)} training examples, {len(prepared.eval)} for eval")
@@ -232,10 +237,10 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         if config.train.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
         optimizer.step()
+        step += 1
+        api.step(inner, step)  # before zero_grad: AdaLoRA scores importance from these gradients
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        api.step(inner, step)
         tokens_seen += step_tokens
         last_loss = step_loss
         elapsed = time.perf_counter() - t_loop
@@ -258,8 +263,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     if metrics:
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     adapter_dir = out / "adapter"
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)  # the final state, for continued training
     if main:
-        _check_finite(inner, step)
         dt_io.save(inner, adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         (out / "config.yaml").write_text(_yaml(config.as_dict()))
