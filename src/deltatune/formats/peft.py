@@ -60,6 +60,8 @@ class Schema:
     # renaming on save, and peft's fields -> peft's fields (unpacked) before reading a file.
     pack: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     unpack: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # peft fields the method ignores (AdaLoRA's r): written from `extra`, read whatever their value.
+    ignored: tuple[str, ...] = ()
 
 
 LORA_EXTRA = {
@@ -99,6 +101,12 @@ SCHEMAS: dict[str, Schema] = {
         pack=_pack_pissa_niter,
         unpack=_unpack_pissa_niter,
     ),
+    "ADALORA": Schema(
+        rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
+        values={"init_lora_weights": {"normal": True, "none": False}},
+        extra={**LORA_EXTRA, "r": 8, "alpha_pattern": {}, "use_dora": False, "use_rslora": False},
+        ignored=("r", "alpha_pattern", "use_rslora"),  # peft's AdaLoRA uses init_r and lora_alpha only
+    ),
     "PROMPT_TUNING": Schema(
         rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
         values={"prompt_tuning_init": {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}},
@@ -137,7 +145,7 @@ def config_from_file(data: dict[str, Any], source: str = "adapter_config.json") 
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key in COMMON_FILE_FIELDS:
+        if key in COMMON_FILE_FIELDS or key in schema.ignored:
             continue
         ours = ours_by_peft.get(key, key)
         if ours in fields:

@@ -263,7 +263,7 @@ class LoraLayer(DeltaLayer):
             if A.dtype != result.dtype:
                 A, B = A.to(result.dtype), B.to(result.dtype)
             low = F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx)  # (..., r)
-            return _add_low_rank(result, low, B, self.scaling[name])
+            return add_low_rank(result, low, B, self.scaling[name])
         p = self.dropout[name]
         h = F.dropout(x, p, training=True) if p and self.training else x
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -272,7 +272,7 @@ class LoraLayer(DeltaLayer):
         low = F.linear(h, A)  # (..., r)
         if name in self.lora_magnitude_vector:
             return self.dora(name, h, x, result, low, B)
-        return _add_low_rank(result, low, B, self.scaling[name])
+        return add_low_rank(result, low, B, self.scaling[name])
 
     def dora(self, name: str, h: torch.Tensor, x: torch.Tensor, result: torch.Tensor, low: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight()
@@ -343,7 +343,7 @@ def _top_singular(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Ten
     return U, S, V.T
 
 
-def _add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+def add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """result + scale * low @ B^T as one fused GEMM (addmm) over the flattened rows.
 
     Peft's ``result + B(low) * scale`` makes two more passes over the output; addmm makes none.
