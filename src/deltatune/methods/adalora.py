@@ -179,6 +179,8 @@ class AdaLoraLayer(DeltaLayer):
         return result
 
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if not self.lora_E[name].shape[0]:
+            return result  # every triplet of this module was pruned
         p = self.dropout[name]
         h = F.dropout(x, p, training=True) if p and self.training else x
         QL = self.lora_A[name] * self.lora_E[name]  # (r, in): Q with lambda folded in
