@@ -241,6 +241,30 @@ def test_step_without_gradients_says_where_to_call_it():
         dt.step(model, 5)
 
 
+def test_step_wants_an_integer_step():
+    model = build("llama")
+    dt.attach(model, ada())
+    for bad in ("5", 2.5, -1, True):
+        with pytest.raises(dt.DeltaError, match="step expects the global step as an int >= 0"):
+            dt.step(model, bad)
+
+
+def test_several_adalora_deltas_allocate_each_their_own_budget():
+    model = build("llama")
+    data = batch("llama")
+    dt.attach(model, ada(init_r=4, target_r=2, total_step=6, tinit=0, tfinal=0, target_modules=["q_proj"]), name="a")
+    dt.attach(model, ada(init_r=4, target_r=1, total_step=6, tinit=0, tfinal=0, target_modules=["v_proj"]), name="b")
+    dt.set_active(model, ["a", "b"])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for t in range(8):
+        (model(**data).loss + dt.regularization(model)).backward()
+        opt.step()
+        dt.step(model, t)
+        opt.zero_grad()
+    totals = {n: sum(map(sum, c.rank_pattern.values())) for n, c in dt.attached(model).items()}
+    assert totals == {"a": 2 * 2, "b": 2 * 1}
+
+
 def test_step_first_called_at_the_final_allocation_is_refused():
     model = build("llama")
     dt.attach(model, ada())

@@ -493,6 +493,8 @@ def regularization(model: nn.Module) -> torch.Tensor | float:
 def step(model: nn.Module, global_step: int) -> None:
     """Call after every optimizer step: methods that reshape themselves while training (AdaLoRA) do it here."""
     state = get_state(model)
+    if not isinstance(global_step, int) or isinstance(global_step, bool) or global_step < 0:
+        raise DeltaError(f"step expects the global step as an int >= 0 (the number of optimizer steps so far), got {global_step!r}")
     for name in list(state.active) if state else ():
         delta = state.deltas[name]
         if delta.method.step is not None and delta.trainable:
