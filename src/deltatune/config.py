@@ -265,6 +265,10 @@ class Method:
     # {file key: tensor}) -> {file key: tensor} on save, and the inverse on load.
     to_file: Callable[..., dict[str, Any]] | None = None
     from_file: Callable[..., dict[str, Any]] | None = None
+    # For a delta that rewrote base weights (PiSSA, OLoRA): the same delta relative to the original
+    # weights, (model, adapter, config, {file key: tensor}) -> (config, {file key: tensor}), for
+    # `save(..., relative_to_original=True)`. None: such a delta cannot be written that way.
+    to_original_base: Callable[..., tuple[DeltaConfig, dict[str, Any]]] | None = None
     # Training hooks, no-ops when None: a loss term (model, adapter, config) -> tensor that the
     # loop adds to its loss; a call after every optimizer step (model, adapter, config, global_step);
     # and one at the end of training (model, adapter, config).

@@ -1,7 +1,8 @@
 """One module per method family; importing this package registers them all."""
 
+from .adalora import AdaLoraConfig, AdaLoraLayer
 from .lora import LoraConfig, LoraLayer
 from .prompts import PromptTuningConfig
 from .selective import BitFitConfig
 
-__all__ = ["LoraConfig", "LoraLayer", "PromptTuningConfig", "BitFitConfig"]
+__all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "PromptTuningConfig", "BitFitConfig"]
