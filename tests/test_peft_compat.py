@@ -28,9 +28,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors import safe_open
 
 import deltatune as dt
+from deltatune.formats.peft import LORA_EXTRA, PEFT_FORMAT_VERSION
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -206,9 +208,13 @@ def assert_same_layout(ours_dir: Path, peft_dir: Path, same_value_keys: tuple[st
     """Same config key set, same tensor keys and shapes, peft's metadata, and equal values for the given keys."""
     ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
     peft_cfg, peft_shapes, peft_meta = read_files(peft_dir)
-    assert set(ours_cfg) == set(peft_cfg), (
-        f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
-    )
+    only_ours, only_peft = sorted(set(ours_cfg) - set(peft_cfg)), sorted(set(peft_cfg) - set(ours_cfg))
+    # An older peft writes fewer fields and drops (with a warning) those it does not know;
+    # deltatune writes them with their defaults, so only those may be extra.
+    if Version(peft.__version__) < Version(PEFT_FORMAT_VERSION):
+        newer = {"peft_version": PEFT_FORMAT_VERSION, **LORA_EXTRA}
+        only_ours = [k for k in only_ours if k not in newer or ours_cfg[k] != newer[k]]
+    assert not only_ours and not only_peft, f"only in deltatune: {only_ours}; only in peft: {only_peft}"
     assert ours_shapes == peft_shapes
     assert peft_meta == {"format": "pt"} and ours_meta == {"format": "pt", "deltatune_config_sha256": ours_meta["deltatune_config_sha256"]}
     for key in same_value_keys:

@@ -8,10 +8,10 @@ is saved under peft's key by dropping the adapter name after its container and a
 ``modules_to_save.<adapter>`` is dropped whole (a trained head saves as the head's
 own keys), and a container at the model root (``prompt_embeddings``) is saved bare.
 
-Configs. peft methods are written with exactly peft's fields (older peft versions
-reject keys they do not know); our field names map to peft's through a small table
-per peft_type. Methods peft does not have are written with their own fields and a
-``peft_type`` of their own, which peft refuses but deltatune reads.
+Configs. peft methods are written with exactly peft's fields (peft >= 0.14 drops
+keys it does not know, with a warning; 0.13 and older reject them); our field
+names map to peft's through a small table per peft_type. Methods peft does not
+have are written with their own fields and a ``peft_type`` of their own, which peft refuses but deltatune reads.
 """
 
 from __future__ import annotations
