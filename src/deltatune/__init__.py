@@ -7,11 +7,11 @@
     dt.save(model, "out/adapter")
 """
 
-from .api import (active, attach, attached, delta_parameters, detach, disabled, merge, mixed_batch, set_active,
-                  set_trainable, unmerge)
+from .api import (active, attach, attached, delta_parameters, detach, disabled, finalize, merge, mixed_batch,
+                  regularization, set_active, set_trainable, step, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
-from .methods import BitFitConfig, LoraConfig, PromptTuningConfig
+from .methods import BitFitConfig, DiffPruningConfig, FreezeConfig, FullConfig, LoraConfig, PromptTuningConfig
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -19,6 +19,16 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
     "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
-    "DeltaConfig", "DeltaError", "LoraConfig", "PromptTuningConfig", "BitFitConfig",
-    "Summary", "METHODS", "config_from_dict", "config_from_json",
+    "regularization", "step", "finalize", "DeltaCallback",
+    "DeltaConfig", "DeltaError", "LoraConfig", "PromptTuningConfig", "BitFitConfig", "FreezeConfig", "FullConfig",
+    "DiffPruningConfig", "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip
+
+
+def __getattr__(name: str):
+    # DeltaCallback subclasses transformers.TrainerCallback; importing the trainer machinery waits until it is asked for.
+    if name == "DeltaCallback":
+        from .callbacks import DeltaCallback
+
+        return DeltaCallback
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
