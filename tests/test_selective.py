@@ -373,3 +373,35 @@ def test_saving_a_full_delta_of_a_plain_module_is_a_clear_error(tmp_path):
     with pytest.raises(dt.DeltaError, match="Sequential has no save_pretrained; save model.state_dict"):
         dt.save(net, tmp_path)
     assert folder_bytes(tmp_path) == files
+
+
+def test_loading_a_full_folder_is_undoable_whatever_its_originals(tmp_path, monkeypatch):
+    model = build("gpt2")
+    data = batch("gpt2")
+    dt.attach(model, dt.FullConfig(originals="none"))
+    perturb(model)
+    dt.save(model, tmp_path)
+    fresh = build("gpt2")
+    base = logits(fresh, data)
+    before = fingerprint(fresh)
+    import deltatune.io as io
+
+    real = io.load_state_into
+
+    def fail_after_copying(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(io, "load_state_into", fail_after_copying)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.load(fresh, tmp_path)
+    assert_unchanged(fresh, before)  # the weights the failed load had copied in are taken back out
+    monkeypatch.undo()
+    dt.load(fresh, tmp_path)
+    assert dt.attached(fresh)["default"].originals == "none"  # a re-save writes what was read
+    with dt.disabled(fresh):
+        torch.testing.assert_close(logits(fresh, data), base, rtol=0, atol=0)
+    before = fingerprint(fresh)
+    with pytest.raises(dt.DeltaError, match=r"transformer.wte.weight is already selected by delta 'default' \(and \d+ more\)"):
+        dt.load(fresh, tmp_path, name="again")
+    assert_unchanged(fresh, before)

@@ -57,8 +57,9 @@ SPARSE_PARTS = ("indices", "values", "shape")
 class DiffPruningConfig(DeltaConfig):
     """target_sparsity: the fraction of the targeted entries kept by finalize.
     target_modules: None takes every module holding parameters of its own (linear layers,
-    embeddings, norms, biases), except the output head, heads trained whole, and weights tied
-    to another module; else names, suffixes or a regex, as for LoRA.
+    embeddings, norms, biases), except the output head, heads trained whole, weights tied to
+    another module, and modules another method already wraps (a LoRA target); else names,
+    suffixes or a regex, as for LoRA.
     l0_penalty: lambda; log_alpha_init: alpha at attach; temperature: beta; limit_l, limit_r:
     the stretch interval (l, r)."""
 

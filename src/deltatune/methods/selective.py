@@ -179,4 +179,7 @@ def attach_full(model: nn.Module, config: FullConfig, name: str) -> FullConfig:
     return config
 
 
-FULL = register(Method(name="full", config_cls=FullConfig, kind="select", attach=attach_full, folder="model"))
+# A load must be undoable, so a loaded full delta keeps the originals it overwrites (on the CPU),
+# whatever the file's config says (a model without a base to return to is from_pretrained's job).
+FULL = register(Method(name="full", config_cls=FullConfig, kind="select", attach=attach_full, folder="model",
+                       load_overrides={"originals": "cpu"}))
