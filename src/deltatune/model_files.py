@@ -132,6 +132,8 @@ def finish_interrupted(folder: Path) -> None:
             os.replace(waiting, folder / MARKER)
     for leftover in folder.glob(f"{TMP_PREFIX}*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in folder.glob(".README.md.*.tmp"):  # a model card killed while written (io._write_card)
+        leftover.unlink(missing_ok=True)
 
 
 def _files_of(marker: Path) -> dict[str, str]:
