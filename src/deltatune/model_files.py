@@ -15,9 +15,9 @@ tail and 16 spread blocks of each file: cheap on a 100 GB checkpoint, and certai
 differ between two trainings), so a save killed halfway is never read as a mix: if the
 files in place are the new ones, the new marker still waiting in the temporary folder
 is used (and moved into place by the next save); otherwise the old pair still agrees.
-A kill between two shard renames of a sharded save leaves a folder the next save
-completes; reading it before then is a clear error. Other files in the folder (a
-tokenizer, a model card) are left alone.
+A kill between the renames of two files that both changed (two shards of a sharded
+save, or a new config.json) leaves a folder the next save completes; reading it before
+then is a clear error. Other files in the folder (a tokenizer, a model card) are left alone.
 """
 
 from __future__ import annotations
@@ -109,26 +109,22 @@ def _commit(tmp: Path, folder: Path, written: list[str]) -> None:
     order = sorted(written, key=lambda n: (not n.endswith(".safetensors"), n != INDEX, n))
     for name in order:
         os.replace(tmp / name, folder / name)
-    os.replace(tmp / MARKER, folder / MARKER)  # the commit point
+    os.replace(tmp / MARKER, folder / MARKER)  # readers took the new files from the first rename on (read_marker)
     for stale in set(previous) - set(written):
         (folder / stale).unlink(missing_ok=True)
 
 
 def finish_interrupted(folder: Path) -> None:
-    """Complete a save killed after its first rename (when every file it wrote is still at hand); clear leftovers."""
+    """Complete a save killed after its first rename (readers already see it: see read_marker); clear leftovers."""
     for waiting in _waiting_markers(folder):
         tmp, files = waiting.parent, _files_of(waiting)
-        placed = {}
-        for name, want in files.items():
-            if (folder / name).is_file() and fingerprint(folder / name) == want:
-                placed[name] = None
-            elif (tmp / name).is_file() and fingerprint(tmp / name) == want:
-                placed[name] = tmp / name
-        started = any(src is None for src in placed.values())
-        if started and len(placed) == len(files):  # some moved already, the rest still waiting: finish
-            for name, src in placed.items():
-                if src is not None:
-                    os.replace(src, folder / name)
+        at_hand = {name: (tmp / name).is_file() and fingerprint(tmp / name) == want for name, want in files.items()}
+        placed = {name: (folder / name).is_file() and fingerprint(folder / name) == want for name, want in files.items()}
+        moved = [name for name in files if placed[name] and not (tmp / name).exists()]
+        if files and moved and all(at_hand[n] or placed[n] for n in files):
+            for name in files:
+                if not placed[name]:
+                    os.replace(tmp / name, folder / name)
             os.replace(waiting, folder / MARKER)
     for leftover in folder.glob(f"{TMP_PREFIX}*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
