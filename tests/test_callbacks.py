@@ -121,6 +121,8 @@ def test_label_smoothing_would_drop_the_penalty_and_is_refused(tmp_path):
         trainer.train()
     with pytest.raises(dt.DeltaError, match=r"finalize=\.\.\.\) expects True or False"):
         dt.DeltaCallback(finalize="yes")
+    with pytest.raises(dt.DeltaError, match="needs the model"):
+        dt.DeltaCallback().on_train_begin(_args(tmp_path), None, None)
 
 
 def test_a_users_own_loop_uses_the_same_three_calls():

@@ -125,6 +125,10 @@ def test_finalize_keeps_the_largest_entries_of_the_whole_diff():
         assert torch.equal(layer.gate("default", p, stochastic=True), mask.float())
     assert kept == k
     assert dt.regularization(model) == 0.0
+    masks = [layer.diff_mask["default"].get_buffer(p).clone() for _, layer in layers for p in layer.names]
+    dt.finalize(model)  # a second projection of the projected diff keeps the same entries
+    assert all(torch.equal(m, layer.diff_mask["default"].get_buffer(p))
+               for m, (layer, p) in zip(masks, [(layer, p) for _, layer in layers for p in layer.names]))
     # outputs are theta0 + the projected diff, computed by hand on one layer
     layer = model.transformer.h[0].mlp.c_fc
     x = torch.randn(2, 32)

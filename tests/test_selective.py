@@ -92,7 +92,7 @@ def test_freezing_saves_only_the_trained_tensors(tmp_path):
     assert keys == {"base_model.model." + n for n in params_under(model, "transformer.h.1")}
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "FREEZE" and config["trainable_layers"] == 1
-    assert "only deltatune" in (tmp_path / "README.md").read_text() or "deltatune can load it" in (tmp_path / "README.md").read_text()
+    assert "deltatune can load it (the peft package has no such method)" in (tmp_path / "README.md").read_text()
     fresh = dt.load(build("gpt2"), tmp_path)
     torch.testing.assert_close(logits(fresh, batch("gpt2")), logits(model, batch("gpt2")), rtol=0, atol=0)
 
