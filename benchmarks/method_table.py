@@ -39,7 +39,13 @@ METHODS = {
                                                               target_modules=LORA_TARGETS, rank_pattern=AT_TARGET),
     "Prompt tuning, 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
     "BitFit (all biases)": lambda: dt.BitFitConfig(),
+    "Freeze: top 2 blocks": lambda: dt.FreezeConfig(trainable_layers=2, train_head=False),
+    "Freeze: linear probe (head only)": lambda: dt.FreezeConfig(trainable_layers=0),
+    "Full fine-tuning": lambda: dt.FullConfig(),
+    "Diff pruning 0.5% (trains / keeps)": lambda: dt.DiffPruningConfig(target_sparsity=0.005),
 }
+
+WHY_NOT = {"no bias terms": "n/a (no biases)", "leaves nothing to train": "n/a (no head)"}
 
 
 # AdaLoRA on the modules LoRA's defaults take on both models (peft's AdaLoRA defaults for RoBERTa add key and dense).
@@ -58,9 +64,16 @@ def count(reference: str, make) -> str:
                       if n.rsplit(".", 1)[-1] in LORA_TARGETS})
     try:
         dt.attach(model, make())
-    except dt.DeltaError:
-        return "n/a (no biases)"
+    except dt.DeltaError as err:
+        return next((v for k, v in WHY_NOT.items() if k in str(err)), f"n/a ({err})")
     stats = dt.summary(model, print_table=False)
+    if isinstance(dt.attached(model)["default"], dt.DiffPruningConfig):
+        from deltatune.methods.diff_pruning import kept_entries
+
+        # w and alpha train per targeted entry; what the file keeps after dt.finalize, as a share of the base model
+        base = stats.total - stats.trainable
+        kept = kept_entries(model)
+        return f"{stats.trainable:,} ({stats.trainable / base:.2f}x the model) / {kept:,} ({100 * kept / base:.3f}%)"
     return f"{stats.trainable:,} ({stats.percent:.3f}%)"
 
 

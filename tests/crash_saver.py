@@ -1,6 +1,6 @@
 """Kill `dt.save` with SIGKILL at every step, and at random moments (run by test_crash_safety.py).
 
-    python crash_saver.py WORKDIR RANDOM_KILLS SEED
+    python crash_saver.py WORKDIR RANDOM_KILLS SEED [lora|full]
 
 Adapters A and B have the same shapes but different scales and weights, so a folder
 that mixed A's config with B's weights would load without any shape error and
@@ -14,6 +14,9 @@ holding A; a forked child saves B over it and is killed:
     the leftovers of one kill meet the next save.
 
 Prints a JSON summary: the number of steps and how each child ended.
+
+With "full", A and B are full fine-tuning deltas of a tiny GPT-2, saved as whole-model
+folders (save_pretrained's files and deltatune_config.json, see model_files.py).
 """
 
 from __future__ import annotations
@@ -30,21 +33,35 @@ import torch
 
 import deltatune as dt
 import deltatune.io as dtio
+import deltatune.model_files as model_files
+
+MODE = {"mode": "lora"}  # "full": whole-model folders
 
 
 def build_net() -> torch.nn.Module:
     torch.manual_seed(0)
+    if MODE["mode"] == "full":
+        from tiny_models import build
+
+        return build("gpt2")
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
 
 
 def with_adapter(which: str) -> torch.nn.Module:
     net = build_net()
-    alpha = {"A": 4, "B": 16}[which]
-    dt.attach(net, dt.LoraConfig(r=4, alpha=alpha, target_modules=["0", "2"], init="none"))
+    if MODE["mode"] == "full":
+        dt.attach(net, dt.FullConfig())
+        scale = {"A": 0.01, "B": 0.03}[which]
+    else:
+        alpha = {"A": 4, "B": 16}[which]
+        dt.attach(net, dt.LoraConfig(r=4, alpha=alpha, target_modules=["0", "2"], init="none"))
+        scale = 1.0
     torch.manual_seed({"A": 1, "B": 2}[which])
     with torch.no_grad():
         for p in net.parameters():
-            if p.requires_grad:
+            if p.requires_grad and MODE["mode"] == "full":
+                p.add_(torch.randn_like(p) * scale)  # near the base: the logits stay finite
+            elif p.requires_grad:
                 p.normal_()
     return net
 
@@ -53,12 +70,19 @@ def probe() -> torch.Tensor:
     return torch.linspace(-1, 1, 3 * 16).reshape(3, 16)
 
 
-STEPS = [("os", "open"), ("os", "fsync"), ("os", "replace"), ("os", "chmod"), ("dtio", "save_file")]
+def run(net: torch.nn.Module) -> torch.Tensor:
+    if MODE["mode"] == "full":
+        return net(input_ids=torch.arange(3, 19).reshape(2, 8)).logits
+    return net(probe())
+
+
+STEPS = [("os", "open"), ("os", "fsync"), ("os", "replace"), ("os", "chmod"), ("dtio", "save_file"),
+         ("model_files", "save_pretrained")]
 
 
 def instrument(kill_at: int | None, counter: list[int]) -> None:
     """Wrap each file system step of the save; SIGKILL ourselves at event number kill_at."""
-    owners = {"os": os, "dtio": dtio}
+    owners = {"os": os, "dtio": dtio, "model_files": model_files}
 
     def event():
         counter[0] += 1
@@ -94,6 +118,7 @@ def save_in_child(folder: Path, model: torch.nn.Module, kill_at: int | None) -> 
 
 def main() -> None:
     work, random_kills, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    MODE["mode"] = sys.argv[4] if len(sys.argv) > 4 else "lora"
     torch.set_num_threads(1)
     a, b = with_adapter("A"), with_adapter("B")
 
@@ -126,9 +151,9 @@ def main() -> None:
         fresh = build_net()
         dt.load(fresh, folder)
         with torch.no_grad():
-            out = fresh(probe())
+            out = run(fresh)
         with torch.no_grad():
-            which = [w for w, m in (("A", a), ("B", b)) if torch.equal(out, m(probe()))]
+            which = [w for w, m in (("A", a), ("B", b)) if torch.equal(out, run(m))]
         outcomes[f"random/{i}"] = which[0] if which else "neither"
     print(json.dumps({"events": events, "outcomes": outcomes}))
 

@@ -46,6 +46,9 @@ METHODS = [
     M("adalora", lambda: dt.AdaLoraConfig(init_r=6, target_r=4, alpha=32, total_step=12)),
     M("prompt_tuning", lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="sample_vocab"), identity_at_attach=False, mergeable=False, lr=0.1),
     M("bitfit", lambda: dt.BitFitConfig(), needs_bias=True),
+    M("freeze", lambda: dt.FreezeConfig(trainable_layers=1, trainable_modules=r"(?i).*(norm|\.ln_\w+)", train_head=False)),
+    M("full", lambda: dt.FullConfig(), lr=1e-3),
+    M("diff_pruning", lambda: dt.DiffPruningConfig(target_sparsity=0.05)),
 ]
 
 CASES = [

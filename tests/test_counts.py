@@ -91,3 +91,27 @@ def test_adalora_on_roberta_base_at_init_and_at_the_target_budget():
     model = on_meta(config, tf.RobertaModel)
     dt.attach(model, ada.replace(rank_pattern=pattern))
     assert trainable(model) == 295_104
+
+
+BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, vocab_size=30522)
+
+
+def test_full_fine_tuning_of_bert_large_trains_every_parameter():
+    model = on_meta(tf.BertConfig(**BERT_LARGE), tf.BertModel)
+    dt.attach(model, dt.FullConfig())
+    stats = dt.summary(model, print_table=False)
+    assert (stats.trainable, stats.total) == (335_141_888, 335_141_888)
+
+
+def test_diff_pruning_of_bert_large_keeps_half_a_percent():
+    from deltatune.methods.diff_pruning import kept_entries
+
+    model = on_meta(tf.BertConfig(**BERT_LARGE), tf.BertModel)
+    dt.attach(model, dt.DiffPruningConfig(target_sparsity=0.005))
+    # BertModel has no head and no tied weight, so the diff covers all 335,141,888 parameters
+    # (BitFit's total above); w and alpha train for each: 2 x 335,141,888 = 670,283,776.
+    stats = dt.summary(model, print_table=False)
+    assert stats.trainable == 670_283_776
+    # kept at 0.5%: round(0.005 x 335,141,888) = round(1,675,709.44) = 1,675,709
+    assert kept_entries(model) == 1_675_709
+    dt.finalize(model)  # the projection runs on shapes alone here

@@ -15,11 +15,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 import deltatune as dt
-from crash_saver import build_net, probe, with_adapter
+import crash_saver
+from crash_saver import build_net, run, with_adapter
 from deltatune.io import CONFIG_NAME, WEIGHTS_NAME
+from deltatune.model_files import MARKER
 
 HERE = Path(__file__).parent
 
@@ -27,21 +30,27 @@ HERE = Path(__file__).parent
 def _outputs(folder: Path) -> torch.Tensor:
     net = dt.load(build_net(), folder)
     with torch.no_grad():
-        return net(probe())
+        return run(net)
 
 
-def test_a_killed_save_loads_as_the_old_or_the_new_adapter(tmp_path):
+FILES = {"lora": ["README.md", CONFIG_NAME, WEIGHTS_NAME],
+         "full": ["README.md", "config.json", MARKER, "generation_config.json", "model.safetensors"]}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"], ids=["adapter", "whole-model"])
+def test_a_killed_save_loads_as_the_old_or_the_new_adapter(tmp_path, mode, monkeypatch):
+    monkeypatch.setitem(crash_saver.MODE, "mode", mode)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(HERE / "crash_saver.py"), str(tmp_path), "25", "0"], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout)
+    child = subprocess.run([sys.executable, str(HERE / "crash_saver.py"), str(tmp_path), "25", "0", mode],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    report = json.loads(child.stdout)
     assert report["events"] >= 10  # opens, writes, fsyncs, renames: each killed before and after
     steps = {k: v for k, v in report["outcomes"].items() if k.startswith("step/")}
     assert len(steps) == report["events"] and set(steps.values()) == {"killed"}
 
     with torch.no_grad():
-        expected = {"A": with_adapter("A")(probe()), "B": with_adapter("B")(probe())}
+        expected = {"A": run(with_adapter("A")), "B": run(with_adapter("B"))}
     assert not torch.allclose(expected["A"], expected["B"])
     seen = []
     for k in range(1, report["events"] + 1):
@@ -57,7 +66,7 @@ def test_a_killed_save_loads_as_the_old_or_the_new_adapter(tmp_path):
     for k in range(1, report["events"] + 1):
         folder = tmp_path / "step" / str(k)
         dt.save(with_adapter("A"), folder)
-        assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+        assert sorted(p.name for p in folder.iterdir()) == FILES[mode]
         assert torch.equal(_outputs(folder), expected["A"])
 
     randoms = Counter(v for k, v in report["outcomes"].items() if k.startswith("random/"))

@@ -20,6 +20,7 @@ import transformers as tf
 import deltatune as dt
 from checks import assert_unchanged, fingerprint, folder_bytes
 from deltatune.io import CONFIG_NAME, WEIGHTS_NAME
+from deltatune.model_files import MARKER
 from deltatune.methods.lora import LoraLayer
 from deltatune.surgery import DeltaLayer
 from test_contract import METHODS
@@ -39,6 +40,13 @@ def _trained_and_saved(method, folder, name="default"):
     perturb(model)
     dt.save(model, folder)
     return model
+
+
+def _files(method) -> tuple[str, str, set[str]]:
+    """(config file, weights file, every file) of the folder the method saves: an adapter, or a whole model."""
+    if dt.METHODS[method.make().method].folder == "model":
+        return MARKER, "model.safetensors", {MARKER, "model.safetensors", "config.json", "generation_config.json", "README.md"}
+    return CONFIG_NAME, WEIGHTS_NAME, {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
 
 
 def _wider_gpt2():
@@ -81,11 +89,12 @@ def test_a_failed_load_leaves_the_active_delta_alone(method, tmp_path):
 @pytest.mark.parametrize("method", GENERIC)
 def test_truncated_weights_are_refused(method, tmp_path):
     _trained_and_saved(method, tmp_path)
-    weights = tmp_path / WEIGHTS_NAME
+    _, weights_name, _ = _files(method)
+    weights = tmp_path / weights_name
     weights.write_bytes(weights.read_bytes()[:-40])
     model = build(_arch(method))
     before = fingerprint(model)
-    with pytest.raises(dt.DeltaError, match=f"{WEIGHTS_NAME} cannot be read .*corrupted or truncated"):
+    with pytest.raises(dt.DeltaError, match=f"{weights_name} cannot be read .*corrupted or truncated"):
         dt.load(model, tmp_path)
     assert_unchanged(model, before)
 
@@ -98,8 +107,9 @@ def test_files_from_two_saves_are_refused_naming_both(method, tmp_path):
     # a different config (another init or size) saved elsewhere, then its config copied over
     dt.attach(other, config.replace(base_model_name_or_path="elsewhere"))
     dt.save(other, tmp_path / "two")
-    (tmp_path / "one" / CONFIG_NAME).write_bytes((tmp_path / "two" / CONFIG_NAME).read_bytes())
-    with pytest.raises(dt.DeltaError, match=rf"{WEIGHTS_NAME} and .*{CONFIG_NAME} do not belong together"):
+    config_name, weights_name, _ = _files(method)
+    (tmp_path / "one" / config_name).write_bytes((tmp_path / "two" / config_name).read_bytes())
+    with pytest.raises(dt.DeltaError, match=rf"{weights_name} and .*{config_name} do not belong together"):
         dt.load(build(_arch(method)), tmp_path / "one")
 
 
@@ -116,6 +126,8 @@ def test_an_interrupted_save_keeps_the_previous_adapter(method, tmp_path, monkey
         raise KeyboardInterrupt("power cut")
 
     monkeypatch.setattr("deltatune.io.save_file", crash)
+    monkeypatch.setattr("deltatune.model_files.save_pretrained", lambda model, folder, tensors: crash(
+        tensors, folder / "model.safetensors"))
     with pytest.raises(KeyboardInterrupt):
         dt.save(model, tmp_path)
     assert folder_bytes(tmp_path) == files  # no temporary files left either
@@ -130,7 +142,7 @@ def test_saved_files_have_the_usual_permissions(method, tmp_path):
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
-    assert modes == {CONFIG_NAME: 0o644, WEIGHTS_NAME: 0o644, "README.md": 0o644}
+    assert modes == dict.fromkeys(_files(method)[2], 0o644)
 
 
 @pytest.mark.parametrize("method", GENERIC)
@@ -169,6 +181,18 @@ def test_the_same_name_twice_and_unknown_names(method):
         (lambda: dt.LoraConfig(task_type="CAUSAL"), "task_type", "one of 'CAUSAL_LM'"),
         (lambda: dt.PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens", "0 must be > 0"),
         (lambda: dt.BitFitConfig(target_modules=7), "target_modules", "expected a list of a string or a string or None"),
+        (lambda: dt.FreezeConfig(trainable_layers=-1), "trainable_layers", "-1 must be >= 0"),
+        (lambda: dt.FreezeConfig(trainable_layers=[0, -2]), "trainable_layers", "-2 must be >= 0"),
+        (lambda: dt.FreezeConfig(trainable_layers=True), "trainable_layers", "expected an int or a list of an int"),
+        (lambda: dt.FreezeConfig(trainable_modules="(norm"), "trainable_modules", "not a valid regular expression"),
+        (lambda: dt.FreezeConfig(train_head="yes"), "train_head", "expected True or False"),
+        (lambda: dt.FullConfig(originals="gpu"), "originals", "one of 'cpu', 'same_device', 'none'"),
+        (lambda: dt.DiffPruningConfig(target_sparsity=0), "target_sparsity", "0 must be > 0 and <= 1"),
+        (lambda: dt.DiffPruningConfig(target_sparsity=5), "target_sparsity", "5 must be > 0 and <= 1"),
+        (lambda: dt.DiffPruningConfig(limit_l=0.1), "limit_l", "0.1 must be < 0"),
+        (lambda: dt.DiffPruningConfig(limit_r=1.0), "limit_r", "1.0 must be > 1"),
+        (lambda: dt.DiffPruningConfig(temperature=0), "temperature", "0 must be > 0"),
+        (lambda: dt.DiffPruningConfig(l0_penalty=-1e-7), "l0_penalty", "must be >= 0"),
     ],
 )
 def test_configs_validate_types_and_ranges(make, field, fragment):

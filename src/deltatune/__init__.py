@@ -11,14 +11,25 @@ from .api import (active, attach, attached, delta_parameters, detach, disabled, 
                   regularization, set_active, set_trainable, step, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
-from .methods import AdaLoraConfig, BitFitConfig, LoraConfig, PromptTuningConfig
+from .methods import (AdaLoraConfig, BitFitConfig, DiffPruningConfig, FreezeConfig, FullConfig, LoraConfig,
+                      PromptTuningConfig)
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
-    "active", "attached", "delta_parameters", "set_trainable", "mixed_batch", "regularization", "step", "finalize",
-    "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "PromptTuningConfig", "BitFitConfig",
-    "Summary", "METHODS", "config_from_dict", "config_from_json",
+    "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
+    "regularization", "step", "finalize", "DeltaCallback",
+    "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "PromptTuningConfig", "BitFitConfig", "FreezeConfig",
+    "FullConfig", "DiffPruningConfig", "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip
+
+
+def __getattr__(name: str):
+    # DeltaCallback subclasses transformers.TrainerCallback; importing the trainer machinery waits until it is asked for.
+    if name == "DeltaCallback":
+        from .callbacks import DeltaCallback
+
+        return DeltaCallback
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")

@@ -29,6 +29,7 @@ from .surgery import (
     ModelState,
     check_adapter_name,
     check_batch_adapters,
+    check_switchable,
     delta_layers,
     drop_state,
     get_state,
@@ -39,6 +40,7 @@ from .surgery import (
     restore_selected,
     swap_problem,
     swap_rewrites,
+    selected_by,
     swap_selected,
     wrap_modules_to_save,
 )
@@ -193,7 +195,7 @@ def _apply_active(model: nn.Module, state: ModelState, names: list[str]) -> None
         layer.set_active(names)
     for name, delta in state.deltas.items():
         if delta.method.kind == "select":
-            swap_selected(delta, active=name in names)
+            swap_selected(delta, active=name in names, name=name)
         swap_rewrites(delta, active=name in names)
     _refresh_trainable(model, state)
 
@@ -280,6 +282,7 @@ def _merge(model: nn.Module, state: ModelState, names: list[str], untie: bool) -
     owners: dict[int, list[str]] = {}
     for path, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(path)
+    selected = selected_by(model)
     plan = []
     earlier: dict[int, list[str]] = {}  # per layer, what this call merges into it before
     for n in names:
@@ -290,6 +293,13 @@ def _merge(model: nn.Module, state: ModelState, names: list[str], untie: bool) -
             earlier[id(layer)].append(n)
             if problem:
                 raise DeltaError(f"cannot merge {n!r} into {layer_name}: {problem}")
+            held = [a for a in layer.merged_parameters() if id(getattr(layer.base_layer, a)) in selected]
+            if held:
+                raise DeltaError(
+                    f"cannot merge {n!r} into {layer_name}: its {held[0]} is trained by the selective delta "
+                    f"{selected[id(getattr(layer.base_layer, held[0]))]!r}, which would lose the merge when it is switched "
+                    "off or detached; keep this delta unmerged, or detach that one (merge=True keeps its weights) first"
+                )
             tied = [a for a in layer.merged_parameters() if len(owners.get(id(getattr(layer.base_layer, a)), ())) > 1]
             if tied and not untie:
                 own = f"{layer_name}.base_layer.{tied[0]}"
@@ -387,6 +397,9 @@ def detach(model: nn.Module, name: str | None = None, merge: bool = False, *, un
         problem = swap_problem(state, n, active=merge, leaving=() if merge else names)
         if problem:
             raise DeltaError(f"cannot detach {n!r}: {problem}")
+    if not merge:
+        for n in names:
+            check_switchable(state.deltas[n], n, "detach it without merge")
     if merge:
         # every merge runs (and may fail, rolled back) before anything is removed; a rewriting delta's
         # own base values must be in place for its merge to mean what its forward computed
@@ -480,31 +493,40 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
 
 
 def regularization(model: nn.Module) -> torch.Tensor | float:
-    """The sum of the active deltas' loss terms (AdaLoRA's orthogonality, diff pruning's L0); 0.0 when none."""
+    """The sum of the active, trainable deltas' loss terms (diff pruning's L0 penalty, ...); 0.0 when none.
+
+    Add it to the training loss: `loss = out.loss + dt.regularization(model)`.
+    """
     state = get_state(model)
     total: torch.Tensor | float = 0.0
     for name in state.active if state else ():
         delta = state.deltas[name]
-        if delta.method.regularization is not None and delta.trainable:
+        if delta.method.regularization is not None and delta.trainable and not delta.merged:
             total = total + delta.method.regularization(model, name, delta.config)
     return total
 
 
 def step(model: nn.Module, global_step: int) -> None:
-    """Call after every optimizer step: methods that reshape themselves while training (AdaLoRA) do it here."""
+    """Call after every optimizer step: methods that reshape themselves while training do it here."""
     state = get_state(model)
     if not isinstance(global_step, int) or isinstance(global_step, bool) or global_step < 0:
         raise DeltaError(f"step expects the global step as an int >= 0 (the number of optimizer steps so far), got {global_step!r}")
     for name in list(state.active) if state else ():
         delta = state.deltas[name]
-        if delta.method.step is not None and delta.trainable:
+        if delta.method.step is not None and delta.trainable and not delta.merged:
             delta.method.step(model, name, delta.config, global_step)
 
 
 def finalize(model: nn.Module) -> None:
-    """Call once when training ends (diff pruning projects to its target sparsity here)."""
+    """Call once when training ends (diff pruning projects onto its target sparsity here).
+
+    Acts on the active deltas; a merged one must be unmerged first (its weights are in the base).
+    """
     state = get_state(model)
-    for name in list(state.active) if state else ():
+    names = [n for n in (state.active if state else ()) if state.deltas[n].method.finalize is not None]
+    merged = [n for n in names if state.deltas[n].merged]
+    if merged:
+        raise DeltaError(f"delta {merged[0]!r} is merged into the base weights; dt.unmerge(model) before dt.finalize(model)")
+    for name in names:
         delta = state.deltas[name]
-        if delta.method.finalize is not None:
-            delta.method.finalize(model, name, delta.config)
+        delta.method.finalize(model, name, delta.config)

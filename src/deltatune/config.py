@@ -261,6 +261,10 @@ class Method:
     load_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Does the peft package read and write this method's files.
     peft_compatible: bool = False
+    # What `save` writes: "adapter" (adapter_config.json + adapter_model.safetensors, peft's layout) or
+    # "model" (the whole model in transformers' own layout, which from_pretrained loads, plus
+    # deltatune_config.json; for a delta that is every weight, as full fine-tuning is).
+    folder: Literal["adapter", "model"] = "adapter"
     # What the file holds, when it is not the parameters themselves: (model, adapter, config,
     # {file key: tensor}) -> {file key: tensor} on save, and the inverse on load.
     to_file: Callable[..., dict[str, Any]] | None = None

@@ -15,6 +15,9 @@ name, finds the waiting config that matches, and reads the new adapter (the next
 reader gets exactly the old adapter or exactly the new one, never a mix. A pair
 that disagrees with no waiting config to explain it (a config edited by hand,
 one file copied over from elsewhere) is a clear error naming both files.
+
+A delta whose Method says folder="model" (full fine-tuning) is saved as the whole
+model in transformers' own layout instead; see model_files.py.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import api
+from . import api, model_files
 from .config import DeltaError, method_of
 from .formats.peft import PREFIX, config_from_file, config_to_file, key_prefix, saved_key
-from .surgery import get_state, require_state
+from .surgery import base_state_dict, get_state, require_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -92,15 +95,56 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     for n in names:
         folder = root if (name is not None or len(names) == 1 or n == "default") else root / n
         delta = state.deltas[n]
-        config, tensors = delta.config, delta_state_dict(model, n)
-        if relative_to_original and delta.rewrites:
-            if delta.method.to_original_base is None:
-                raise DeltaError(f"delta {n!r} ({delta.method.name}) rewrote base weights and cannot be written relative "
-                                 "to the original ones; save it without relative_to_original")
-            config, tensors = delta.method.to_original_base(model, n, config, tensors)
-        plan.append((folder, config_to_file(config), tensors, delta.method.peft_compatible))
-    for folder, config, tensors, peft_compatible in plan:
-        _write_adapter(folder, config, tensors, peft_compatible)
+        _check_layout(folder, delta.method.folder)
+        if delta.method.folder == "model":
+            if not callable(getattr(type(model), "save_pretrained", None)):
+                raise DeltaError(f"a {delta.method.name} delta is saved as a transformers model folder, and "
+                                 f"{type(model).__name__} has no save_pretrained; save model.state_dict() yourself")
+            plan.append((folder, delta, config_to_file(delta.config), model_state_dict(model, n)))
+        else:
+            config, tensors = delta.config, delta_state_dict(model, n)
+            if relative_to_original and delta.rewrites:
+                if delta.method.to_original_base is None:
+                    raise DeltaError(f"delta {n!r} ({delta.method.name}) rewrote base weights and cannot be written "
+                                     "relative to the original ones; save it without relative_to_original")
+                config, tensors = delta.method.to_original_base(model, n, config, tensors)
+            plan.append((folder, delta, config_to_file(config), tensors))
+    for folder, delta, config, tensors in plan:
+        if delta.method.folder == "model":
+            model_files.write(folder, model, config, tensors)
+            _write_card(folder, config, delta.method.peft_compatible, whole_model=True)
+        else:
+            _write_adapter(folder, config, tensors, delta.method.peft_compatible)
+
+
+def _check_layout(folder: Path, layout: str) -> None:
+    """An adapter folder and a model folder never share a folder: from_pretrained would hand the model to peft."""
+    if layout == "model" and (folder / CONFIG_NAME).exists():
+        raise DeltaError(f"{folder} holds an adapter ({CONFIG_NAME}); a whole-model save cannot go there (transformers "
+                         "would read the folder as a peft adapter): choose another folder")
+    if layout == "adapter" and model_files.is_model_folder(folder):
+        raise DeltaError(f"{folder} holds a whole-model save ({model_files.MARKER}); an adapter cannot go there: "
+                         "choose another folder")
+
+
+def model_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The whole model under its own keys (as save_pretrained writes it) with delta `name`'s trained values in
+    place, other unmerged deltas left out. Tied names share one tensor, so save_pretrained writes it once."""
+    delta = require_state(model).deltas[name]
+    out, _ = base_state_dict(model)
+    stashed = {id(p): delta.stash[n] for n, p in delta.selected.items()} if delta.stash is not None else {}
+    containers = tuple(delta.method.containers) + ("modules_to_save",)
+    aliases: dict[int, list[str]] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(path)
+    for p in api.delta_parameters(model, name).values():
+        value = stashed.get(id(p), p.detach())
+        for path in aliases[id(p)]:
+            key = saved_key(path, name, containers, prefix="")
+            if key in out and value.dtype != out[key].dtype:
+                value = value.to(out[key].dtype)  # a head kept whole trains in fp32 over a half-precision base
+            out[key] = value
+    return out
 
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], peft_compatible: bool) -> None:
@@ -131,14 +175,20 @@ def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor],
         _write_card(folder, config, peft_compatible)
 
 
-def _write_card(folder: Path, config: dict, peft_compatible: bool) -> None:
-    library = "peft" if peft_compatible else "deltatune"
-    readers = ("deltatune and the peft package can load it" if peft_compatible
-               else "deltatune can load it (the peft package has no such method)")
+def _write_card(folder: Path, config: dict, peft_compatible: bool, whole_model: bool = False) -> None:
+    library = "peft" if peft_compatible else "transformers" if whole_model else "deltatune"
+    if whole_model:
+        what = "model (every weight, in transformers' own layout)"
+        readers = ("transformers' from_pretrained loads it as a plain model, and deltatune's load attaches it as a "
+                   f"delta ({model_files.MARKER} holds its config); the peft package cannot read it, it is not an adapter")
+    else:
+        what = "adapter"
+        readers = ("deltatune and the peft package can load it" if peft_compatible
+                   else "deltatune can load it (the peft package has no such method)")
     base = config.get("base_model_name_or_path")
     card = (f"---\nlibrary_name: {library}\n" + (f"base_model: {base}\n" if base else "")
             + f"tags:\n- deltatune\n- {str(config['peft_type']).lower()}\n---\n\n"
-            f"A {config['peft_type']} adapter written by deltatune; {readers}.\n")
+            f"A {config['peft_type']} {what} written by deltatune; {readers}.\n")
     tmp = folder / f".{CARD_NAME}.{secrets.token_hex(6)}.tmp"
     try:
         _write_new(tmp, lambda f: f.write(card.encode()))
@@ -211,14 +261,27 @@ def finish_interrupted_save(folder: Path) -> None:
 
 
 def read_adapter(path: str | os.PathLike, verify: bool = True):
-    """(config, tensors) from an adapter folder, with clear errors for missing, damaged or mismatched files."""
+    """(config, tensors) from an adapter folder, with clear errors for missing, damaged or mismatched files.
+
+    A whole-model folder (model_files.py) gives its tensors under the model's own keys.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise DeltaError(f"expected an adapter folder path, got {type(path).__name__}")
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir():
         raise DeltaError(f"no adapter folder at {folder}" + (" (it is a file; pass its folder)" if folder.exists() else ""))
+    if not config_path.is_file() and model_files.is_model_folder(folder):
+        data = model_files.read_marker(folder, verify=verify)
+        config = config_from_file(data, str(folder / model_files.MARKER))
+        if method_of(config).folder != "model":
+            raise DeltaError(f"{folder / model_files.MARKER} names a {config.peft_type} delta, which is saved as an "
+                             f"adapter ({CONFIG_NAME}), not as a whole model; the folder was edited by hand")
+        return config, model_files.read_weights(folder)
     if not weights_path.is_file():
+        if (folder / "config.json").is_file() and ((folder / model_files.WEIGHTS).is_file() or (folder / model_files.INDEX).is_file()):
+            raise DeltaError(f"{folder} is a transformers model folder, not a delta (it has no {CONFIG_NAME} and no "
+                             f"{model_files.MARKER}); load it with from_pretrained")
         if config_path.is_file():
             raise DeltaError(f"no {WEIGHTS_NAME} in {folder} (only safetensors weights are read; nothing is unpickled)")
         subfolders = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
@@ -245,6 +308,9 @@ def read_adapter(path: str | os.PathLike, verify: bool = True):
     if not isinstance(data, dict):
         raise DeltaError(f"{config_path} holds a JSON {type(data).__name__}, not an object; it is not an adapter config")
     config = config_from_file(data, str(config_path))
+    if method_of(config).folder == "model":
+        raise DeltaError(f"{config_path} names a {config.peft_type} delta, which is saved as a whole model with "
+                         f"{model_files.MARKER}, never as an adapter; the folder was edited by hand")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -282,6 +348,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
     state = require_state(model)
     try:
         delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides})  # a re-save writes what was read
+        if method.folder == "model":
+            tensors = _from_model_keys(model, name, tensors)
         if method.from_file is not None:
             tensors = method.from_file(model, name, delta.config, tensors)
         load_state_into(model, name, tensors, source=str(path))
@@ -330,6 +398,26 @@ def load_state_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor
             if not torch.equal(value, param):  # a changed base (say, an extended vocabulary): load it, keep the original
                 delta.base_originals[key] = (param, param.detach().clone())
                 param.copy_(value)
+
+
+def _from_model_keys(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole-model file's tensors under the keys delta `name` expects: a tied weight is saved under one of its
+    names, whichever save_pretrained kept; the model's buffers are not the delta's and are skipped."""
+    expected = file_keys(model, name)
+    containers = tuple(require_state(model).deltas[name].method.containers) + ("modules_to_save",)
+    key_of: dict[int, str] = {id(p): key for key, p in expected.items()}
+    by_name: dict[str, str] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in key_of:
+            by_name.setdefault(saved_key(path, name, containers, prefix=""), key_of[id(p)])
+    buffers = {saved_key(path, name, containers, prefix="") for path, _ in model.named_buffers()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key in by_name:
+            out.setdefault(by_name[key], value)
+        elif key not in buffers:
+            out[PREFIX + key] = value  # no place for it: load_state_into names it
+    return out
 
 
 def _base_tensors(model: nn.Module, name: str, keys: set[str]) -> dict[str, nn.Parameter]:

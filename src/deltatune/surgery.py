@@ -49,6 +49,10 @@ class Delta:
     # the rewritten values are in place while the delta is active, the originals otherwise.
     rewrites: list["Rewrite"] = field(default_factory=list)
 
+    # False when the method chose not to keep the originals (full fine-tuning of a model too big
+    # to copy): the delta can then never be switched off, only merged or detached with merge=True.
+    restorable: bool = True
+
 
 @dataclass
 class Rewrite:
@@ -443,28 +447,101 @@ def remove_root_parameters(model: nn.Module, container: str, adapter: str) -> No
 # ---------------------------------------------------------------- selection
 
 
-def select_parameters(model: nn.Module, adapter: str, names: list[str]) -> None:
-    """Record the parameters a selective delta trains, and their original values."""
+def foreign_parameters(model: nn.Module) -> set[int]:
+    """Ids of parameters a selective delta must not select: other deltas' own parameters (inside
+    delta layers' containers or in a container at the model root) and the frozen originals of
+    modules kept whole (their trained copies are what trains)."""
+    state = get_state(model)
+    roots = {c for d in (state.deltas.values() if state else ()) if d.method.kind == "input" for c in d.method.containers}
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, DeltaLayer):
+            ids |= {id(p) for c in module.containers for p in getattr(module, c).parameters()}
+            if isinstance(module, ModulesToSave):
+                ids |= {id(p) for p in module.base_layer.parameters()}
+    for container in roots:
+        store = model._modules.get(container)
+        if store is not None:
+            ids |= {id(p) for p in store.parameters()}
+    return ids
+
+
+def select_parameters(model: nn.Module, adapter: str, names: list[str], originals: str = "same_device",
+                      method: str = "selective") -> None:
+    """Record the parameters a selective delta trains, and their original values.
+
+    originals: "same_device" keeps the copies beside the parameters, "cpu" in host
+    memory (a full fine-tuning delta then costs no accelerator memory for them), "none" keeps
+    none: the delta cannot be switched off or detached without merge afterwards.
+    """
     state = get_state(model, create=True)
     params = dict(model.named_parameters())
-    taken = {id(p) for name, d in state.deltas.items() if name != adapter for p in d.selected.values()}
+    taken = {id(p): other for other, d in state.deltas.items() if other != adapter for p in d.selected.values()}
     overlap = [n for n in names if id(params[n]) in taken]
     if overlap:
-        raise DeltaError(f"parameter {overlap[0]} is already selected by another delta; detach that delta first")
+        raise DeltaError(
+            f"parameter {overlap[0]} is already selected by delta {taken[id(params[overlap[0]])]!r}"
+            f"{f' (and {len(overlap) - 1} more)' if len(overlap) > 1 else ''}; a {method} delta cannot select it too: "
+            "detach that delta first, or narrow this one"
+        )
+    merged_into = _merged_parameters(model)
+    busy = [n for n in names if id(params[n]) in merged_into]
+    if busy:
+        raise DeltaError(
+            f"parameter {busy[0]} holds the merged delta {merged_into[id(params[busy[0]])]!r}; a {method} delta cannot "
+            "select it (its detach would drop the merge): dt.unmerge(model) first"
+        )
     delta = state.deltas[adapter]
     delta.selected = {n: params[n] for n in names}
-    delta.originals = {n: params[n].detach().clone() for n in names}
+    delta.restorable = originals != "none"
+    delta.originals = {n: _copy_of(params[n], originals) for n in names} if delta.restorable else {}
 
 
-def swap_selected(delta: Delta, active: bool) -> None:
-    """Put the trained values in place (active) or the originals (inactive)."""
+def _copy_of(p: nn.Parameter, where: str) -> torch.Tensor:
+    to_cpu = where == "cpu" and p.device.type != "meta"  # meta tensors have no data to copy anywhere
+    return p.detach().to("cpu", copy=True) if to_cpu else p.detach().clone()
+
+
+def _merged_parameters(model: nn.Module) -> dict[int, str]:
+    """Parameters that hold a merged wrap delta, by id, with the delta's name."""
+    held = {}
+    for _, layer in delta_layers(model):
+        for attribute in layer.merged_parameters() if layer.merged else ():
+            p = getattr(layer.base_layer, attribute, None)
+            if p is not None:
+                held[id(p)] = layer.merged[0]
+    return held
+
+
+def selected_by(model: nn.Module) -> dict[int, str]:
+    """Parameters selected by a selective delta, by id, with the delta's name."""
+    state = get_state(model)
+    return {id(p): n for n, d in (state.deltas.items() if state else ()) for p in d.selected.values()}
+
+
+def check_switchable(delta: Delta, name: str, doing: str) -> None:
+    """A selective delta without originals cannot be switched off or detached without merge."""
+    if not delta.restorable:
+        raise DeltaError(
+            f"cannot {doing}: delta {name!r} ({delta.method.name}) was attached with originals='none', so the base "
+            f"weights it trained over are gone; dt.merge(model, {name!r}) to make it part of the base, or "
+            f"dt.detach(model, {name!r}, merge=True) to keep its weights and remove the delta"
+        )
+
+
+def swap_selected(delta: Delta, active: bool, name: str = "") -> None:
+    """Put the trained values in place (active) or the originals (inactive).
+
+    The trained values wait beside the originals (on their device), so a full fine-tuning
+    delta kept on the CPU costs no accelerator memory while it is switched off."""
     with torch.no_grad():
         if active and delta.stash is not None:
             for n, value in delta.stash.items():
                 delta.selected[n].copy_(value)
             delta.stash = None
         elif not active and delta.stash is None:
-            delta.stash = {n: p.detach().clone() for n, p in delta.selected.items()}
+            check_switchable(delta, name, "switch it off")
+            delta.stash = {n: p.detach().to(delta.originals[n].device, copy=True) for n, p in delta.selected.items()}
             for n, value in delta.originals.items():
                 delta.selected[n].copy_(value)
 
@@ -564,7 +641,9 @@ def base_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
     state = get_state(model)
     layers = dict(delta_layers(model))
     roots = {c for d in state.deltas.values() if d.method.kind == "input" for c in d.method.containers}
-    path_of = {id(p): n for n, p in model.named_parameters()}
+    paths_of: dict[int, list[str]] = {}  # a tied parameter has several names; each gets the same value
+    for n, p in model.named_parameters(remove_duplicate=False):
+        paths_of.setdefault(id(p), []).append(n)
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         mapped = _base_key(key, layers, roots)
@@ -579,14 +658,17 @@ def base_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
                 for key, value in layer.modules_to_save[merged[-1]].state_dict().items():
                     out[f"{prefix}.{key}"] = value.to(dtype) if value.is_floating_point() else value
     for delta in state.deltas.values():
-        if delta.method.kind == "select" and not delta.merged and delta.stash is None:  # trained values in place
+        # trained values in place: write the originals (a delta without them is the base now)
+        if delta.method.kind == "select" and not delta.merged and delta.stash is None and delta.restorable:
             for n, p in delta.selected.items():
-                out[_base_key(path_of[id(p)], layers, roots)] = delta.originals[n]
+                for path in paths_of[id(p)]:
+                    out[_base_key(path, layers, roots)] = delta.originals[n]
         if not delta.merged:  # a rewritten base weight in place (PiSSA's residual) is not the base model's
             for rw in delta.rewrites:
                 if rw.aside is None:
-                    out[_base_key(path_of[id(rw.param)], layers, roots)] = rw.original.to(rw.param.device)
-    left_out = [n for n in state.active if not state.deltas[n].merged]
+                    for path in paths_of[id(rw.param)]:
+                        out[_base_key(path, layers, roots)] = rw.original.to(rw.param.device)
+    left_out = [n for n in state.active if not state.deltas[n].merged and state.deltas[n].restorable]
     return out, left_out
 
 

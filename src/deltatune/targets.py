@@ -102,6 +102,20 @@ def _is_wrapper(module: nn.Module) -> bool:
     return "base_layer" in module._modules and hasattr(type(module), "containers")
 
 
+def block_stacks(model: nn.Module) -> list[tuple[str, int]]:
+    """(full name, number of blocks) of each stack of transformer blocks: a ModuleList named like
+    LAYER_CONTAINERS, outermost only (T5's blocks hold a ModuleList named "layer" of their own).
+    An encoder-decoder has two stacks."""
+    wrappers = [n for n, m in model.named_modules() if _is_wrapper(m)]
+    found: list[tuple[str, int]] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if (isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in LAYER_CONTAINERS
+                and not any(name.startswith(f + ".") for f, _ in found)
+                and not any(name.startswith(w + ".") for w in wrappers)):
+            found.append((name, len(module)))
+    return found
+
+
 def name_matches(name: str, spec: str | Sequence[str]) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
