@@ -39,6 +39,10 @@ METHODS = [
     M("rslora", lambda: dt.LoraConfig(r=4, alpha=8, use_rslora=True, init="gaussian")),
     M("dora", lambda: dt.LoraConfig(r=4, alpha=8, use_dora=True)),
     M("lora_all_linear", lambda: dt.LoraConfig(r=2, alpha=4, target_modules="all-linear")),
+    M("ia3", lambda: dt.IA3Config(), lr=0.2),  # scales of tiny random activations: the loss moves slowly
+    M("loha", lambda: dt.LoHaConfig(r=4, alpha=8)),
+    M("lokr", lambda: dt.LoKrConfig(r=4, alpha=8)),
+    M("lokr_low_rank", lambda: dt.LoKrConfig(r=1, alpha=16, decompose_both=True)),  # W1 and W2 both low-rank
     M("prompt_tuning", lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="sample_vocab"), identity_at_attach=False, mergeable=False, lr=0.1),
     M("bitfit", lambda: dt.BitFitConfig(), needs_bias=True),
 ]

@@ -11,7 +11,7 @@ from .api import (active, attach, attached, delta_parameters, detach, disabled, 
                   set_trainable, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
-from .methods import BitFitConfig, LoraConfig, PromptTuningConfig
+from .methods import BitFitConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
     "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
-    "DeltaConfig", "DeltaError", "LoraConfig", "PromptTuningConfig", "BitFitConfig",
+    "DeltaConfig", "DeltaError", "LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "PromptTuningConfig", "BitFitConfig",
     "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip

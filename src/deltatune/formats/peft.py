@@ -72,6 +72,9 @@ SCHEMAS: dict[str, Schema] = {
         values={"init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "none": False}},
         extra=LORA_EXTRA,
     ),
+    "IA3": Schema(rename={"init_weights": "init_ia3_weights"}),
+    "LOHA": Schema(),  # our field names are peft's
+    "LOKR": Schema(),
     "PROMPT_TUNING": Schema(
         rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
         values={"prompt_tuning_init": {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}},

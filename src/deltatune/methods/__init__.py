@@ -1,7 +1,10 @@
 """One module per method family; importing this package registers them all."""
 
+from .ia3 import IA3Config, IA3Layer
+from .lokr_loha import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraLayer
 from .prompts import PromptTuningConfig
 from .selective import BitFitConfig
 
-__all__ = ["LoraConfig", "LoraLayer", "PromptTuningConfig", "BitFitConfig"]
+__all__ = ["LoraConfig", "LoraLayer", "IA3Config", "IA3Layer", "LoHaConfig", "LoHaLayer", "LoKrConfig", "LoKrLayer",
+           "PromptTuningConfig", "BitFitConfig"]
