@@ -52,6 +52,12 @@ CASES: dict[str, Case] = {
                  lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
     "dora": Case(lambda: dt.LoraConfig(r=16, alpha=32, target_modules=ALL, use_dora=True),
                  lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, use_dora=True, task_type="CAUSAL_LM")),
+    "ia3": Case(lambda: dt.IA3Config(),  # llama's defaults: k_proj, v_proj, down_proj (feed-forward)
+                lambda peft: peft.IA3Config(task_type="CAUSAL_LM")),
+    "loha": Case(lambda: dt.LoHaConfig(r=16, alpha=32, target_modules=ALL),
+                 lambda peft: peft.LoHaConfig(r=16, alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
+    "lokr": Case(lambda: dt.LoKrConfig(r=16, alpha=32, target_modules=ALL),
+                 lambda peft: peft.LoKrConfig(r=16, alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
     "prompt_tuning": Case(lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
                           lambda peft: peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
 }

@@ -376,27 +376,44 @@ class LoKrLayer(_WeightDeltaLayer):
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.live:
-            if not self.skipped(name):
-                result = result + self.delta_output(name, x)
+            if self.skipped(name):
+                continue
+            mask = self.row_mask(name, result.shape[-1], result.device, result.dtype)
+            if mask is None:
+                result = self.kron_product(name, x, add_to=result)
+            else:
+                result = result + self.kron_product(name, x) * mask
         return result
 
     def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "conv2d":
             return super().delta_output(name, x)
-        # (W1 ⊗ W2) x = vec(W1 X W2ᵀ), X = x viewed as (c, d): ΔW itself is never built.
+        mask = self.row_mask(name, self.weight_shape()[0], x.device, x.dtype)
+        delta = self.kron_product(name, x)
+        return delta if mask is None else delta * mask
+
+    def kron_product(self, name: str, x: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """s (W1 ⊗ W2) x on a linear layer (plus `add_to`), without building ΔW.
+
+        With X = x viewed as (c, d), (W1 ⊗ W2) x = vec(W1 X W2ᵀ): two thin products instead of
+        one with the (out, in) ΔW. The second product writes straight into the output rows, and
+        plain 2-D products are used throughout (torch.matmul's batched paths pick kernels by
+        requires_grad, which would make a trained and a reloaded model differ in the last bits).
+        """
         w1, w2 = self.factors(name)
-        if w1.dtype != x.dtype:
+        w1 = w1 * self.scaling[name]  # (a, c): scaling the small factor costs nothing
+        if w1.dtype != x.dtype:  # fp32 trainables, half-precision base: compute in the base's dtype
             w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
         (a, c), (b, d) = w1.shape, w2.shape
-        # Plain 2-D products on explicit reshapes: torch.matmul's batched paths pick kernels by
-        # requires_grad, which would make a trained and a reloaded model differ in the last bits.
         n = x.numel() // (c * d)
-        t = (x.reshape(n * c, d) @ w2.T).view(n, c, b)  # X W2ᵀ: (N, c, b)
-        t = t.transpose(1, 2).reshape(n * b, c) @ w1.T  # (W1 X W2ᵀ)ᵀ: (N·b, a)
-        y = t.view(n, b, a).transpose(1, 2).reshape(*x.shape[:-1], a * b)  # (..., out), out index = i·b + j
-        mask = self.row_mask(name, a * b, y.device, y.dtype)
-        scale = self.scaling[name]
-        return y * (scale if mask is None else mask * scale)
+        xt = x.reshape(n, c, d).transpose(1, 2).reshape(n * d, c)  # Xᵀ per row: (N·d, c)
+        u = (xt @ w1.T).view(n, d, a).transpose(1, 2).reshape(n * a, d)  # W1 X per row: (N·a, d)
+        if add_to is None:
+            return (u @ w2.T).view(*x.shape[:-1], a * b)  # (..., out), out index i·b + j
+        rows = add_to.reshape(n * a, b)
+        if not torch.is_grad_enabled() and add_to.is_contiguous():  # the base output is ours to overwrite
+            return rows.addmm_(u, w2.T).view(add_to.shape)
+        return torch.addmm(rows, u, w2.T).view(add_to.shape)
 
 
 def _attach(layer_cls: type[_WeightDeltaLayer], method: str):
