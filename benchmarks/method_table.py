@@ -31,6 +31,9 @@ METHODS = {
     "LoRA r=8 (default targets)": lambda: dt.LoraConfig(r=8, alpha=16),
     "LoRA r=8 all-linear": lambda: dt.LoraConfig(r=8, alpha=16, target_modules="all-linear"),
     "DoRA r=8 (default targets)": lambda: dt.LoraConfig(r=8, alpha=16, use_dora=True),
+    "(IA)³ (default targets)": lambda: dt.IA3Config(),
+    "LoHa r=8 (default targets)": lambda: dt.LoHaConfig(r=8, alpha=16),
+    "LoKr r=8 (default targets)": lambda: dt.LoKrConfig(r=8, alpha=16),
     "Prompt tuning, 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
     "BitFit (all biases)": lambda: dt.BitFitConfig(),
 }
