@@ -15,6 +15,7 @@ import stat
 
 import pytest
 import torch
+import torch.nn as nn
 import transformers as tf
 
 import deltatune as dt
@@ -509,8 +510,9 @@ def test_mixed_batches_refuse_whole_batch_deltas():
 # ---------------------------------------------------------------- save_pretrained with a delta attached
 
 
-@pytest.mark.parametrize("config", [dt.LoraConfig(r=2, init="none"), dt.BitFitConfig(), dt.LoraConfig(r=2, init="none", use_dora=True)],
-                         ids=["lora", "bitfit", "dora"])
+@pytest.mark.parametrize("config", [dt.LoraConfig(r=2, init="none"), dt.BitFitConfig(), dt.LoraConfig(r=2, init="none", use_dora=True),
+                                    dt.IA3Config(), dt.LoHaConfig(r=2)],
+                         ids=["lora", "bitfit", "dora", "ia3", "loha"])
 def test_save_pretrained_writes_the_base_or_the_merged_model(config, tmp_path):
     model = build("bert")
     data = batch("bert")
@@ -614,3 +616,37 @@ def test_a_copied_or_pickled_model_keeps_working_hooks(tmp_path):
         reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
         torch.testing.assert_close(logits(reloaded, data), logits(model, data), rtol=0, atol=1e-5)
         assert not dt.attached(model)["default"] is None and model.model.layers[0].self_attn.q_proj.merged == []
+
+
+# ---------------------------------------------------------------- (IA)³, LoHa, LoKr: their own bad inputs
+
+
+def test_lokr_and_loha_refuse_torch_conv1d_by_name():
+    net = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(2, 2))
+    before = fingerprint(net)
+    for config in (dt.LoHaConfig(target_modules=["0"]), dt.LoKrConfig(target_modules=["0"])):
+        with pytest.raises(dt.DeltaError, match=rf"{config.method} cannot wrap 0 \(Conv1d\).*supported type"):
+            dt.attach(net, config)
+    assert_unchanged(net, before)
+
+
+def test_ia3_feedforward_outside_default_targets_is_refused_at_attach():
+    model = build("llama")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=r"feedforward_modules = \['up_proj'\] must be a subset of target_modules = "
+                                            r"\['k_proj', 'v_proj', 'down_proj'\]"):
+        dt.attach(model, dt.IA3Config(feedforward_modules=["up_proj"]))
+    assert_unchanged(model, before)
+
+
+def test_a_lokr_file_whose_config_was_edited_names_the_missing_key(tmp_path):
+    model = dt.attach(build("llama"), dt.LoKrConfig(r=1, decompose_both=True))
+    dt.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["decompose_both"] = False  # the file now promises a full W1, but holds lokr_w1_a / lokr_w1_b
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = build("llama")
+    before = fingerprint(fresh)
+    with pytest.raises(dt.DeltaError, match=r"key \S+lokr_w1 is missing from the file"):
+        dt.load(fresh, tmp_path, verify=False)
+    assert_unchanged(fresh, before)
