@@ -29,8 +29,9 @@ the kernel (FedPara's proposition 3): Wa-mode-1 and Wb-mode-2 products of T, Wa 
 Wb (r x in). GPT-2's Conv1D is treated as the nn.Linear it computes (peft has no LoHa/LoKr
 for it, so such files are deltatune's only).
 
-The forward runs the base layer once with W0 + ΔW (one matmul or convolution instead of
-two); merging adds ΔW to W0 and unmerging subtracts it. Training-time options, as in
+LoHa's forward (and LoKr's on Conv2d) runs the base layer's computation once with W0 + ΔW:
+one matmul or convolution forward and two backward, where a separate delta output would take
+two and three. Merging adds ΔW to W0 and unmerging subtracts it. Training-time options, as in
 LyCORIS and peft: rank_dropout drops whole output rows of ΔW in each forward (LoHa
 rescales the kept rows by 1/mean, LoKr only with rank_dropout_scale), module_dropout skips
 the adapter for a whole forward.
