@@ -63,6 +63,12 @@ CASES: dict[str, Case] = {
     "adalora": Case(lambda: dt.AdaLoraConfig(init_r=16, target_r=8, alpha=32, total_step=1000, target_modules=ALL),
                     lambda peft: peft.AdaLoraConfig(init_r=16, target_r=8, lora_alpha=32, total_step=1000,
                                                     target_modules=ALL, task_type="CAUSAL_LM")),
+    "ia3": Case(lambda: dt.IA3Config(),  # llama's defaults: k_proj, v_proj, down_proj (feed-forward)
+                lambda peft: peft.IA3Config(task_type="CAUSAL_LM")),
+    "loha": Case(lambda: dt.LoHaConfig(r=16, alpha=32, target_modules=ALL),
+                 lambda peft: peft.LoHaConfig(r=16, alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
+    "lokr": Case(lambda: dt.LoKrConfig(r=16, alpha=32, target_modules=ALL),
+                 lambda peft: peft.LoKrConfig(r=16, alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
     "prompt_tuning": Case(lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
                           lambda peft: peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
 }

@@ -44,6 +44,10 @@ METHODS = [
     M("pissa", lambda: dt.LoraConfig(r=4, alpha=8, init="pissa"), rewrites_base=True, attach_atol=1e-5),
     M("olora", lambda: dt.LoraConfig(r=4, alpha=8, init="olora"), rewrites_base=True, attach_atol=1e-5),
     M("adalora", lambda: dt.AdaLoraConfig(init_r=6, target_r=4, alpha=32, total_step=12)),
+    M("ia3", lambda: dt.IA3Config(), lr=0.2),  # scales of tiny random activations: the loss moves slowly
+    M("loha", lambda: dt.LoHaConfig(r=4, alpha=8)),
+    M("lokr", lambda: dt.LoKrConfig(r=4, alpha=8)),
+    M("lokr_low_rank", lambda: dt.LoKrConfig(r=1, alpha=16, decompose_both=True)),  # W1 and W2 both low-rank
     M("prompt_tuning", lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="sample_vocab"), identity_at_attach=False, mergeable=False, lr=0.1),
     M("bitfit", lambda: dt.BitFitConfig(), needs_bias=True),
     M("freeze", lambda: dt.FreezeConfig(trainable_layers=1, trainable_modules=r"(?i).*(norm|\.ln_\w+)", train_head=False)),

@@ -65,9 +65,7 @@ def test_prompt_tuning_on_t5_xxl_shape():
 
 
 def test_llama_3b_shape_lora_and_prompt_tuning():
-    config = tf.LlamaConfig(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                            head_dim=128, intermediate_size=8192, vocab_size=128256)
-    model = on_meta(config, tf.LlamaForCausalLM)
+    model = llama_3b()
     dt.attach(model, dt.LoraConfig(r=32, alpha=64))
     assert trainable(model) == 9_175_040
     dt.detach(model)
@@ -115,3 +113,47 @@ def test_diff_pruning_of_bert_large_keeps_half_a_percent():
     # kept at 0.5%: round(0.005 x 335,141,888) = round(1,675,709.44) = 1,675,709
     assert kept_entries(model) == 1_675_709
     dt.finalize(model)  # the projection runs on shapes alone here
+def llama_3b():
+    config = tf.LlamaConfig(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                            head_dim=128, intermediate_size=8192, vocab_size=128256)
+    return on_meta(config, tf.LlamaForCausalLM)
+
+
+def test_ia3_on_llama_3b_k_v_down():
+    model = llama_3b()
+    dt.attach(model, dt.IA3Config())  # llama's default: k_proj, v_proj, down_proj (feed-forward)
+    # 28 layers x (k: 8 KV heads x 128 = 1024 + v: 1024 + down's input: 8192)
+    assert trainable(model) == 28 * (1024 + 1024 + 8192) == 286_720
+
+
+def test_ia3_on_t0_3b_shape():
+    # T0-3B as REFERENCE.md gives it: 24 + 24 layers, d_model 2048, 32 heads x 128, gated FFN 5120
+    config = tf.T5Config(d_model=2048, d_kv=128, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                         feed_forward_proj="gated-gelu", vocab_size=32128)
+    model = on_meta(config, tf.T5ForConditionalGeneration)
+    dt.attach(model, dt.IA3Config())  # t5's default: k, v and wo (feed-forward)
+    stats = dt.summary(model, print_table=False)
+    # encoder: self-attention k, v (4096 each) + wo's input (5120); decoder adds cross-attention k, v
+    assert stats.trainable == 24 * (2 * 4096 + 5120) + 24 * (4 * 4096 + 5120) == 835_584
+    # peft 0.21.2 on the same meta model counts the same. This shape totals 3,992,754,176 parameters
+    # (T5 v1.1 unties the output head), so the share is 0.021%, not the 0.01% quoted for "3B".
+    assert stats.total == 3_992_754_176 and round(stats.percent, 3) == 0.021
+
+
+# LoHa and LoKr have no published counts: computed by hand below (peft 0.21.2 counts the same).
+
+
+def test_loha_on_llama_3b_by_hand():
+    model = llama_3b()
+    dt.attach(model, dt.LoHaConfig(r=8, alpha=16))  # default targets q_proj, v_proj
+    # 2r(out + in) per module: q (3072 x 3072) 2*8*6144 = 98,304; v (1024 x 3072) 2*8*4096 = 65,536
+    assert trainable(model) == 28 * (98_304 + 65_536) == 4_587_520
+
+
+def test_lokr_on_llama_3b_by_hand():
+    model = llama_3b()
+    dt.attach(model, dt.LoKrConfig(r=8, alpha=16))  # default targets q_proj, v_proj
+    # 3072 = 48 x 64, 1024 = 32 x 32 (largest divisor up to the square root, and its cofactor).
+    # q: W1 48 x 48 = 2,304; W2 64 x 64 has r = 8 < 64/2, so W2a 64 x 8 + W2b 8 x 64 = 1,024.
+    # v (out 1024 = 32 x 32, in 48 x 64): W1 32 x 48 = 1,536; W2 (32 x 64) low-rank: 32 x 8 + 8 x 64 = 768.
+    assert trainable(model) == 28 * (2_304 + 1_024 + 1_536 + 768) == 157_696

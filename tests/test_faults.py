@@ -15,6 +15,7 @@ import stat
 
 import pytest
 import torch
+import torch.nn as nn
 import transformers as tf
 
 import deltatune as dt
@@ -74,9 +75,8 @@ def test_loading_into_the_wrong_model_names_the_key_and_changes_nothing(method, 
 def test_a_failed_load_leaves_the_active_delta_alone(method, tmp_path):
     _trained_and_saved(method, tmp_path)
     model = _wider_gpt2()
-    # on the same modules, unless the method wraps them with a layer of its own (which cannot stack on LoRA's)
-    shared = method.make().method == "lora"
-    dt.attach(model, dt.LoraConfig(r=2, init="none", target_modules=None if shared else ["c_fc"]), name="working")
+    # on c_fc, which no method's default targets on GPT-2 (two wrapping methods never share a module)
+    dt.attach(model, dt.LoraConfig(r=2, init="none", target_modules=["c_fc"]), name="working")
     data = batch("gpt2")
     out, before = logits(model, data), fingerprint(model)
     with pytest.raises(dt.DeltaError, match="does not fit"):
@@ -534,8 +534,9 @@ def test_mixed_batches_refuse_whole_batch_deltas():
 # ---------------------------------------------------------------- save_pretrained with a delta attached
 
 
-@pytest.mark.parametrize("config", [dt.LoraConfig(r=2, init="none"), dt.BitFitConfig(), dt.LoraConfig(r=2, init="none", use_dora=True)],
-                         ids=["lora", "bitfit", "dora"])
+@pytest.mark.parametrize("config", [dt.LoraConfig(r=2, init="none"), dt.BitFitConfig(), dt.LoraConfig(r=2, init="none", use_dora=True),
+                                    dt.IA3Config(), dt.LoHaConfig(r=2)],
+                         ids=["lora", "bitfit", "dora", "ia3", "loha"])
 def test_save_pretrained_writes_the_base_or_the_merged_model(config, tmp_path):
     model = build("bert")
     data = batch("bert")
@@ -639,3 +640,37 @@ def test_a_copied_or_pickled_model_keeps_working_hooks(tmp_path):
         reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
         torch.testing.assert_close(logits(reloaded, data), logits(model, data), rtol=0, atol=1e-5)
         assert not dt.attached(model)["default"] is None and model.model.layers[0].self_attn.q_proj.merged == []
+
+
+# ---------------------------------------------------------------- (IA)³, LoHa, LoKr: their own bad inputs
+
+
+def test_lokr_and_loha_refuse_torch_conv1d_by_name():
+    net = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(2, 2))
+    before = fingerprint(net)
+    for config in (dt.LoHaConfig(target_modules=["0"]), dt.LoKrConfig(target_modules=["0"])):
+        with pytest.raises(dt.DeltaError, match=rf"{config.method} cannot wrap 0 \(Conv1d\).*supported type"):
+            dt.attach(net, config)
+    assert_unchanged(net, before)
+
+
+def test_ia3_feedforward_outside_default_targets_is_refused_at_attach():
+    model = build("llama")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=r"feedforward_modules = \['up_proj'\] must be a subset of target_modules = "
+                                            r"\['k_proj', 'v_proj', 'down_proj'\]"):
+        dt.attach(model, dt.IA3Config(feedforward_modules=["up_proj"]))
+    assert_unchanged(model, before)
+
+
+def test_a_lokr_file_whose_config_was_edited_names_the_missing_key(tmp_path):
+    model = dt.attach(build("llama"), dt.LoKrConfig(r=1, decompose_both=True))
+    dt.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["decompose_both"] = False  # the file now promises a full W1, but holds lokr_w1_a / lokr_w1_b
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = build("llama")
+    before = fingerprint(fresh)
+    with pytest.raises(dt.DeltaError, match=r"key \S+lokr_w1 is missing from the file"):
+        dt.load(fresh, tmp_path, verify=False)
+    assert_unchanged(fresh, before)

@@ -42,6 +42,47 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
         "t5": ["q", "v"],
         "mt5": ["q", "v"],
     },
+    # (IA)³ rescales keys, values and the feed-forward input (IA3_FEEDFORWARD lists which of these
+    # targets are feed-forward modules, whose input rather than output is rescaled).
+    "ia3": {
+        **dict.fromkeys(["llama", "mistral"], ["k_proj", "v_proj", "down_proj"]),
+        **dict.fromkeys(["qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "llama4"], ["q_proj", "v_proj", "down_proj"]),
+        "mixtral": ["k_proj", "v_proj", "w2"],
+        "gpt2": ["c_attn", "mlp.c_proj"],
+        "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+        "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+        "gptj": ["q_proj", "v_proj", "fc_out"],
+        "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+        "falcon": ["query_key_value", "dense_4h_to_h"],
+        "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+        "chatglm": ["query_key_value", "dense_4h_to_h"],  # deltatune's own: peft has no (IA)³ default for ChatGLM
+        "opt": ["q_proj", "k_proj", "fc2"],
+        "bart": ["q_proj", "v_proj", "fc2"],
+        "phi": ["q_proj", "v_proj", "fc2"],
+        "bert": ["key", "value", "output.dense"],
+        "roberta": ["key", "value", "output.dense"],
+        "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+        "t5": ["k", "v", "wo"],
+        "mt5": ["k", "v", "wi_1"],
+    },
+}
+# LoHa and LoKr take LoRA's defaults, as peft does.
+DEFAULT_TARGETS["loha"] = DEFAULT_TARGETS["lokr"] = DEFAULT_TARGETS["lora"]
+
+# (IA)³'s feed-forward modules per model_type: the default targets whose input is rescaled.
+IA3_FEEDFORWARD: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "llama4"], ["down_proj"]),
+    "mixtral": ["w2"],
+    "gpt2": ["mlp.c_proj"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "gpt_neo": ["c_proj"],
+    "gptj": ["fc_out"],
+    **dict.fromkeys(["gpt_neox", "falcon", "chatglm"], ["dense_4h_to_h"]),
+    "bloom": ["mlp.dense_4h_to_h"],
+    **dict.fromkeys(["opt", "bart", "phi"], ["fc2"]),
+    **dict.fromkeys(["bert", "roberta", "deberta-v2"], ["output.dense"]),
+    "t5": ["wo"],
+    "mt5": [],
 }
 # AdaLoRA: peft's AdaLoRA defaults where they differ from LoRA's, LoRA's elsewhere.
 DEFAULT_TARGETS["adalora"] = {

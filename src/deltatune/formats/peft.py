@@ -107,6 +107,9 @@ SCHEMAS: dict[str, Schema] = {
         extra={**LORA_EXTRA, "r": 8, "alpha_pattern": {}, "use_dora": False, "use_rslora": False},
         ignored=("r", "alpha_pattern", "use_rslora"),  # peft's AdaLoRA uses init_r and lora_alpha only
     ),
+    "IA3": Schema(rename={"init_weights": "init_ia3_weights"}),
+    "LOHA": Schema(),  # our field names are peft's
+    "LOKR": Schema(),
     "PROMPT_TUNING": Schema(
         rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
         values={"prompt_tuning_init": {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}},

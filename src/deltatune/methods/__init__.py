@@ -2,9 +2,12 @@
 
 from .adalora import AdaLoraConfig, AdaLoraLayer
 from .diff_pruning import DiffPruningConfig, DiffPruningLayer
+from .ia3 import IA3Config, IA3Layer
+from .lokr_loha import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraLayer
 from .prompts import PromptTuningConfig
 from .selective import BitFitConfig, FreezeConfig, FullConfig
 
-__all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "PromptTuningConfig", "BitFitConfig",
-           "FreezeConfig", "FullConfig", "DiffPruningConfig", "DiffPruningLayer"]
+__all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "IA3Config", "IA3Layer", "LoHaConfig",
+           "LoHaLayer", "LoKrConfig", "LoKrLayer", "PromptTuningConfig", "BitFitConfig", "FreezeConfig", "FullConfig",
+           "DiffPruningConfig", "DiffPruningLayer"]
