@@ -7,18 +7,19 @@
     dt.save(model, "out/adapter")
 """
 
-from .api import (active, attach, attached, delta_parameters, detach, disabled, merge, mixed_batch, set_active,
-                  set_trainable, unmerge)
+from .api import (active, attach, attached, delta_parameters, detach, disabled, finalize, merge, mixed_batch,
+                  regularization, set_active, set_trainable, step, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
-from .methods import BitFitConfig, LoraConfig, PromptTuningConfig
+from .methods import AdapterConfig, AdapterFusionConfig, BitFitConfig, LoraConfig, PromptTuningConfig, fusion_attention
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
-    "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
-    "DeltaConfig", "DeltaError", "LoraConfig", "PromptTuningConfig", "BitFitConfig",
+    "active", "attached", "delta_parameters", "set_trainable", "mixed_batch", "regularization", "step", "finalize",
+    "DeltaConfig", "DeltaError", "LoraConfig", "PromptTuningConfig", "BitFitConfig", "AdapterConfig",
+    "AdapterFusionConfig", "fusion_attention",
     "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip

@@ -39,7 +39,8 @@ class Delta:
     # Base tensors the delta's file overrode at load (peft's saved embedding weights): the
     # parameter and its value before the load, restored by detach.
     base_originals: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
-    # kind "select": the selected parameters (by their name at selection time; held
+    # Existing parameters the delta trains (kind "select", or a wrapping delta that also trains
+    # some of the base, as adapters' layer norms): the selected parameters (by their name at selection time; held
     # by object, since wrapping a module later renames its parameters), their
     # original values, and their trained values while the delta is inactive.
     selected: dict[str, nn.Parameter] = field(default_factory=dict)
@@ -120,7 +121,7 @@ def check_batch_adapters(state: ModelState, names: object) -> list[str]:
                          "dt.unmerge(model) before a mixed-adapter batch")
     for n in dict.fromkeys(list(names) + state.active):
         delta = state.deltas.get(n)
-        if delta is not None and not delta.method.per_row:
+        if delta is not None and (not delta.method.per_row or delta.selected):  # selected parameters change every row
             role = "is named in adapter_names" if n in names else "is active, so it would reach every row"
             raise DeltaError(
                 f"delta {n!r} ({delta.method.name}) {role}, but a {delta.method.name} delta changes the whole batch and "
@@ -337,8 +338,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapter: str, config: DeltaConfig) -> None:
-    """Give each named module an adapter of `layer_cls`, wrapping it first when needed."""
+def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapter: str, config: DeltaConfig,
+         per_module: dict[str, dict[str, Any]] | None = None) -> None:
+    """Give each named module an adapter of `layer_cls`, wrapping it first when needed.
+
+    per_module: extra keyword arguments for `add`, by module name (what differs between the
+    modules of one delta, such as where a bottleneck adapter reads its input)."""
     state = get_state(model, create=True)
     for name in names:
         module = model.get_submodule(name)
@@ -350,7 +355,7 @@ def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapte
             module = layer_cls(module)
             module.model_state = state
             replace_module(model, name, module)
-        module.add(adapter, config, name)
+        module.add(adapter, config, name, **(per_module or {}).get(name, {}))
         module.train(module.base_layer.training)  # new layers join in the model's current mode
 
 
@@ -476,7 +481,7 @@ def base_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
                 for key, value in layer.modules_to_save[merged[-1]].state_dict().items():
                     out[f"{prefix}.{key}"] = value.to(dtype) if value.is_floating_point() else value
     for delta in state.deltas.values():
-        if delta.method.kind == "select" and not delta.merged and delta.stash is None:  # trained values in place
+        if delta.selected and not delta.merged and delta.stash is None:  # trained values in place
             for n, p in delta.selected.items():
                 out[_base_key(path_of[id(p)], layers, roots)] = delta.originals[n]
     left_out = [n for n in state.active if not state.deltas[n].merged]

@@ -1,7 +1,9 @@
 """One module per method family; importing this package registers them all."""
 
+from .adapters import AdapterConfig, AdapterFusionConfig, AdapterLayer, fusion_attention
 from .lora import LoraConfig, LoraLayer
 from .prompts import PromptTuningConfig
 from .selective import BitFitConfig
 
-__all__ = ["LoraConfig", "LoraLayer", "PromptTuningConfig", "BitFitConfig"]
+__all__ = ["LoraConfig", "LoraLayer", "PromptTuningConfig", "BitFitConfig", "AdapterConfig", "AdapterFusionConfig",
+           "AdapterLayer", "fusion_attention"]
