@@ -33,14 +33,28 @@ METHODS = {
     "DoRA r=8 (default targets)": lambda: dt.LoraConfig(r=8, alpha=16, use_dora=True),
     "Prompt tuning, 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
     "BitFit (all biases)": lambda: dt.BitFitConfig(),
+    "Houlsby adapters, reduction 16": lambda: dt.AdapterConfig(placement="houlsby"),
+    "Pfeiffer adapter, reduction 16": lambda: dt.AdapterConfig(placement="pfeiffer"),
+    "Parallel adapter, reduction 16": lambda: dt.AdapterConfig(placement="parallel", scaling=4.0),
+    "AdapterFusion of 2 Pfeiffer adapters": lambda: dt.AdapterFusionConfig(adapters=["a", "b"]),
 }
 
 
-def count(reference: str, make) -> str:
+def _two_pfeiffer_adapters(model: torch.nn.Module) -> None:
+    for name in ("a", "b"):
+        dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name=name)
+
+
+# What a method needs attached before it (counted as frozen parameters of the model).
+PREPARE = {"AdapterFusion of 2 Pfeiffer adapters": _two_pfeiffer_adapters}
+
+
+def count(reference: str, method: str, make) -> str:
     config, cls = REFERENCES[reference]
     with torch.device("meta"):
         model = cls(config)
     try:
+        PREPARE.get(method, lambda _: None)(model)
         dt.attach(model, make())
     except dt.DeltaError:
         return "n/a (no biases)"
@@ -50,7 +64,7 @@ def count(reference: str, make) -> str:
 
 def main() -> None:
     names = list(REFERENCES)
-    rows = [[method] + [count(ref, make) for ref in names] for method, make in METHODS.items()]
+    rows = [[method] + [count(ref, method, make) for ref in names] for method, make in METHODS.items()]
     widths = [max(len(r[i]) for r in rows + [["method"] + names]) for i in range(len(names) + 1)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     print(line(["method"] + names))

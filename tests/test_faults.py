@@ -174,6 +174,16 @@ def test_the_same_name_twice_and_unknown_names(method):
         (lambda: dt.LoraConfig(task_type="CAUSAL"), "task_type", "one of 'CAUSAL_LM'"),
         (lambda: dt.PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens", "0 must be > 0"),
         (lambda: dt.BitFitConfig(target_modules=7), "target_modules", "expected a list of a string or a string or None"),
+        (lambda: dt.AdapterConfig(placement="serial"), "placement", "one of 'houlsby', 'pfeiffer', 'parallel'"),
+        (lambda: dt.AdapterConfig(reduction_factor=0), "reduction_factor", "0 must be > 0"),
+        (lambda: dt.AdapterConfig(reduction_factor=True), "reduction_factor", "expected a number"),
+        (lambda: dt.AdapterConfig(bottleneck_size=0), "bottleneck_size", "0 must be > 0"),
+        (lambda: dt.AdapterConfig(bottleneck_size=8.5), "bottleneck_size", "expected an int or None"),
+        (lambda: dt.AdapterConfig(nonlinearity="tanh"), "nonlinearity", "one of 'relu', 'gelu', 'swish'"),
+        (lambda: dt.AdapterConfig(target_layers=[-1]), "target_layers", "-1 must be >= 0"),
+        (lambda: dt.AdapterConfig(train_layer_norms="yes"), "train_layer_norms", "expected True or False"),
+        (lambda: dt.AdapterFusionConfig(adapters="ab"), "adapters", "expected a list of a string"),
+        (lambda: dt.AdapterFusionConfig(adapters=["a", "b"], regularization=-1.0), "regularization", "-1.0 must be >= 0"),
     ],
 )
 def test_configs_validate_types_and_ranges(make, field, fragment):
@@ -620,3 +630,73 @@ def test_a_copied_or_pickled_model_keeps_working_hooks(tmp_path):
         reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
         torch.testing.assert_close(logits(reloaded, data), logits(model, data), rtol=0, atol=1e-5)
         assert not dt.attached(model)["default"] is None and model.model.layers[0].self_attn.q_proj.merged == []
+
+
+# ---------------------------------------------------------------- bottleneck adapters and AdapterFusion
+
+
+def _two_adapters_to_fuse(arch="llama"):
+    model = build(arch)
+    for seed, name in enumerate(("a", "b")):
+        dt.attach(model, dt.AdapterConfig(bottleneck_size=4), name=name)
+        perturb(model, seed=seed)
+    return model
+
+
+def test_adapters_cannot_merge_and_say_why():
+    model = build("gpt2")
+    dt.attach(model, dt.AdapterConfig())
+    perturb(model)
+    before = fingerprint(model)
+    for call in (lambda: dt.merge(model), lambda: dt.detach(model, merge=True)):
+        with pytest.raises(dt.DeltaError, match="'default' is a bottleneck_adapter delta, which is a nonlinear function .* cannot be merged"):
+            call()
+    assert_unchanged(model, before)
+
+
+def test_an_adapter_whose_input_did_not_run_says_so():
+    model = build("llama")
+    dt.attach(model, dt.AdapterConfig(placement="parallel"))
+    down_proj = model.model.layers[0].mlp.down_proj
+    with pytest.raises(dt.DeltaError, match="parallel adapter on Linear reads the input of a Linear in the same block, which did not run"):
+        down_proj(torch.randn(1, 3, 64))
+
+
+def test_pfeiffer_on_a_residual_after_the_norm_is_refused():
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4,
+                                               apply_residual_connection_post_layernorm=True))
+    with pytest.raises(dt.DeltaError, match="apply_residual_connection_post_layernorm=True are not supported"):
+        dt.attach(model, dt.AdapterConfig(placement="pfeiffer"))
+    dt.attach(model, dt.AdapterConfig(placement="parallel"))
+
+
+def test_a_fused_adapter_cannot_be_detached_before_its_fusion():
+    model = _two_adapters_to_fuse()
+    data = batch("llama")
+    base = logits(build("llama"), data)
+    dt.attach(model, dt.AdapterFusionConfig(adapters=["a", "b"]), name="f")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match="delta 'a' is used by 'f' \\(adapter_fusion\\); detach 'f' first, or both at once"):
+        dt.detach(model, "a")
+    assert_unchanged(model, before)
+    dt.detach(model)  # everything at once: the fusion goes first
+    torch.testing.assert_close(logits(model, data), base, rtol=0, atol=0)
+
+
+def test_fusion_refuses_what_it_cannot_fuse():
+    with pytest.raises(dt.DeltaError, match="needs two or more distinct adapter names"):
+        dt.AdapterFusionConfig(adapters=["a"])
+    with pytest.raises(dt.DeltaError, match="needs two or more distinct adapter names"):
+        dt.AdapterFusionConfig(adapters=["a", "a"])
+    model = build("llama")
+    dt.attach(model, dt.AdapterConfig(placement="houlsby"), name="h")
+    dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name="p")
+    dt.attach(model, dt.AdapterConfig(placement="houlsby", target_layers=[0]), name="h0")
+    dt.attach(model, dt.LoraConfig(r=2), name="lora")
+    before = fingerprint(model)
+    for adapters, message in ((["h", "p"], r"'h' \(houlsby, 4 modules\) and 'p' \(pfeiffer, 2 modules\) differ"),
+                              (["h", "h0"], r"'h' \(houlsby, 4 modules\) and 'h0' \(houlsby, 2 modules\) differ"),
+                              (["h", "lora"], "fuses bottleneck adapters; 'lora' is a lora delta")):
+        with pytest.raises(dt.DeltaError, match=message):
+            dt.attach(model, dt.AdapterFusionConfig(adapters=adapters), name="f")
+        assert_unchanged(model, before)

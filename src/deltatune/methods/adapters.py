@@ -33,12 +33,15 @@ AdapterFusion (Pfeiffer et al. 2021) combines n trained adapters A_1..A_n, froze
 layer where they all sit, by attention over their outputs a_i = s·A_i(z), with the query from
 the layer's own hidden state z (the adapters' common input):
 
-    α = softmax_i( (Q z + b_Q) · (K a_i + b_K) ),     fused = Σ_i α_i V a_i
+    α = softmax_i( (Q z + b_Q) · (K a_i + b_K) / sqrt(d) ),     fused = Σ_i α_i V a_i
 
 which replaces the adapter term of the formulas above. Only Q, K and V train (3d² + 2d per
 layer); V starts as the identity and K at zero, so a new fusion computes exactly the average
 of its adapters' outputs; the loss term regularization · Σ ||V - I||² keeps V near the identity
-(`deltatune.regularization(model)`, 0.01 as in AdapterHub).
+(`deltatune.regularization(model)`, 0.01 as in AdapterHub). The scores are scaled by 1/sqrt(d)
+as in scaled dot-product attention (AdapterHub's fusion leaves them unscaled): trained adapters'
+outputs can be large, and unscaled scores then saturate the softmax within a few steps, often on
+the wrong adapter.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
 import torch
@@ -93,7 +96,7 @@ class AdapterFusionConfig(DeltaConfig):
     method = "adapter_fusion"
     peft_type = "ADAPTER_FUSION"
 
-    adapters: list[str]
+    adapters: list[str] = field(default_factory=list)
     regularization: float = check(0.01, ge=0)
 
     def __post_init__(self) -> None:
@@ -352,7 +355,7 @@ class AdapterLayer(DeltaLayer):
         q = F.linear(z, cast(query.weight), cast(query.bias))  # (..., d)
         k = F.linear(a, cast(key.weight), cast(key.bias))  # (..., n, d)
         v = F.linear(a, cast(value.weight))  # (..., n, d)
-        scores = (k @ q.unsqueeze(-1)).squeeze(-1)  # (..., n)
+        scores = (k @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1])  # (..., n)
         weights = scores.float().softmax(dim=-1).to(z.dtype)
         if self.recording is not None:
             records, module_name = self.recording
