@@ -700,3 +700,29 @@ def test_fusion_refuses_what_it_cannot_fuse():
         with pytest.raises(dt.DeltaError, match=message):
             dt.attach(model, dt.AdapterFusionConfig(adapters=adapters), name="f")
         assert_unchanged(model, before)
+
+
+def test_a_tapped_adapter_failing_at_its_last_layer_leaves_no_hook(monkeypatch):
+    from deltatune.methods.adapters import AdapterLayer
+
+    model = build("opt")
+    data = batch("opt")
+    dt.attach(model, dt.AdapterConfig(placement="parallel"), name="p1")
+    perturb(model)
+    out, before = logits(model, data), fingerprint(model)
+    hooks = sum(len(m._forward_pre_hooks) for m in model.modules())  # the model's own + one tap per block
+    _fail_on_call(monkeypatch, AdapterLayer, "add", call=2)  # two blocks: the second is the last
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name="p2")
+    assert_unchanged(model, before)
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert torch.equal(logits(model, data), out)
+    monkeypatch.undo()
+    # two adapters reading the same input share one tap; it goes with the last of them
+    dt.attach(model, dt.AdapterConfig(placement="parallel"), name="p3")
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    dt.detach(model, "p1")
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    dt.detach(model, "p3")
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert hooks == 1 + 2

@@ -121,11 +121,13 @@ def check_batch_adapters(state: ModelState, names: object) -> list[str]:
                          "dt.unmerge(model) before a mixed-adapter batch")
     for n in dict.fromkeys(list(names) + state.active):
         delta = state.deltas.get(n)
-        if delta is not None and (not delta.method.per_row or delta.selected):  # selected parameters change every row
+        if delta is not None and (not delta.method.per_row or delta.selected):
             role = "is named in adapter_names" if n in names else "is active, so it would reach every row"
+            why = (f"a {delta.method.name} delta changes the whole batch" if not delta.method.per_row else
+                   f"it trains {len(delta.selected)} parameter tensors of the base model itself, which every row uses,")
             raise DeltaError(
-                f"delta {n!r} ({delta.method.name}) {role}, but a {delta.method.name} delta changes the whole batch and "
-                "cannot be applied per row; deactivate it (dt.set_active) and run its rows in a batch of their own"
+                f"delta {n!r} ({delta.method.name}) {role}, but {why} and cannot be applied per row; deactivate it "
+                "(dt.set_active) and run its rows in a batch of their own"
             )
     return list(names)
 
