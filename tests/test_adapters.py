@@ -426,7 +426,7 @@ def test_fusion_saves_only_its_weights_and_loads_after_its_adapters(tmp_path):
     expected = logits(model, data)
     dt.save(model, tmp_path)  # a/ b/ f/
     config = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "ADAPTER_FUSION" and config["adapters"] == ["a", "b"]
+    assert config["peft_type"] == "ADAPTER_FUSION" and config["adapters"] == ["a", "b"] and config["placement"] == "pfeiffer"
     keys = set(load_keys(tmp_path / "f"))
     assert keys and all(".fusion_" in k or ".classifier." in k for k in keys)
     fresh = build("bert")
@@ -440,6 +440,12 @@ def test_fusion_saves_only_its_weights_and_loads_after_its_adapters(tmp_path):
     dt.load(fresh, tmp_path / "b", name="b")
     dt.load(fresh, tmp_path / "f", name="f")
     torch.testing.assert_close(logits(fresh, data), expected, rtol=0, atol=1e-6)
+    # adapters of the same names placed otherwise: the weights would fit, the meaning would not
+    other = build("bert")
+    for name in ("a", "b"):
+        dt.attach(other, dt.AdapterConfig(placement="parallel", bottleneck_size=4), name=name)
+    with pytest.raises(dt.DeltaError, match="'f' was trained on pfeiffer adapters, but \\['a', 'b'\\] are parallel adapters"):
+        dt.load(other, tmp_path / "f", name="f")
 
 
 def test_fusion_regularization_is_the_distance_of_v_from_the_identity():
@@ -522,3 +528,16 @@ def test_fusion_learns_to_weight_the_adapter_of_each_task():
     with pytest.raises(dt.DeltaError, match="has no AdapterFusion attached"):
         with dt.fusion_attention(build("llama")):
             pass
+
+
+def test_save_pretrained_with_adapters_writes_the_base_model(tmp_path):
+    import transformers as tf
+
+    model = build("bert")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    dt.attach(model, dt.AdapterConfig(placement="pfeiffer", train_layer_norms=True))
+    perturb(model)  # trained adapters, trained layer norms, trained head
+    with pytest.warns(UserWarning, match="without the unmerged delta"):
+        model.save_pretrained(tmp_path)
+    got = tf.BertForSequenceClassification.from_pretrained(tmp_path).state_dict()
+    assert set(got) == set(base) and all(torch.equal(got[k], base[k]) for k in base)

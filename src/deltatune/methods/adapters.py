@@ -22,7 +22,9 @@ output before the residual add and LN the block's layer norm (identity in a pre-
 Each architecture's attachment points are a table in deltatune.targets (ADAPTER_SITES). An
 adapter wraps the module whose output it changes; where it reads the input of another module
 of the block (the FFN's input, or the residual entering the FFN's layer norm), a forward
-pre-hook on that module hands the input over ("taps" below). Decoder blocks with
+pre-hook on that module hands the input over ("taps" below). Since the adapter wraps the
+projection, a dropout the block applies to the sublayer's output (BERT, GPT-2) acts on h + s·A(h)
+where AdapterHub applies it to h alone; in evaluation the two agree. Decoder blocks with
 cross-attention (T5, BART) get no adapter after cross-attention. Several active adapters on
 one module each read the same input and their outputs add. On BERT-large (d = 1024, 24 layers)
 a Houlsby adapter with m = 64 has 2 x 24 x (2·1024·64 + 64 + 1024) = 6,343,680 parameters.
@@ -98,6 +100,8 @@ class AdapterFusionConfig(DeltaConfig):
 
     adapters: list[str] = field(default_factory=list)
     regularization: float = check(0.01, ge=0)
+    # Set at attach, not by hand: the fused adapters' placement (a saved fusion refuses adapters placed otherwise).
+    placement: Literal["houlsby", "pfeiffer", "parallel"] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -407,10 +411,14 @@ def attach_fusion(model: nn.Module, config: AdapterFusionConfig, name: str) -> A
                 f"modules) and {other!r} ({theirs.placement}, {len(layers[other])} modules) differ; attach them with "
                 "the same placement and target_layers"
             )
+    placement = state.deltas[first].config.placement
+    if config.placement not in (None, placement):
+        raise DeltaError(f"AdapterFusion {name!r} was trained on {config.placement} adapters, but {config.adapters} are "
+                         f"{placement} adapters; load the adapters it was trained with")
     wrap(model, layers[first], AdapterLayer, name, config)
     for a in config.adapters:  # the fused adapters stay as trained
         state.deltas[a].trainable = False
-    return config
+    return config.replace(placement=placement)
 
 
 def fusion_regularization(model: nn.Module, name: str, config: AdapterFusionConfig) -> torch.Tensor | float:
