@@ -282,7 +282,12 @@ def test_files_use_their_own_peft_type_and_say_who_reads_them(tmp_path):
     dt.save(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "BOTTLENECK_ADAPTER" and config["placement"] == "parallel"
-    assert "only deltatune" in (tmp_path / "README.md").read_text() or "the peft package has no such method" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: deltatune" in card and "deltatune can load it (the peft package has no such method)" in card
+    import peft
+
+    with pytest.raises(KeyError, match="BOTTLENECK_ADAPTER"):  # as the card says
+        peft.PeftModel.from_pretrained(build("llama"), str(tmp_path))
     assert set(load_keys(tmp_path)) == {f"base_model.model.model.layers.{i}.mlp.down_proj.adapter_{w}.{t}"
                                         for i in range(2) for w in ("down", "up") for t in ("weight", "bias")}
 
