@@ -31,6 +31,12 @@ METHODS = {
     "LoRA r=8 (default targets)": lambda: dt.LoraConfig(r=8, alpha=16),
     "LoRA r=8 all-linear": lambda: dt.LoraConfig(r=8, alpha=16, target_modules="all-linear"),
     "DoRA r=8 (default targets)": lambda: dt.LoraConfig(r=8, alpha=16, use_dora=True),
+    # PiSSA / OLoRA train LoRA's own tensors; their SVD / QR needs real weights, so count them with LoRA's init
+    "PiSSA / OLoRA r=8 (default targets)": lambda: dt.LoraConfig(r=8, alpha=16),
+    "AdaLoRA init_r=12, at init (LoRA's targets)": lambda: dt.AdaLoraConfig(init_r=12, target_r=8, total_step=1000,
+                                                                           target_modules=LORA_TARGETS),
+    "AdaLoRA, at target_r=8 (saved)": lambda: dt.AdaLoraConfig(init_r=12, target_r=8, total_step=1000,
+                                                              target_modules=LORA_TARGETS, rank_pattern=AT_TARGET),
     "Prompt tuning, 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
     "BitFit (all biases)": lambda: dt.BitFitConfig(),
     "Houlsby adapters, reduction 16": lambda: dt.AdapterConfig(placement="houlsby"),
@@ -38,6 +44,13 @@ METHODS = {
     "Parallel adapter, reduction 16": lambda: dt.AdapterConfig(placement="parallel", scaling=4.0),
     "AdapterFusion of 2 Pfeiffer adapters": lambda: dt.AdapterFusionConfig(adapters=["a", "b"]),
 }
+
+
+# AdaLoRA on the modules LoRA's defaults take on both models (peft's AdaLoRA defaults for RoBERTa add key and dense).
+LORA_TARGETS = ["query", "value", "q_proj", "v_proj"]
+# The saved size at the target budget: every module at 8 of its 12 triplets (on RoBERTa, whose targets share one
+# shape, any split of the total rank 8 x modules gives the same count).
+AT_TARGET: dict = {}
 
 
 def _two_pfeiffer_adapters(model: torch.nn.Module) -> None:
@@ -53,6 +66,9 @@ def count(reference: str, method: str, make) -> str:
     config, cls = REFERENCES[reference]
     with torch.device("meta"):
         model = cls(config)
+    AT_TARGET.clear()
+    AT_TARGET.update({f"{n}.lora_E": [True] * 8 + [False] * 4 for n, _ in model.named_modules()
+                      if n.rsplit(".", 1)[-1] in LORA_TARGETS})
     try:
         PREPARE.get(method, lambda _: None)(model)
         dt.attach(model, make())

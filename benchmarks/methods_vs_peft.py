@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import platform
 import sys
@@ -52,6 +53,16 @@ CASES: dict[str, Case] = {
                  lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
     "dora": Case(lambda: dt.LoraConfig(r=16, alpha=32, target_modules=ALL, use_dora=True),
                  lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, use_dora=True, task_type="CAUSAL_LM")),
+    "pissa": Case(lambda: dt.LoraConfig(r=16, alpha=32, target_modules=ALL, init="pissa"),
+                  lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, init_lora_weights="pissa",
+                                               task_type="CAUSAL_LM")),
+    "olora": Case(lambda: dt.LoraConfig(r=16, alpha=32, target_modules=ALL, init="olora"),
+                  lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, init_lora_weights="olora",
+                                               task_type="CAUSAL_LM")),
+    # the budget phase (importance scores and a re-allocation after every step) is the costly one
+    "adalora": Case(lambda: dt.AdaLoraConfig(init_r=16, target_r=8, alpha=32, total_step=1000, target_modules=ALL),
+                    lambda peft: peft.AdaLoraConfig(init_r=16, target_r=8, lora_alpha=32, total_step=1000,
+                                                    target_modules=ALL, task_type="CAUSAL_LM")),
     "prompt_tuning": Case(lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
                           lambda peft: peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
 }
@@ -90,13 +101,24 @@ def pair(name: str, case: Case, base: torch.nn.Module) -> tuple[torch.nn.Module,
     return ours, theirs
 
 
-def step_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], float]:
+def step_fn(model: torch.nn.Module, ids: torch.Tensor, library: str) -> Callable[[], float]:
+    """One training step as each library's documentation writes it: deltatune adds dt.regularization to the
+    loss and calls dt.step after the optimizer (both no-ops for methods without training hooks); peft's AdaLoRA
+    adds its penalty inside forward and wants update_and_allocate after the optimizer."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    steps = itertools.count()
+    allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
 
     def step() -> float:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        if library == "deltatune":
+            loss = loss + dt.regularization(model)
         loss.backward()
         opt.step()
+        if library == "deltatune":
+            dt.step(model, next(steps))
+        elif allocate is not None:
+            allocate(next(steps))
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
@@ -136,7 +158,8 @@ def main() -> None:
         with torch.no_grad():
             diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
         ours.train(), theirs.train()
-        times = timeit_interleaved({"deltatune": step_fn(ours, ids), "peft": step_fn(theirs, ids)}, args.repeats, args.warmup)
+        times = timeit_interleaved({"deltatune": step_fn(ours, ids, "deltatune"), "peft": step_fn(theirs, ids, "peft")},
+                                   args.repeats, args.warmup)
         mine, other = med_iqr(times["deltatune"])[0], med_iqr(times["peft"])[0]
         flag = "" if diff < 1e-4 else "   MISMATCH: not the same computation"
         print(f"  {name:<16}{diff:>18.1e}{mine * 1e3:>14.1f}{other * 1e3:>10.1f}{paired_ratio(times, 'peft', 'deltatune'):>24}{flag}")

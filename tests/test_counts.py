@@ -75,6 +75,24 @@ def test_llama_3b_shape_lora_and_prompt_tuning():
     assert trainable(model) == 614_400
 
 
+def test_adalora_on_roberta_base_at_init_and_at_the_target_budget():
+    config = tf.RobertaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                              vocab_size=50265)
+    ada = dt.AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=["query", "value"])
+    # Each module adapts a 768 x 768 weight with P (768 x r), lambda (r x 1), Q (r x 768): r x (768 + 768 + 1) = 1537 r.
+    # At init: 24 modules x 12 x 1537 = 442,656.
+    model = on_meta(config, tf.RobertaModel)
+    dt.attach(model, ada)
+    assert trainable(model) == 442_656
+    # At the target budget the total rank is 8 x 24 = 192, however it is spread: 192 x 1537 = 295,104.
+    # Here the queries keep 4 triplets and the values all 12 (a saved adapter's rank_pattern).
+    pattern = {f"encoder.layer.{i}.attention.self.{m}.lora_E": [True] * k + [False] * (12 - k)
+               for i in range(12) for m, k in (("query", 4), ("value", 12))}
+    model = on_meta(config, tf.RobertaModel)
+    dt.attach(model, ada.replace(rank_pattern=pattern))
+    assert trainable(model) == 295_104
+
+
 # ---------------------------------------------------------------- bottleneck adapters and AdapterFusion
 # One adapter module on width d with bottleneck m: W_down (m x d) + b_down (m) + W_up (d x m) + b_up (d)
 # = 2dm + m + d. Houlsby puts two per block, Pfeiffer and parallel one. A fusion adds per adapted

@@ -48,7 +48,7 @@ def test_save_pretrained_of_a_merged_and_detached_model_reloads(tmp_path):
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_gradient_checkpointing_reaches_every_delta(reentrant):
-    # Reentrant checkpointing (transformers' default before 4.57) passes no gradient into a block
+    # Reentrant checkpointing (transformers' default through 4.57.x; 5.0 made it non-reentrant) passes no gradient into a block
     # none of whose inputs requires one; deltatune makes the embeddings' output require it.
     # init="none": with B = 0 the gradient of A is exactly zero, which would hide a missing gradient
     for config in [dt.LoraConfig(r=4, init="none"), dt.PromptTuningConfig(num_virtual_tokens=3), dt.BitFitConfig()]:
@@ -61,3 +61,18 @@ def test_gradient_checkpointing_reaches_every_delta(reentrant):
         model(**batch("gpt2")).loss.backward()
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), type(config).__name__
+
+
+def test_checkpointing_still_reaches_a_delta_after_an_embedding_delta_is_detached():
+    # the embedding hook must sit on the embedding itself, not on a LoRA wrapper that detach removes
+    model = build("gpt2")
+    dt.attach(model, dt.LoraConfig(r=4, init="none", target_modules=["wte"]), name="emb")
+    dt.attach(model, dt.BitFitConfig(), name="bias")
+    dt.detach(model, "emb")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if hasattr(model, "_require_grads_hook"):  # newer transformers does this itself; test ours alone
+        model.disable_input_require_grads()
+    model.train()
+    model(**batch("gpt2")).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)

@@ -13,7 +13,12 @@ computed by peft itself:
 * prompt tuning both ways for causal LM, sequence classification and seq2seq,
   plus greedy generation for the causal LM;
 * a peft SEQ_CLS adapter lists modules_to_save ["classifier", "score"] although
-  the model has only one of the two heads: deltatune must accept it.
+  the model has only one of the two heads: deltatune must accept it;
+* AdaLoRA trained by each library's own loop (the budget falls to target_r) and saved
+  with its pruned ranks, loaded by the other (llama, GPT-2, BERT);
+* PiSSA and OLoRA adapters converted to plain LoRA relative to the original weights
+  (peft's path_initial_model_for_weight_conversion, deltatune's relative_to_original)
+  and saved as they are (the init re-runs on load), both ways.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors import safe_open
 
 import deltatune as dt
+from deltatune.formats.peft import LORA_EXTRA, PEFT_FORMAT_VERSION
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -201,9 +208,13 @@ def assert_same_layout(ours_dir: Path, peft_dir: Path, same_value_keys: tuple[st
     """Same config key set, same tensor keys and shapes, peft's metadata, and equal values for the given keys."""
     ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
     peft_cfg, peft_shapes, peft_meta = read_files(peft_dir)
-    assert set(ours_cfg) == set(peft_cfg), (
-        f"only in deltatune: {sorted(set(ours_cfg) - set(peft_cfg))}; only in peft: {sorted(set(peft_cfg) - set(ours_cfg))}"
-    )
+    only_ours, only_peft = sorted(set(ours_cfg) - set(peft_cfg)), sorted(set(peft_cfg) - set(ours_cfg))
+    # An older peft writes fewer fields and drops (with a warning) those it does not know;
+    # deltatune writes them with their defaults, so only those may be extra.
+    if Version(peft.__version__) < Version(PEFT_FORMAT_VERSION):
+        newer = {"peft_version": PEFT_FORMAT_VERSION, **LORA_EXTRA}
+        only_ours = [k for k in only_ours if k not in newer or ours_cfg[k] != newer[k]]
+    assert not only_ours and not only_peft, f"only in deltatune: {only_ours}; only in peft: {only_peft}"
     assert ours_shapes == peft_shapes
     assert peft_meta == {"format": "pt"} and ours_meta == {"format": "pt", "deltatune_config_sha256": ours_meta["deltatune_config_sha256"]}
     for key in same_value_keys:
@@ -443,3 +454,143 @@ def test_embedding_lora_saved_with_its_base_layer_loads(tmp_path, changed_base):
     assert_same(logits(again, "llama"), logits(reference, "llama"))
     dt.detach(model)
     assert torch.equal(model.model.embed_tokens.weight, original)  # the base comes back bit for bit
+
+
+# ---------------------------------------------------------------- 8. AdaLoRA, pruned to its final ranks
+
+ADALORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+ADALORA_SCHEDULE = dict(init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2)
+
+
+def _train_with_allocation(model, arch: str, allocate) -> None:
+    """8 steps of the AdaLoRA loop (the budget falls from 4 to 2 per module), then eval mode."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for t in range(9):
+        loss = run_grad(model, batch(arch, labels=True))
+        loss.backward()
+        opt.step()
+        allocate(t)
+        opt.zero_grad()
+    model.eval()
+
+
+def run_grad(model, inputs):
+    return model(**inputs).loss
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_adalora_saved_by_deltatune_loads_in_peft(tmp_path, arch):
+    model = build(arch)
+    dt.attach(model, dt.AdaLoraConfig(alpha=8, target_modules=ADALORA_TARGETS[arch], **ADALORA_SCHEDULE))
+    dt_perturb(model)  # the SEQ_CLS head
+    _train_with_allocation(model, arch, lambda t: dt.step(model, t))
+    pattern = dt.attached(model)["default"].rank_pattern
+    assert sum(map(sum, pattern.values())) == 2 * len(pattern)
+    dt.save(model, tmp_path)
+    reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    ranks = {n: p.shape[0] for n, p in reference.named_parameters() if n.endswith("lora_E.default")}
+    assert sorted(ranks.values()) == sorted(sum(k) for k in pattern.values())  # peft built the pruned ranks
+    assert_differs(logits(model, arch), logits(build(arch), arch))
+    assert_same(logits(reference, arch), logits(model, arch))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_adalora_saved_by_peft_loads_in_deltatune(tmp_path, arch):
+    reference = peft.get_peft_model(build(arch), peft.AdaLoraConfig(
+        lora_alpha=8, target_modules=ADALORA_TARGETS[arch], task_type=TASK[arch], **ADALORA_SCHEDULE))  # fmt: skip
+    peft_perturb(reference)
+    _train_with_allocation(reference, arch, reference.base_model.update_and_allocate)
+    reference.save_pretrained(str(tmp_path))
+    model = dt.load(build(arch), tmp_path).eval()
+    saved, shapes, _ = read_files(tmp_path)
+    assert sum(shape[0] for key, shape in shapes.items() if key.endswith("lora_E")) == 2 * len(saved["rank_pattern"])
+    assert {k: tuple(p.shape) for k, p in dt.io.file_keys(model, "default").items()} == shapes
+    assert_same(logits(model, arch), logits(reference, arch))
+    dt.save(model, tmp_path / "again")  # and back out, the same adapter for peft
+    again = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "again")).eval()
+    assert_same(logits(again, arch), logits(reference, arch))
+
+
+def test_adalora_files_match_peft_layout(tmp_path):
+    ours_dir, peft_dir = tmp_path / "dt", tmp_path / "peft"
+    dt.save(dt.attach(build("llama"), dt.AdaLoraConfig(target_modules=ADALORA_TARGETS["llama"], **ADALORA_SCHEDULE)), ours_dir)
+    peft.get_peft_model(build("llama"), peft.AdaLoraConfig(
+        target_modules=ADALORA_TARGETS["llama"], task_type="CAUSAL_LM", **ADALORA_SCHEDULE)).save_pretrained(str(peft_dir))
+    assert_same_layout(ours_dir, peft_dir, (
+        "peft_type", "task_type", "r", "lora_alpha", "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+        "orth_reg_weight", "total_step", "rank_pattern", "init_lora_weights", "fan_in_fan_out", "lora_dropout"))  # fmt: skip
+
+
+# ---------------------------------------------------------------- 9. PiSSA and OLoRA, both ways, converted or not
+
+INIT_CASES = [pytest.param(a, i, id=f"{a}-{i}") for a, i in
+              [("llama", "pissa"), ("llama", "olora"), ("llama", "pissa_niter_4"), ("gpt2", "pissa"), ("bert", "olora")]]
+
+
+def _dt_init(init: str) -> dict:
+    return {"init": "pissa", "pissa_niter": int(init.rsplit("_", 1)[1])} if "niter" in init else {"init": init}
+
+
+def _perturb_lora(named_params, seed: int = 3) -> None:
+    """Training stand-in: move A, B (and a kept head) away from their init."""
+    assert perturb(named_params, ("lora_A", "lora_B", "modules_to_save"), seed=seed) > 0
+
+
+@pytest.mark.parametrize("arch,init", INIT_CASES)
+def test_init_adapter_converted_by_peft_loads_in_deltatune_on_the_original_base(tmp_path, arch, init):
+    reference = peft.get_peft_model(build(arch), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch], init_lora_weights=init, task_type=TASK[arch]))  # fmt: skip
+    reference.peft_config["default"].init_lora_weights = True  # peft's recipe: the initial adapter, saved as plain LoRA
+    reference.save_pretrained(str(tmp_path / "initial"))
+    _perturb_lora(reference.named_parameters())
+    reference.eval()
+    reference.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    saved, shapes, _ = read_files(tmp_path / "converted")
+    assert saved["r"] == 8 and saved["init_lora_weights"] is True
+    if TASK[arch] == "SEQ_CLS":
+        # peft's conversion keeps only lora_A / lora_B: the trained head listed in modules_to_save is not in the
+        # file (peft itself would load the untrained head with a warning); deltatune names what is missing
+        assert not any("classifier" in k for k in shapes) and saved["modules_to_save"]
+        with pytest.raises(dt.DeltaError, match=r"key base_model.model.classifier.weight is missing from the file"):
+            dt.load(build(arch), tmp_path / "converted")
+        return
+
+    model = dt.load(build(arch), tmp_path / "converted").eval()
+    assert_differs(logits(model, arch), logits(build(arch), arch))
+    assert_same(logits(model, arch), logits(reference, arch))
+
+
+@pytest.mark.parametrize("arch,init", INIT_CASES)
+def test_init_adapter_converted_by_deltatune_loads_in_peft_on_the_original_base(tmp_path, arch, init):
+    model = dt.attach(build(arch), dt.LoraConfig(r=4, alpha=8, target_modules=LORA_TARGETS[arch], **_dt_init(init)))
+    _perturb_lora(dt.delta_parameters(model, "default").items())
+    model.eval()
+    dt.save(model, tmp_path, relative_to_original=True)
+    reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    assert_differs(logits(model, arch), logits(build(arch), arch))
+    assert_same(logits(reference, arch), logits(model, arch))
+
+
+UNCONVERTED_CASES = [pytest.param(a, i, id=f"{a}-{i}") for a, i in [("llama", "pissa"), ("llama", "olora"), ("gpt2", "pissa")]]
+
+
+@pytest.mark.parametrize("arch,init", UNCONVERTED_CASES)
+@pytest.mark.parametrize("direction", ["dt_to_peft", "peft_to_dt"])
+def test_init_adapter_saved_as_is_runs_its_init_again_on_load(tmp_path, arch, init, direction):
+    """Without conversion the file says init_lora_weights="pissa"/"olora": both libraries re-run the
+    (deterministic) decomposition on the original base at load, then load A and B."""
+    if direction == "dt_to_peft":
+        model = dt.attach(build(arch), dt.LoraConfig(r=4, alpha=8, target_modules=LORA_TARGETS[arch], init=init))
+        _perturb_lora(dt.delta_parameters(model, "default").items())
+        dt.save(model, tmp_path)
+        other = peft.PeftModel.from_pretrained(build(arch), str(tmp_path))
+    else:
+        model = peft.get_peft_model(build(arch), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch], init_lora_weights=init, task_type=TASK[arch]))  # fmt: skip
+        _perturb_lora(model.named_parameters())
+        model.save_pretrained(str(tmp_path))
+        other = dt.load(build(arch), tmp_path)
+    assert read_files(tmp_path)[0]["init_lora_weights"] == init
+    model.eval(), other.eval()
+    assert_same(logits(other, arch), logits(model, arch))

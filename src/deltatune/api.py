@@ -35,7 +35,10 @@ from .surgery import (
     remove_from_layers,
     remove_root_parameters,
     require_state,
+    restore_rewrites,
     restore_selected,
+    swap_problem,
+    swap_rewrites,
     swap_selected,
     wrap_modules_to_save,
 )
@@ -181,12 +184,17 @@ def _name_list(state: ModelState, names: object) -> list[str]:
 
 
 def _apply_active(model: nn.Module, state: ModelState, names: list[str]) -> None:
+    for name, delta in state.deltas.items():  # checked before anything changes
+        problem = swap_problem(state, name, active=name in names)
+        if problem:
+            raise DeltaError(f"cannot {'activate' if name in names else 'deactivate'} {name!r}: {problem}")
     state.active = list(names)
     for _, layer in delta_layers(model):
         layer.set_active(names)
     for name, delta in state.deltas.items():
         if delta.selected:
             swap_selected(delta, active=name in names)
+        swap_rewrites(delta, active=name in names)
     _refresh_trainable(model, state)
 
 
@@ -372,10 +380,26 @@ def detach(model: nn.Module, name: str | None = None, merge: bool = False, *, un
     it is active; otherwise the base is restored exactly as it was before attach.
     """
     state = require_state(model)
-    names = _removal_order(state, _names(state, name, list(state.deltas)))
+    names = _removal_order(state, _names(state, name, list(state.deltas)))  # a delta's users go before it
+    # Deltas that rewrote base weights (PiSSA) go last, once the others' merges are out of those weights.
+    names.sort(key=lambda n: bool(state.deltas[n].rewrites))
+    for n in names:
+        problem = swap_problem(state, n, active=merge, leaving=() if merge else names)
+        if problem:
+            raise DeltaError(f"cannot detach {n!r}: {problem}")
     if merge:
-        # every merge runs (and may fail, rolled back) before anything is removed
-        _merge(model, state, [n for n in names if not state.deltas[n].merged], untie)
+        # every merge runs (and may fail, rolled back) before anything is removed; a rewriting delta's
+        # own base values must be in place for its merge to mean what its forward computed
+        unmerged = [n for n in names if not state.deltas[n].merged]
+        swapped = [n for n in unmerged if any(rw.aside is not None for rw in state.deltas[n].rewrites)]
+        for n in swapped:
+            swap_rewrites(state.deltas[n], active=True)
+        try:
+            _merge(model, state, unmerged, untie)
+        except BaseException:
+            for n in swapped:
+                swap_rewrites(state.deltas[n], active=False)
+            raise
     for n in names:
         _remove(model, n, keep=merge)
     return model
@@ -417,6 +441,7 @@ def _remove(model: nn.Module, name: str, keep: bool) -> None:
         remove_root_parameters(model, container, name)
     if delta.selected:
         restore_selected(delta, keep_trained=keep)
+    restore_rewrites(delta, keep=keep)
     if not keep:
         with torch.no_grad():
             for param, original in delta.base_originals.values():
@@ -489,6 +514,8 @@ def regularization(model: nn.Module) -> torch.Tensor | float:
 def step(model: nn.Module, global_step: int) -> None:
     """Call after every optimizer step: methods that reshape themselves while training (AdaLoRA) do it here."""
     state = get_state(model)
+    if not isinstance(global_step, int) or isinstance(global_step, bool) or global_step < 0:
+        raise DeltaError(f"step expects the global step as an int >= 0 (the number of optimizer steps so far), got {global_step!r}")
     for name in list(state.active) if state else ():
         delta = state.deltas[name]
         if delta.method.step is not None and delta.trainable:

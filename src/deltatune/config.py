@@ -106,14 +106,17 @@ def check(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclas
     return field(default=default, metadata=metadata)
 
 
-def validate_fields(config: DeltaConfig) -> None:
+def validate_fields(config: Any, prefix: str | None = None) -> None:
+    """Check every field of a dataclass instance against its type hint and declared checks.
+
+    Errors name the field as `prefix.field` (default: the class name)."""
     cls = type(config)
     hints = _hints(cls)
     for f in dataclasses.fields(config):
         if not f.init or f.metadata.get("serialise", True) is False:
             continue
         value = getattr(config, f.name)
-        where = f"{cls.__name__}.{f.name}"
+        where = f"{prefix or cls.__name__}.{f.name}"
         ok, value = _conform(value, hints[f.name])
         if not ok:
             raise DeltaError(f"{where} = {getattr(config, f.name)!r} is not allowed: expected {_describe(hints[f.name])}")
@@ -263,6 +266,10 @@ class Method:
     # {file key: tensor}) -> {file key: tensor} on save, and the inverse on load.
     to_file: Callable[..., dict[str, Any]] | None = None
     from_file: Callable[..., dict[str, Any]] | None = None
+    # For a delta that rewrote base weights (PiSSA, OLoRA): the same delta relative to the original
+    # weights, (model, adapter, config, {file key: tensor}) -> (config, {file key: tensor}), for
+    # `save(..., relative_to_original=True)`. None: such a delta cannot be written that way.
+    to_original_base: Callable[..., tuple[DeltaConfig, dict[str, Any]]] | None = None
     # Training hooks, no-ops when None: a loss term (model, adapter, config) -> tensor that the
     # loop adds to its loss; a call after every optimizer step (model, adapter, config, global_step);
     # and one at the end of training (model, adapter, config).

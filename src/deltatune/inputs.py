@@ -9,10 +9,10 @@ need no wrapper class.
 
 Two more keep transformers' own machinery right while a delta is attached: a
 forward hook on the input embeddings makes their output require grad under
-gradient checkpointing (reentrant checkpointing, the default before
-transformers 4.57, passes no gradient to a block none of whose inputs requires
-one), and ``model.save_pretrained`` writes the base model's own keys (see
-:func:`deltatune.surgery.base_state_dict`) so a plain ``from_pretrained`` reads it.
+gradient checkpointing (reentrant checkpointing, transformers' default through
+4.57.x (5.0 made it non-reentrant), passes no gradient to a block none of whose
+inputs requires one), and ``model.save_pretrained`` writes the base model's own
+keys (see :func:`deltatune.surgery.base_state_dict`) so a plain ``from_pretrained`` reads it.
 
 The hooks are plain module-level functions that find the model's state through
 the module they are called on, so a ``copy.deepcopy`` of the model carries
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .config import DeltaError
-from .surgery import STATE_ATTR, ModelState, base_state_dict, check_batch_adapters, get_state
+from .surgery import STATE_ATTR, DeltaLayer, ModelState, base_state_dict, check_batch_adapters, get_state
 
 
 def ensure_hooks(model: nn.Module) -> None:
@@ -45,6 +45,8 @@ def ensure_hooks(model: nn.Module) -> None:
         encoder.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True)
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None
+    while isinstance(embeddings, DeltaLayer):  # hook the module that stays when the wrapping delta is detached
+        embeddings = embeddings.base_layer
     if isinstance(embeddings, nn.Module):
         state.checkpointing_modules = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
         embeddings.__dict__[STATE_ATTR] = state

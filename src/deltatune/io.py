@@ -66,16 +66,23 @@ def delta_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, relative_to_original: bool = False) -> None:
     """Write delta `name` into `path`; with name=None, every attached delta.
 
     With several deltas, the one named "default" goes in `path` and each other in
     `path/<name>`, as the peft package lays them out. Each folder is written as one
     transaction (see the module docstring).
+
+    relative_to_original=True writes a delta that rewrote base weights when it was
+    built (LoRA with init="pissa" or "olora") as an equivalent plain delta on the
+    original weights (a LoRA of rank 2r), which loads onto the unmodified base model
+    and mixes with other adapters; deltas that rewrote nothing are written as they are.
     """
     state = require_state(model)
     if not isinstance(path, (str, os.PathLike)):
         raise DeltaError(f"save expects a folder path, got {type(path).__name__}")
+    if not isinstance(relative_to_original, bool):
+        raise DeltaError(f"save expects relative_to_original=True or False, got {relative_to_original!r}")
     names = [api._one_name(state, name)] if name is not None else list(state.deltas)
     root = Path(path)
     if root.exists() and not root.is_dir():
@@ -85,7 +92,13 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
     for n in names:
         folder = root if (name is not None or len(names) == 1 or n == "default") else root / n
         delta = state.deltas[n]
-        plan.append((folder, config_to_file(delta.config), delta_state_dict(model, n), delta.method.peft_compatible))
+        config, tensors = delta.config, delta_state_dict(model, n)
+        if relative_to_original and delta.rewrites:
+            if delta.method.to_original_base is None:
+                raise DeltaError(f"delta {n!r} ({delta.method.name}) rewrote base weights and cannot be written relative "
+                                 "to the original ones; save it without relative_to_original")
+            config, tensors = delta.method.to_original_base(model, n, config, tensors)
+        plan.append((folder, config_to_file(config), tensors, delta.method.peft_compatible))
     for folder, config, tensors, peft_compatible in plan:
         _write_adapter(folder, config, tensors, peft_compatible)
 

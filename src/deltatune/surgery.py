@@ -46,6 +46,29 @@ class Delta:
     selected: dict[str, nn.Parameter] = field(default_factory=dict)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     stash: dict[str, torch.Tensor] | None = None
+    # Base tensors the delta rewrote when it was built (PiSSA's and OLoRA's residual weights):
+    # the rewritten values are in place while the delta is active, the originals otherwise.
+    rewrites: list["Rewrite"] = field(default_factory=list)
+
+
+@dataclass
+class Rewrite:
+    """A base tensor that a delta replaced by a value of its own (PiSSA's residual weight).
+
+    The original is kept on the CPU (no accelerator memory), so detach restores it bit
+    for bit and an inactive delta leaves the true base in place; while the delta is
+    inactive its own value waits in `aside` (also on the CPU).
+    """
+
+    layer: "DeltaLayer"  # the wrapper whose base_layer holds the tensor
+    module_name: str
+    attribute: str
+    original: torch.Tensor
+    aside: torch.Tensor | None = None
+
+    @property
+    def param(self) -> torch.Tensor:
+        return getattr(self.layer.base_layer, self.attribute)
 
 
 @dataclass
@@ -128,6 +151,13 @@ def check_batch_adapters(state: ModelState, names: object) -> list[str]:
             raise DeltaError(
                 f"delta {n!r} ({delta.method.name}) {role}, but {why} and cannot be applied per row; deactivate it "
                 "(dt.set_active) and run its rows in a batch of their own"
+            )
+        if delta is not None and delta.rewrites:
+            role = "is named in adapter_names" if n in names else "is active"
+            raise DeltaError(
+                f"delta {n!r} {role}, but it rewrote the base weights of its layers ({_init_of(delta)}), which every "
+                "row would see, so it cannot be applied per row; deactivate it (dt.set_active) and run its rows in a "
+                "batch of their own, or convert it to a plain LoRA (dt.save(..., relative_to_original=True))"
             )
     return list(names)
 
@@ -446,6 +476,79 @@ def swap_selected(delta: Delta, active: bool) -> None:
                 delta.selected[n].copy_(value)
 
 
+def rewrite_base(layer: "DeltaLayer", adapter: str, module_name: str, attribute: str, value: torch.Tensor) -> None:
+    """Replace base_layer.<attribute> by `value` on behalf of delta `adapter`, keeping the original.
+
+    One delta at a time may rewrite a layer's base, and never under a merge: the core swaps
+    whole tensors (exact), which is only right when nothing else was added into them.
+    """
+    state = layer.model_state
+    delta = state.deltas[adapter]
+    other = rewriter_of(state, layer)
+    if other is not None and other != adapter:
+        raise DeltaError(
+            f"{module_name}'s base weight was already rewritten by delta {other!r} ({_init_of(state.deltas[other])}); one "
+            f"delta at a time may rewrite a layer's base. Detach {other!r} first, or convert it to a plain LoRA "
+            f"(dt.save(model, path, name={other!r}, relative_to_original=True)) and load that instead"
+        )
+    if layer.merged:
+        raise DeltaError(
+            f"{module_name} has {layer.merged} merged into its base weight, which {_init_of(delta)} would rewrite; "
+            "dt.unmerge(model) first"
+        )
+    param = getattr(layer.base_layer, attribute)
+    delta.rewrites.append(Rewrite(layer, module_name, attribute, param.detach().to("cpu", copy=True)))
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def _init_of(delta: Delta) -> str:
+    init = getattr(delta.config, "init", None)
+    return f"init={init!r}" if isinstance(init, str) else delta.method.name
+
+
+def rewriter_of(state: ModelState, layer: "DeltaLayer") -> str | None:
+    """The delta that rewrote this layer's base tensors, if any."""
+    for name, delta in state.deltas.items():
+        if any(rw.layer is layer for rw in delta.rewrites):
+            return name
+    return None
+
+
+def swap_rewrites(delta: Delta, active: bool) -> None:
+    """Put the delta's rewritten base tensors in place (active) or the originals (inactive). Exact copies."""
+    with torch.no_grad():
+        for rw in delta.rewrites:
+            if active and rw.aside is not None:
+                rw.param.copy_(rw.aside)
+                rw.aside = None
+            elif not active and rw.aside is None:
+                rw.aside = rw.param.detach().to("cpu", copy=True)
+                rw.param.copy_(rw.original)
+
+
+def swap_problem(state: ModelState, name: str, active: bool, leaving: Sequence[str] = ()) -> str | None:
+    """Why delta `name`'s rewritten base tensors cannot be swapped (to `active`) now, or None.
+
+    A swap copies whole tensors, so no other delta may be merged into them (deltas in
+    `leaving` are detached first and do not count)."""
+    delta = state.deltas[name]
+    for rw in delta.rewrites:
+        if (rw.aside is None) == active:
+            continue  # already as asked
+        others = [m for m in rw.layer.merged if m != name and m not in leaving]
+        if others:
+            return (f"it rewrote the base weight of {rw.module_name} ({_init_of(delta)}), and {others} are merged into "
+                    f"that weight; dt.unmerge(model, {others[0]!r}) first")
+    return None
+
+
+def restore_rewrites(delta: Delta, keep: bool) -> None:
+    """On detach: the originals back (bit for bit), or, keeping the delta's effect, its own values."""
+    swap_rewrites(delta, active=keep)
+    delta.rewrites = []
+
+
 def restore_selected(delta: Delta, keep_trained: bool) -> None:
     """Leave the trained values in place (keep_trained) or put the originals back."""
     with torch.no_grad():
@@ -486,6 +589,10 @@ def base_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
         if delta.selected and not delta.merged and delta.stash is None:  # trained values in place
             for n, p in delta.selected.items():
                 out[_base_key(path_of[id(p)], layers, roots)] = delta.originals[n]
+        if not delta.merged:  # a rewritten base weight in place (PiSSA's residual) is not the base model's
+            for rw in delta.rewrites:
+                if rw.aside is None:
+                    out[_base_key(path_of[id(rw.param)], layers, roots)] = rw.original.to(rw.param.device)
     left_out = [n for n in state.active if not state.deltas[n].merged]
     return out, left_out
 

@@ -45,6 +45,15 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
         "mt5": ["q", "v"],
     },
 }
+# AdaLoRA: peft's AdaLoRA defaults where they differ from LoRA's, LoRA's elsewhere.
+DEFAULT_TARGETS["adalora"] = {
+    **DEFAULT_TARGETS["lora"],
+    **dict.fromkeys(["bart", "opt"], ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+}
 
 # Head modules that "all-linear" leaves out, besides the model's output embeddings.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")

@@ -8,17 +8,18 @@ is saved under peft's key by dropping the adapter name after its container and a
 ``modules_to_save.<adapter>`` is dropped whole (a trained head saves as the head's
 own keys), and a container at the model root (``prompt_embeddings``) is saved bare.
 
-Configs. peft methods are written with exactly peft's fields (older peft versions
-reject keys they do not know); our field names map to peft's through a small table
-per peft_type. Methods peft does not have are written with their own fields and a
-``peft_type`` of their own, which peft refuses but deltatune reads.
+Configs. peft methods are written with exactly peft's fields (peft >= 0.14 drops
+keys it does not know, with a warning; 0.13 and older reject them); our field
+names map to peft's through a small table per peft_type. Methods peft does not
+have are written with their own fields and a ``peft_type`` of their own, which peft refuses but deltatune reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+import re
+from typing import Any, Callable
 
 from ..config import DeltaConfig, DeltaError, method_for_peft_type
 
@@ -55,6 +56,12 @@ class Schema:
     rename: dict[str, str] = field(default_factory=dict)  # our field -> peft field
     values: dict[str, dict[Any, Any]] = field(default_factory=dict)  # peft field -> {our value: peft value}
     extra: dict[str, Any] = field(default_factory=dict)  # peft-only fields, written with these defaults
+    # Where peft packs several of our fields into one value: our fields -> our fields before the
+    # renaming on save, and peft's fields -> peft's fields (unpacked) before reading a file.
+    pack: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    unpack: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # peft fields the method ignores (AdaLoRA's r): written from `extra`, read whatever their value.
+    ignored: tuple[str, ...] = ()
 
 
 LORA_EXTRA = {
@@ -66,11 +73,39 @@ LORA_EXTRA = {
     "velora_config": None,
 }  # fmt: skip
 
+def _pack_pissa_niter(ours: dict[str, Any]) -> dict[str, Any]:
+    """peft writes PiSSA's fast-SVD option inside the init: init="pissa", pissa_niter=4 is "pissa_niter_4"."""
+    out = dict(ours)
+    niter = out.pop("pissa_niter", None)
+    if niter is not None:
+        out["init"] = f"pissa_niter_{niter}"
+    return out
+
+
+def _unpack_pissa_niter(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    init = out.get("init_lora_weights")
+    found = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+    if found:
+        out["init_lora_weights"], out["pissa_niter"] = "pissa", int(found.group(1))
+    return out
+
+
+LORA_INITS = {"kaiming": True, "gaussian": "gaussian", "none": False, "pissa": "pissa", "olora": "olora"}
+
 SCHEMAS: dict[str, Schema] = {
     "LORA": Schema(
         rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
-        values={"init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "none": False}},
+        values={"init_lora_weights": LORA_INITS},
         extra=LORA_EXTRA,
+        pack=_pack_pissa_niter,
+        unpack=_unpack_pissa_niter,
+    ),
+    "ADALORA": Schema(
+        rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
+        values={"init_lora_weights": {"normal": True, "none": False}},
+        extra={**LORA_EXTRA, "r": 8, "alpha_pattern": {}, "use_dora": False, "use_rslora": False},
+        ignored=("r", "alpha_pattern", "use_rslora"),  # peft's AdaLoRA uses init_r and lora_alpha only
     ),
     "PROMPT_TUNING": Schema(
         rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
@@ -86,6 +121,8 @@ def config_to_file(config: DeltaConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"peft_type": config.peft_type, "inference_mode": True}
     if schema is None:
         return {**out, **ours}
+    if schema.pack is not None:
+        ours = schema.pack(ours)
     for key, value in ours.items():
         peft_key = schema.rename.get(key, key)
         out[peft_key] = schema.values.get(peft_key, {}).get(value, value) if _hashable(value) else value
@@ -102,11 +139,13 @@ def config_from_file(data: dict[str, Any], source: str = "adapter_config.json") 
     method = method_for_peft_type(data["peft_type"])
     cls = method.config_cls
     schema = SCHEMAS.get(cls.peft_type, Schema())
+    if schema.unpack is not None:
+        data = schema.unpack(data)
     ours_by_peft = {v: k for k, v in schema.rename.items()}
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key in COMMON_FILE_FIELDS:
+        if key in COMMON_FILE_FIELDS or key in schema.ignored:
             continue
         ours = ours_by_peft.get(key, key)
         if ours in fields:

@@ -15,6 +15,23 @@ the update's scale stable as r grows.
 On an embedding (vocab x dim) the roles turn around: A (r x vocab) starts at zero
 and B (dim x r) Gaussian, and the delta is  s * onehot(x) A^T B^T.
 
+Two initialisations start from the base weight instead and move part of it into the
+adapter, so training begins on the weight's most important directions:
+
+  PiSSA (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors
+  Adaptation"): with W0 = U S V^T (singular values descending),
+      A = sqrt(S_r / s) V_r^T,   B = U_r sqrt(S_r / s),   W0 <- W0 - s B A  (the residual),
+  from the full SVD, or from a randomized SVD with `pissa_niter` subspace iterations.
+  OLoRA (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation"): with W0 = Q R,
+      A = R[:r],   B = Q[:, :r],   W0 <- W0 - s B A.
+The sum W0 - s B A + s B A is W0 at attach. The core keeps the original W0 (on the CPU):
+an inactive delta and ``disabled()`` run the true base, and detach puts it back bit for
+bit. Trained, the adapter means  W0 + s (B A - B0 A0)  with B0, A0 its initial values,
+which is a plain LoRA of rank 2r on the original weight:  A' = [A; A0], B' = [B, -B0],
+same scale (alpha doubled, or times sqrt 2 with rsLoRA, as r doubles); that is what
+``dt.save(..., relative_to_original=True)`` writes (peft's
+``path_initial_model_for_weight_conversion`` produces the same file).
+
 DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits the
 adapted weight into a magnitude m (one per output row, initialised to the row
 norms of W0 + s B A) and a direction:
@@ -38,7 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
-from ..surgery import DeltaLayer, wrap
+from ..formats.peft import PREFIX
+from ..surgery import DeltaLayer, rewrite_base, wrap
 from ..targets import default_targets, pattern_value, select_targets
 
 
@@ -49,7 +67,9 @@ class LoraConfig(DeltaConfig):
     target_modules: names, a regex string, or "all-linear"; None takes the
     architecture's default. rank_pattern / alpha_pattern: {regex on the end of a
     module name: value} overrides. init: "kaiming" or "gaussian" for A (B zero);
-    "none" leaves B random too, so outputs change at attach (for tests).
+    "pissa" or "olora" from the base weight (which becomes the residual; pissa_niter
+    takes a randomized SVD with that many iterations instead of the full one); "none"
+    leaves B random too, so outputs change at attach (for tests).
     """
 
     method = "lora"
@@ -64,11 +84,22 @@ class LoraConfig(DeltaConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = check(default_factory=dict, gt=0, regex=True)
     alpha_pattern: dict[str, float] = check(default_factory=dict, regex=True)
-    init: Literal["kaiming", "gaussian", "none"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "none", "pissa", "olora"] = "kaiming"
+    pissa_niter: int | None = check(None, gt=0)
     use_rslora: bool = False
     use_dora: bool = False
     # Set at attach, not by hand: True when the targets are GPT-2 Conv1D ([in, out] weights); peft reads it.
     fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pissa_niter is not None and self.init != "pissa":
+            raise DeltaError(f"LoraConfig.pissa_niter = {self.pissa_niter} only applies to init='pissa' (init is {self.init!r})")
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Does this init move part of the base weight into the adapter (PiSSA, OLoRA)?"""
+        return self.init in ("pissa", "olora")
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -102,6 +133,8 @@ class LoraLayer(DeltaLayer):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.merged_factors: dict[str, torch.Tensor] = {}  # DoRA's m / ||W0 + s B A|| at merge time, for unmerge
+        # PiSSA / OLoRA: the initial (A0, B0), on the CPU, for writing the adapter relative to the original weight
+        self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------ shapes
     def base_weight(self) -> torch.Tensor:
@@ -142,13 +175,42 @@ class LoraLayer(DeltaLayer):
                 nn.init.zeros_(self.lora_B[name].weight)
         self.scaling[name] = config.scaling(r, alpha)
         self.dropout[name] = config.dropout
+        if config.rewrites_base:
+            if self.is_embedding:
+                raise DeltaError(f"init={config.init!r} on an embedding ({module_name}) is not supported; exclude it")
+            self.init_from_weight(name, config, module_name)
         if config.use_dora:
             with torch.no_grad():
                 norm = self.dora_norm(name, self.base_weight().float())
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(**kw))
 
+    def init_from_weight(self, name: str, config: LoraConfig, module_name: str) -> None:
+        """PiSSA / OLoRA: A and B from the base weight, which becomes W0 - s B A (the core keeps W0)."""
+        weight = self.base_layer.weight
+        if weight.is_meta:
+            raise DeltaError(f"init={config.init!r} needs the values of {module_name}'s weight, which is on the meta device; "
+                             "load the model's weights first")
+        r, s = self.lora_A[name].weight.shape[0], self.scaling[name]
+        w = self.base_weight().detach().to(torch.float32, copy=True)  # (out, in)
+        if r > min(w.shape):
+            raise DeltaError(f"init={config.init!r} needs r <= min(in, out) = {min(w.shape)} for {module_name}, got r={r}")
+        if config.init == "olora":
+            Q, R = torch.linalg.qr(w)  # (out, k), (k, in)
+            A, B = R[:r].contiguous(), Q[:, :r].contiguous()
+        else:
+            U, S, Vh = _top_singular(w, r, config.pissa_niter)  # (out, r), (r,), (r, in)
+            root = torch.sqrt(S / s)
+            A, B = root[:, None] * Vh, U * root[None, :]  # (r, in), (out, r)
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(A)
+            self.lora_B[name].weight.copy_(B)
+        self.initial[name] = (A.to("cpu", copy=True), B.to("cpu", copy=True))
+        residual = (w - (s * B) @ A).to(weight.dtype)  # (out, in)
+        rewrite_base(self, name, module_name, "weight", residual.T if self.is_conv1d else residual)
+
     def remove(self, name: str, keep_merged: bool = False) -> None:
         super().remove(name, keep_merged)
+        self.initial.pop(name, None)
         self.merged_factors.pop(name, None)
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
@@ -201,7 +263,7 @@ class LoraLayer(DeltaLayer):
             if A.dtype != result.dtype:
                 A, B = A.to(result.dtype), B.to(result.dtype)
             low = F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx)  # (..., r)
-            return _add_low_rank(result, low, B, self.scaling[name])
+            return add_low_rank(result, low, B, self.scaling[name])
         p = self.dropout[name]
         h = F.dropout(x, p, training=True) if p and self.training else x
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -210,7 +272,7 @@ class LoraLayer(DeltaLayer):
         low = F.linear(h, A)  # (..., r)
         if name in self.lora_magnitude_vector:
             return self.dora(name, h, x, result, low, B)
-        return _add_low_rank(result, low, B, self.scaling[name])
+        return add_low_rank(result, low, B, self.scaling[name])
 
     def dora(self, name: str, h: torch.Tensor, x: torch.Tensor, result: torch.Tensor, low: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight()
@@ -265,7 +327,23 @@ class LoraLayer(DeltaLayer):
         return None
 
 
-def _add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+def _top_singular(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r leading singular triplets of w (out, in): U (out, r), S (r,), V^T (r, in).
+
+    The randomized SVD runs under a fixed seed, so the same base gives the same residual
+    every time (a saved PiSSA adapter re-initialises identically when loaded).
+    """
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r]
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
+    return U, S, V.T
+
+
+def add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """result + scale * low @ B^T as one fused GEMM (addmm) over the flattened rows.
 
     Peft's ``result + B(low) * scale`` makes two more passes over the output; addmm makes none.
@@ -291,12 +369,52 @@ def attach(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
+    if config.rewrites_base:
+        _refuse_tied_targets(model, names, config)
     wrap(model, names, LoraLayer, name, config)
     conv1d = any(_is_conv1d(model.get_submodule(n).base_layer) for n in names)
     return config.replace(target_modules=targets, fan_in_fan_out=conv1d)
 
 
+def _refuse_tied_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:
+    """PiSSA/OLoRA rewrite the weight in place: a weight shared with another module would change there too."""
+    owners: dict[int, list[str]] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(path)
+    for n in names:
+        module = model.get_submodule(n)
+        weight = (module.base_layer if isinstance(module, DeltaLayer) else module).weight
+        shared = [o for o in owners.get(id(weight), ()) if not o.startswith(n + ".")]
+        if shared:
+            raise DeltaError(f"init={config.init!r} rewrites {n}'s weight, which is shared (tied) with {shared[0]}; "
+                             "exclude it from target_modules (exclude_modules=[...]) or untie the weights first")
+
+
+def to_original_base(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA / OLoRA adapter as a plain LoRA of rank 2r on the original weights: A' = [A; A0], B' = [B, -B0]."""
+    if config.use_dora:
+        raise DeltaError(f"delta {name!r} uses DoRA, whose magnitude is not a low-rank difference; it cannot be written "
+                         "relative to the original weights (save it without relative_to_original)")
+    out = dict(tensors)
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len(PREFIX):-len(".lora_A.weight")]
+        A0, B0 = model.get_submodule(module).initial[name]
+        key_B = key[: -len("lora_A.weight")] + "lora_B.weight"
+        out[key] = torch.cat([A, A0.to(A.dtype)], dim=0)  # (2r, in)
+        out[key_B] = torch.cat([tensors[key_B], -B0.to(A.dtype)], dim=1)  # (out, 2r)
+    # the same scale at twice the rank: alpha/r needs alpha doubled, alpha/sqrt(r) alpha times sqrt(2)
+    factor = math.sqrt(2) if config.use_rslora else 2
+    plain = config.replace(
+        init="kaiming", pissa_niter=None, r=2 * config.r, alpha=config.alpha * factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+    )  # fmt: skip
+    return plain, out
+
+
 LORA = register(
     Method(name="lora", config_cls=LoraConfig, kind="wrap", attach=attach, containers=LoraLayer.containers, per_row=True,
-           peft_compatible=True)
+           peft_compatible=True, to_original_base=to_original_base)
 )

@@ -1,0 +1,283 @@
+"""The `deltatune` command.
+
+    deltatune train CONFIG.yaml [--section.key value ...]   fine-tune; every YAML key is also a flag
+    deltatune eval CONFIG.yaml [--adapter DIR]               the same metrics for a base, or a base + adapter
+    deltatune merge --model M --adapter DIR --out DIR        a merged model any transformers install loads
+    deltatune generate --model M [--adapter DIR] (--prompt TEXT | --file FILE | --chat)
+    deltatune data CONFIG.yaml                               rendered examples, trained tokens marked
+    deltatune info MODEL                                     architecture, targets, counts per method
+    deltatune demo [--quick]                                 the offline demo (pretrained MiniLM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import DeltaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning for transformers models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="fine-tune a model with a delta (YAML config + flags)")
+    p.add_argument("config", nargs="?", help="YAML run config (optional when every key is given as a flag)")
+    p = commands.add_parser("eval", help="evaluate a base model, or a base plus an adapter, on the config's eval data")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--adapter", help="adapter folder (deltatune's or peft's); omit to evaluate the base alone")
+    p = commands.add_parser("data", help="print rendered examples with the trained tokens marked, and length statistics")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--examples", type=int, default=3)
+    p = commands.add_parser("merge", help="fold an adapter into its base and save a standard transformers model")
+    p.add_argument("--model", required=True, help="base model id or folder")
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="dtype of the saved weights")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = commands.add_parser("generate", help="generate text with a base model and optionally an adapter")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--file", help="a text file with one prompt per line")
+    source.add_argument("--chat", action="store_true", help="an interactive chat (empty line or Ctrl-D ends it)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--template", default=None, help="built-in chat template when the tokenizer has none (chatml, alpaca, plain)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = commands.add_parser("info", help="what deltatune can do with a model: architecture, targets, counts per method")
+    p.add_argument("model")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = commands.add_parser("demo", help="the offline demo: fine-tune the pretrained MiniLM on a task built from the stdlib")
+    p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    p.add_argument("--out", default="out/demo")
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if argv and argv[0] in RUN_COMMANDS:
+        # CONFIG, the command's own options, then any number of --section.key value flags
+        own = {"eval": {"--adapter"}, "data": {"--examples"}}.get(argv[0], set())
+        head, i = [argv[0]], 1
+        if i < len(argv) and not argv[i].startswith("-"):
+            head.append(argv[i])
+            i += 1
+        while i < len(argv):
+            key = argv[i].split("=", 1)[0]
+            if key in own or key in ("-h", "--help"):
+                head.append(argv[i])
+                if "=" not in argv[i] and key not in ("-h", "--help") and i + 1 < len(argv):
+                    head.append(argv[i + 1])
+                    i += 1
+            else:
+                rest.append(argv[i])
+            i += 1
+        argv = head
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args, rest)
+    except DeltaError as err:
+        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        print(f"deltatune {args.command}: error: {err}; the command needs the pipeline extras: "
+              "pip install 'deltatune[pipeline]'", file=sys.stderr)
+        return 2
+
+
+RUN_COMMANDS = ("train", "eval", "data")
+
+
+def _run_config(args: argparse.Namespace, rest: list[str]) -> Any:
+    from .pipeline.config import load_run_config
+
+    return load_run_config(args.config, rest)
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .pipeline.train import run
+
+    run(_run_config(args, rest))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from . import io as dt_io
+    from .pipeline.data import prepare
+    from .pipeline.evaluate import evaluate
+    from .pipeline.train import load_base, load_tokenizer, model_limit
+
+    config = _run_config(args, rest)
+    tokenizer = load_tokenizer(config)
+    labels = _labels(config)
+    model = load_base(config, tokenizer, labels)
+    prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
+    if not prepared.eval:
+        raise DeltaError("no eval data: set data.eval (a file) or data.eval_fraction")
+    if args.adapter:
+        dt_io.load(model, args.adapter)
+    metrics = evaluate(model, prepared, config, tokenizer)
+    what = f"{config.model.name} + {args.adapter}" if args.adapter else f"{config.model.name} (base)"
+    print(f"evaluation of {what} on {len(prepared.eval)} examples")
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"  {key.ljust(width)}  {value:.4f}")
+    return 0
+
+
+def _labels(config: Any) -> list[str] | None:
+    if config.model.task != "seq_cls":
+        return None
+    from .pipeline.data import check_rows, label_set, read_rows
+
+    rows, where = read_rows(config.data.train, config.data)
+    return label_set(check_rows(rows, where, config.data, labels=config.data.labels), config.data)
+
+
+def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
+    from .pipeline.data import IGNORE, prepare
+    from .pipeline.train import load_tokenizer
+
+    config = _run_config(args, rest)
+    tokenizer = load_tokenizer(config)
+    prepared = prepare(config, tokenizer, getattr(tokenizer, "model_max_length", None) if
+                       (getattr(tokenizer, "model_max_length", 0) or 0) < 1_000_000 else None)
+    for line in prepared.notes + prepared.lengths.lines():
+        print(line)
+    color = sys.stdout.isatty()
+    start, end = ("\033[32m", "\033[0m") if color else ("[[", "]]")
+    print(f"\nthe first {args.examples} training examples; trained tokens are {'green' if color else 'between [[ and ]]'}:")
+    for n, example in enumerate(prepared.train[: args.examples], 1):
+        print(f"\n--- example {n} ({len(example.input_ids)} tokens)")
+        if isinstance(example.labels, int):
+            print(tokenizer.decode(example.input_ids) + f"  -> label {prepared.labels[example.labels]!r}")
+            continue
+        if example.decoder_labels is not None:
+            print(tokenizer.decode(example.input_ids) + f"\n  -> {start}{tokenizer.decode(example.decoder_labels)}{end}")
+            continue
+        text, run_ids, trained = [], [], None
+        for token, label in zip(example.input_ids, example.labels):
+            flag = label != IGNORE
+            if trained is not None and flag != trained:
+                text.append((tokenizer.decode(run_ids), trained))
+                run_ids = []
+            run_ids.append(token)
+            trained = flag
+        text.append((tokenizer.decode(run_ids), trained))
+        print("".join(f"{start}{t}{end}" if flag else t for t, flag in text))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    import torch
+
+    from . import io as dt_io
+    from .pipeline.export import export_merged
+
+    config, _ = dt_io.read_adapter(args.adapter)
+    model, tokenizer = _load_for_adapter(args.model, config.task_type, args.trust_remote_code)
+    dt_io.load(model, args.adapter)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    folder = export_merged(model, tokenizer, args.out, dtype=dtype, in_place=True)
+    print(f"merged {args.adapter} into {args.model}: {folder} (loads with transformers alone)")
+    return 0
+
+
+def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+    import transformers as tf
+
+    classes = {"CAUSAL_LM": tf.AutoModelForCausalLM, "SEQ_CLS": tf.AutoModelForSequenceClassification,
+               "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM, "TOKEN_CLS": tf.AutoModelForTokenClassification,
+               "QUESTION_ANS": tf.AutoModelForQuestionAnswering}
+    cls = classes.get(task_type or "", tf.AutoModel)
+    try:
+        model = cls.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    import torch
+
+    from . import io as dt_io
+    from .pipeline.data import TEMPLATES
+
+    task = dt_io.read_adapter(args.adapter)[0].task_type if args.adapter else "CAUSAL_LM"
+    model, tokenizer = _load_for_adapter(args.model, task or "CAUSAL_LM", args.trust_remote_code)
+    if tokenizer is None:
+        raise DeltaError(f"{args.model} has no tokenizer to generate with")
+    if args.adapter:
+        dt_io.load(model, args.adapter)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+
+    def complete(prompt: str) -> str:
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[0] if seq2seq else out[0, enc["input_ids"].shape[1]:]
+        return tokenizer.decode(new, skip_special_tokens=True)
+
+    if args.prompt is not None:
+        print(complete(args.prompt))
+    elif args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise DeltaError(f"no prompt file at {path}")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                print(f">>> {line}\n{complete(line)}\n")
+    else:
+        template = None if getattr(tokenizer, "chat_template", None) and args.template is None else TEMPLATES[args.template or "chatml"]
+        history: list[dict[str, str]] = []
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history.append({"role": "user", "content": line})
+            if template is None:
+                prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            else:
+                turns, gen = template
+                prompt = "".join(turns[m["role"]].format(content=m["content"]) for m in history) + gen
+            answer = complete(prompt).strip()
+            history.append({"role": "assistant", "content": answer})
+            print(f"model> {answer}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:
+    from .info import describe
+
+    print(describe(args.model, trust_remote_code=args.trust_remote_code))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from .pipeline.demo import run_demo
+
+    return run_demo(quick=args.quick, out=args.out)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge, "generate": cmd_generate,
+            "info": cmd_info, "demo": cmd_demo}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

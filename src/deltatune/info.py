@@ -1,0 +1,71 @@
+"""`deltatune info MODEL`: what deltatune can do with a model, from its config alone.
+
+The model is built on the meta device (nothing is allocated, only config.json is
+read), so a 70B model is described on a laptop: its architecture, the modules each
+kind of delta can take, the default targets, and each method's trainable count
+with its default settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from . import api
+from .config import METHODS, DeltaError
+from .summary import summary
+from .targets import DEFAULT_TARGETS
+
+
+def build_on_meta(name: str, trust_remote_code: bool = False) -> nn.Module:
+    import transformers as tf
+
+    try:
+        config = tf.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DeltaError(f"cannot read the config of {name!r}: {str(err)[:300]}") from None
+    architectures = getattr(config, "architectures", None) or []
+    cls = next((getattr(tf, a) for a in architectures if hasattr(tf, a)), None)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cls is not None:
+            return cls(config)
+        return tf.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def describe(name: str, trust_remote_code: bool = False) -> str:
+    model = build_on_meta(name, trust_remote_code)
+    model_type = getattr(model.config, "model_type", "?")
+    total = sum(p.numel() for p in model.parameters())
+    lines = [f"{name}: {type(model).__name__} (model_type {model_type}), {total:,} parameters"]
+    kinds: dict[str, Counter] = {"linear": Counter(), "embedding": Counter(), "layer norm": Counter()}
+    for module_name, module in model.named_modules():
+        leaf = module_name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            kinds["linear"][leaf] += 1
+        elif isinstance(module, nn.Embedding):
+            kinds["embedding"][leaf] += 1
+        elif "norm" in type(module).__name__.lower():
+            kinds["layer norm"][leaf] += 1
+    for kind, found in kinds.items():
+        if found:
+            lines.append(f"  {kind} modules: " + ", ".join(f"{leaf} x{n}" for leaf, n in found.items()))
+    for method, table in DEFAULT_TARGETS.items():
+        if model_type in table:
+            lines.append(f"  default {method} targets: {', '.join(table[model_type])}")
+    lines.append("  trainable parameters with each method's defaults:")
+    width = max(len(m) for m in METHODS)
+    for method_name, method in METHODS.items():
+        trial = copy.deepcopy(model)
+        try:
+            api.attach(trial, method.config_cls())
+            counts = summary(trial, print_table=False)
+            text = f"{counts.trainable:>15,}  ({counts.percent:.4f}%)"
+        except (DeltaError, TypeError, NotImplementedError) as err:
+            text = f"{'n/a':>15}  ({str(err).split(';')[0][:90]})"
+        lines.append(f"    {method_name.ljust(width)}  {text}")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Metrics: accuracy and macro-F1 for classification, loss and perplexity for language
+modelling, and exact match, BLEU (sacrebleu) and ROUGE-L (rouge-score) for generation
+when the data has references (seq2seq targets, instruction outputs, the last assistant turn)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .data import IGNORE, Collator, Prepared
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: Any) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = _scores(model, prepared, config, tokenizer)
+        if config.eval.generate and config.model.task != "seq_cls":
+            metrics.update(generation_metrics(model, prepared, config, tokenizer))
+        return metrics
+    finally:
+        model.train(was_training)
+
+
+def _scores(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: Any) -> dict[str, float]:
+    collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
+    device = next(model.parameters()).device
+    size = config.eval.batch_size
+    if config.model.task == "seq_cls":
+        predictions, truth, loss_sum = [], [], 0.0
+        for i in range(0, len(prepared.eval), size):
+            batch = {k: v.to(device) for k, v in collate(prepared.eval[i:i + size]).items()}
+            out = model(**batch)
+            loss_sum += out.loss.item() * len(batch["labels"])
+            predictions += out.logits.argmax(-1).tolist()
+            truth += batch["labels"].tolist()
+        return classification_metrics(truth, predictions) | {"loss": loss_sum / len(truth)}
+    total_loss, total_tokens = 0.0, 0
+    for i in range(0, len(prepared.eval), size):
+        batch = {k: v.to(device) for k, v in collate(prepared.eval[i:i + size]).items()}
+        logits = model(**batch).logits.float()
+        labels = batch["labels"]
+        if config.model.task == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        n = int((labels != IGNORE).sum())
+        if n:
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=IGNORE, reduction="sum")
+            total_loss += loss.item()
+            total_tokens += n
+    mean = total_loss / max(1, total_tokens)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def classification_metrics(truth: list[int], predictions: list[int]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(truth, predictions)),
+            "macro_f1": float(f1_score(truth, predictions, average="macro", zero_division=0))}
+
+
+def references(prepared: Prepared, config: Any) -> list[tuple[str, str]]:
+    """(prompt text, reference answer) for every eval row that has one."""
+    fmt, renderer = config.data.format, prepared.renderer
+    out = []
+    for row in prepared.eval_rows:
+        if fmt == "seq2seq":
+            out.append((row["source"], row["target"]))
+        elif fmt == "instruction":
+            if config.model.task == "seq2seq":
+                out.append((row["instruction"] + (f"\n\n{row['input']}" if row["input"] else ""), row["output"]))
+            else:
+                prompt = [{"role": "user", "content": row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")}]
+                out.append((renderer.render(prompt, generation_prompt=True), row["output"]))
+        elif fmt == "chat":
+            turns = row["messages"]
+            last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+            out.append((renderer.render(turns[:last], generation_prompt=True), turns[last]["content"]))
+    return out
+
+
+def generation_metrics(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: Any) -> dict[str, float]:
+    pairs = references(prepared, config)
+    if not pairs:
+        return {}
+    device = next(model.parameters()).device
+    outputs = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the last real token
+    try:
+        for i in range(0, len(pairs), config.eval.batch_size):
+            prompts = [p for p, _ in pairs[i:i + config.eval.batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=config.model.task == "seq2seq").to(device)
+            generated = model.generate(**enc, max_new_tokens=config.eval.max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+            if config.model.task != "seq2seq":
+                generated = generated[:, enc["input_ids"].shape[1]:]
+            outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return text_metrics([o.strip() for o in outputs], [r.strip() for _, r in pairs])
+
+
+def text_metrics(predictions: list[str], references_: list[str]) -> dict[str, float]:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    exact = sum(p == r for p, r in zip(predictions, references_)) / len(references_)
+    bleu = sacrebleu.corpus_bleu(predictions, [references_]).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references_)) / len(references_)
+    return {"exact_match": exact, "bleu": bleu, "rouge_l": rouge}

@@ -1,0 +1,51 @@
+"""The merged export: base + delta folded into one model in the standard transformers layout,
+which `AutoModel...from_pretrained` loads without deltatune installed."""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import api
+from ..config import DeltaError
+
+
+def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                  in_place: bool = False) -> Path:
+    """Write `model` with its active deltas merged, atomically (a temporary folder renamed into place).
+
+    The model is left as it was, at the cost of a copy, unless in_place=True (then its
+    deltas are merged and detached: what `deltatune merge` does with a model it loaded).
+    """
+    folder = Path(folder)
+    merged = model if in_place else copy.deepcopy(model)
+    state = api.get_state(merged)
+    if state is not None and state.deltas:
+        not_mergeable = [n for n in state.active if not state.deltas[n].method.mergeable]
+        if not_mergeable:
+            delta = state.deltas[not_mergeable[0]]
+            raise DeltaError(f"delta {not_mergeable[0]!r} ({delta.method.name}) adds inputs rather than weights, so it "
+                             "cannot be merged into a plain model; share the base and the adapter instead")
+        for name in [n for n in state.deltas if n not in state.active]:
+            api.detach(merged, name)
+        api.detach(merged, merge=True, untie=True)
+    if dtype is not None:
+        merged = merged.to(dtype)
+    tmp = folder.with_name(f".{folder.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,311 @@
+"""The training loop: model + delta + data -> trained delta, checkpoints, logs and a report.
+
+Built on accelerate (devices, mixed precision, several processes). The loop feeds
+batches itself, from one integer data position (see data.global_batch), so a run
+on N processes sees the same examples as a run on one, and a resumed run continues
+exactly where its checkpoint stopped: a run killed with SIGKILL and resumed ends
+with the same delta as a run never interrupted.
+
+Methods reach the loop only through the Method record: the loss adds
+`dt.regularization(model)`, every optimizer step is followed by `dt.step(model, step)`,
+and the run ends with `dt.finalize(model)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import api, io as dt_io
+from ..config import DeltaError
+from ..summary import summary
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .data import Collator, Prepared, global_batch, prepare
+from .evaluate import evaluate
+from .report import RunLog, write_report
+
+
+class TrainingError(DeltaError):
+    """The run cannot go on (a non-finite loss, say); the message names the step and what to do."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    metrics: dict[str, float]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_tokenizer(config: RunConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
+                                                  revision=config.model.revision)
+    except (OSError, ValueError) as err:
+        raise DeltaError(f"cannot load the tokenizer of {config.model.name!r}: {str(err)[:300]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None) -> torch.nn.Module:
+    import transformers as tf
+
+    classes = {"causal_lm": tf.AutoModelForCausalLM, "seq_cls": tf.AutoModelForSequenceClassification,
+               "seq2seq": tf.AutoModelForSeq2SeqLM}
+    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision,
+                              "dtype": DTYPES[config.model.dtype]}
+    if config.model.task == "seq_cls":
+        count = config.model.num_labels or (len(labels) if labels else 2)
+        kwargs.update(num_labels=count)
+        if labels and len(labels) == count:
+            kwargs.update(id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    if config.model.quant is not None:
+        from ..quant import quantization_config  # noqa: F401 - the quantisation work provides it
+
+        kwargs["quantization_config"] = quantization_config(config.model.quant, DTYPES[config.model.dtype])
+    try:
+        model = classes[config.model.task].from_pretrained(config.model.name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise DeltaError(f"cannot load {config.model.name!r} as a {config.model.task} model: {str(err)[:400]}") from None
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def model_limit(model: torch.nn.Module, tokenizer: Any) -> int | None:
+    limits = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")]
+    tok = getattr(tokenizer, "model_max_length", None)
+    limits.append(tok if tok and tok < 1_000_000 else None)
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name.lower() in ("adamw8bit", "paged_adamw8bit", "paged_adamw", "adam8bit"):
+        from ..quant import bnb_optimizer
+
+        return bnb_optimizer(name.lower(), params, lr, weight_decay)
+    by_lower = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
+                if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+                and n != "Optimizer"}
+    if name.lower() not in by_lower:
+        raise DeltaError(f"train.optimizer = {name!r} is not a torch.optim optimizer; choose one of "
+                         f"{', '.join(sorted(by_lower))}, adamw8bit or paged_adamw8bit")
+    return by_lower[name.lower()](params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(config: RunConfig, echo: Any = print) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t_start = time.perf_counter()
+    try:
+        accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    except ValueError as err:
+        raise DeltaError(f"train.mixed_precision = {config.train.mixed_precision!r} is not available here: {err}") from None
+    main = accelerator.is_main_process
+    say = echo if main else (lambda *a, **k: None)
+    out = Path(config.output.dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    set_seed(config.train.seed)
+
+    tokenizer = load_tokenizer(config)
+    labels_hint = None
+    if config.model.task == "seq_cls":
+        from .data import check_rows, label_set, read_rows
+
+        rows, where = read_rows(config.data.train, config.data)
+        labels_hint = label_set(check_rows(rows, where, config.data, labels=config.data.labels), config.data)
+    model = load_base(config, tokenizer, labels_hint)
+    prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
+    for line in prepared.notes + prepared.lengths.lines():
+        say(line)
+
+    resume_from = ckpt.latest(out) if config.train.resume else None
+    if resume_from is not None:
+        dt_io.load(model, resume_from / "adapter", trainable=True)
+        say(f"resuming from {resume_from}")
+    elif config.train.init_adapter:
+        source = Path(config.train.init_adapter)
+        adapter = source / "adapter" if (source / "trainer_state.json").is_file() else source  # a checkpoint, or an adapter
+        dt_io.load(model, adapter, trainable=True)
+        say(f"continuing the adapter at {adapter}")
+    else:
+        api.attach(model, config.delta)
+    if config.model.quant is not None:
+        from ..quant import prepare_kbit
+
+        prepare_kbit(model)
+    elif config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    counts = summary(model, print_table=False)
+    say(f"{config.method}: {counts.trainable:,} trainable parameters of {counts.total:,} ({counts.percent:.3f}%)")
+
+    world = accelerator.num_processes
+    per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step
+    total = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prepared.train) / per_step))
+    warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config.train.optimizer, params, config.train.lr, config.train.weight_decay)
+    scheduler = make_scheduler(optimizer, config.train.scheduler, warmup, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+
+    step, offset = 0, 0
+    log = RunLog(out, enabled=main)
+    if resume_from is not None:
+        record = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
+        step, offset = record["step"], record["offset"]
+        log.truncate_after(step)
+    elif config.train.init_adapter and (Path(config.train.init_adapter) / "trainer_state.json").is_file():
+        ckpt.load_optimizer(Path(config.train.init_adapter), optimizer)  # continued training keeps the moments
+        say("kept the checkpoint's optimizer state")
+    collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
+    say(f"training {total} steps of {per_step} examples ({config.train.batch_size} x {world} process(es) x "
+        f"{config.train.grad_accum} accumulation); {len(prepared.train)} training examples, {len(prepared.eval)} for eval")
+    say("the same run as a command: " + config.command())
+
+    bar = _progress(total, step, enabled=main and config.train.progress)
+    tokens_seen, t_loop, skipped, last_loss = 0, time.perf_counter(), 0, float("nan")
+    model.train()
+    while step < total:
+        step_loss, step_tokens, bad = 0.0, 0, None
+        for micro in range(config.train.grad_accum):
+            indices = global_batch(len(prepared.train), config.train.seed, offset, config.train.batch_size * world)
+            offset += len(indices)
+            mine = indices[accelerator.process_index * config.train.batch_size:(accelerator.process_index + 1) * config.train.batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate([prepared.train[i] for i in mine]).items()}
+            syncing = micro == config.train.grad_accum - 1
+            with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                    loss = loss + api.regularization(inner)
+                if not torch.isfinite(loss.detach()):
+                    bad = loss.item()
+                    break
+                accelerator.backward(loss / config.train.grad_accum)
+            step_loss += loss.item() / config.train.grad_accum
+            step_tokens += int(batch["attention_mask"].sum()) * world
+        if bad is not None:
+            if config.train.on_nan == "stop":
+                good = ckpt.latest(out)
+                raise TrainingError(
+                    f"step {step + 1}: the loss is {bad} (not finite), so the run stops before that update; "
+                    + (f"the last good checkpoint is {good}; " if good else "no checkpoint was written; ")
+                    + "lower train.lr, use bf16 instead of fp16, or set train.on_nan: skip to skip such steps")
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            step += 1
+            scheduler.step()
+            log.write({"step": step, "skipped": True, "loss": bad})
+            bar.update(1)
+            continue
+        if config.train.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+        optimizer.step()
+        step += 1
+        api.step(inner, step)  # before zero_grad: AdaLoRA scores importance from these gradients
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += step_tokens
+        last_loss = step_loss
+        elapsed = time.perf_counter() - t_loop
+        rate = tokens_seen / elapsed if elapsed > 0 else 0.0
+        lr = scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        if step % config.train.log_every == 0 or step == total:
+            log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": rate, "elapsed_s": elapsed})
+        if config.train.eval_every and step % config.train.eval_every == 0 and step < total and prepared.eval:
+            metrics = evaluate(inner, prepared, config, tokenizer)
+            log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+            model.train()
+        if config.train.save_every and step % config.train.save_every == 0 and step < total:
+            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)
+    bar.close()
+
+    api.finalize(inner)
+    metrics = evaluate(inner, prepared, config, tokenizer) if prepared.eval else {}
+    if metrics:
+        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    adapter_dir = out / "adapter"
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)  # the final state, for continued training
+    if main:
+        dt_io.save(inner, adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        (out / "config.yaml").write_text(_yaml(config.as_dict()))
+    if config.output.merged and main:
+        from .export import export_merged
+
+        export_merged(inner, tokenizer, out / "merged")
+    accelerator.wait_for_everyone()
+    result = RunResult(output_dir=out, adapter_dir=adapter_dir, steps=step, final_loss=last_loss, metrics=metrics)
+    if main:
+        result.summary = write_report(out, config, counts, log, metrics, wall=time.perf_counter() - t_start,
+                                      tokens_per_s=tokens_seen / max(1e-9, time.perf_counter() - t_loop), skipped=skipped,
+                                      echo=say)
+    return result
+
+
+def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                offset: int, config: RunConfig) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _check_finite(model, step)
+        ckpt.save_checkpoint(out, step, model, optimizer, scheduler, {"offset": offset, "method": config.method},
+                             config.train.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _check_finite(model: torch.nn.Module, step: int) -> None:
+    """Never write NaN weights over a good checkpoint."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p.detach()).all():
+            raise TrainingError(f"step {step}: {name} holds non-finite values, so nothing is saved (the previous "
+                                "checkpoint stays); lower train.lr or use bf16 instead of fp16")
+
+
+def _progress(total: int, start: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
