@@ -15,6 +15,7 @@ with LN the identity where a pre-LN block has none after the residual add.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -100,7 +101,9 @@ def bert_block(model, pristine, placement, A):  # RoBERTa's blocks are BERT's
 def bart_encoder_block(model, pristine, placement, A):
     layer, ref = model.model.encoder.layers[0], pristine.model.encoder.layers[0]
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
-    got = first(layer(x, attention_mask=None))
+    # transformers < 5 takes a positional layer_head_mask
+    extra = {"layer_head_mask": None} if "layer_head_mask" in inspect.signature(layer.forward).parameters else {}
+    got = first(layer(x, attention_mask=None, **extra))
     h1 = ref.self_attn(hidden_states=x, attention_mask=None)[0]
     ffn = lambda u: ref.fc2(ref.activation_fn(ref.fc1(u)))  # noqa: E731
     if placement == "houlsby":
@@ -530,9 +533,10 @@ def test_fusion_learns_to_weight_the_adapter_of_each_task():
         per_layer = torch.stack([w.mean(dim=(0, 1)) for w in weights["fusion"].values()])  # (layers, adapters)
         assert per_layer.shape == (2, 2)
         assert per_layer[:, which].mean() > 0.8 and (per_layer[:, which] > 0.6).all(), per_layer
-    with pytest.raises(dt.DeltaError, match="has no AdapterFusion attached"):
-        with dt.fusion_attention(build("llama")):
-            pass
+    for wrong, message in ((build("llama"), "has no AdapterFusion attached"), ("model", "expects a torch.nn.Module")):
+        with pytest.raises(dt.DeltaError, match=message):
+            with dt.fusion_attention(wrong):
+                pass
 
 
 def test_save_pretrained_with_adapters_writes_the_base_model(tmp_path):

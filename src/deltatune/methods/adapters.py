@@ -438,6 +438,8 @@ def fusion_attention(model: nn.Module) -> Iterator[dict[str, dict[str, torch.Ten
     Yields {fusion name: {module name: weights of the last forward, shape (..., n adapters)}},
     filled as the model runs.
     """
+    if not isinstance(model, nn.Module):
+        raise DeltaError(f"fusion_attention expects a torch.nn.Module, got {type(model).__name__}")
     records: dict[str, dict[str, torch.Tensor]] = {}
     layers = [(n, layer) for n, layer in delta_layers(model) if isinstance(layer, AdapterLayer) and layer.fused]
     if not layers:
