@@ -46,6 +46,10 @@ METHODS = {
     "Freeze: linear probe (head only)": lambda: dt.FreezeConfig(trainable_layers=0),
     "Full fine-tuning": lambda: dt.FullConfig(),
     "Diff pruning 0.5% (trains / keeps)": lambda: dt.DiffPruningConfig(target_sparsity=0.005),
+    "Houlsby adapters, reduction 16": lambda: dt.AdapterConfig(placement="houlsby"),
+    "Pfeiffer adapter, reduction 16": lambda: dt.AdapterConfig(placement="pfeiffer"),
+    "Parallel adapter, reduction 16": lambda: dt.AdapterConfig(placement="parallel", scaling=4.0),
+    "AdapterFusion of 2 Pfeiffer adapters": lambda: dt.AdapterFusionConfig(adapters=["a", "b"]),
 }
 
 WHY_NOT = {"no bias terms": "n/a (no biases)", "leaves nothing to train": "n/a (no head)"}
@@ -58,7 +62,16 @@ LORA_TARGETS = ["query", "value", "q_proj", "v_proj"]
 AT_TARGET: dict = {}
 
 
-def count(reference: str, make) -> str:
+def _two_pfeiffer_adapters(model: torch.nn.Module) -> None:
+    for name in ("a", "b"):
+        dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name=name)
+
+
+# What a method needs attached before it (counted as frozen parameters of the model).
+PREPARE = {"AdapterFusion of 2 Pfeiffer adapters": _two_pfeiffer_adapters}
+
+
+def count(reference: str, method: str, make) -> str:
     config, cls = REFERENCES[reference]
     with torch.device("meta"):
         model = cls(config)
@@ -66,6 +79,7 @@ def count(reference: str, make) -> str:
     AT_TARGET.update({f"{n}.lora_E": [True] * 8 + [False] * 4 for n, _ in model.named_modules()
                       if n.rsplit(".", 1)[-1] in LORA_TARGETS})
     try:
+        PREPARE.get(method, lambda _: None)(model)
         dt.attach(model, make())
     except dt.DeltaError as err:
         return next((v for k, v in WHY_NOT.items() if k in str(err)), f"n/a ({err})")
@@ -82,7 +96,7 @@ def count(reference: str, make) -> str:
 
 def main() -> None:
     names = list(REFERENCES)
-    rows = [[method] + [count(ref, make) for ref in names] for method, make in METHODS.items()]
+    rows = [[method] + [count(ref, method, make) for ref in names] for method, make in METHODS.items()]
     widths = [max(len(r[i]) for r in rows + [["method"] + names]) for i in range(len(names) + 1)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     print(line(["method"] + names))

@@ -31,9 +31,27 @@ class M:
     lr: float = 2e-2  # prompt tuning wants a larger one, as in the paper
     rewrites_base: bool = False  # PiSSA/OLoRA: the rewritten base reaches every row, so no mixed batches
     attach_atol: float = 1e-6  # PiSSA/OLoRA: (W0 - s B A) + s B A equals W0 only to float rounding
+    prepare: Callable[[torch.nn.Module], None] | None = None  # what must be attached first (the adapters a fusion fuses)
 
     def __repr__(self) -> str:
         return self.name
+
+
+def two_adapters(model: torch.nn.Module) -> None:
+    """Two Pfeiffer adapters "fa" and "fb" with non-zero weights, the same on every call, for AdapterFusion."""
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        for seed, name in enumerate(("fa", "fb")):
+            dt.attach(model, dt.AdapterConfig(placement="pfeiffer", bottleneck_size=4), name=name)
+            perturb(model, seed=10 + seed, scale=0.3)
+
+
+def fresh(arch: str, method: M) -> torch.nn.Module:
+    """A tiny model with what the method needs attached first."""
+    model = build(arch)
+    if method.prepare is not None:
+        method.prepare(model)
+    return model
 
 
 METHODS = [
@@ -53,6 +71,10 @@ METHODS = [
     M("freeze", lambda: dt.FreezeConfig(trainable_layers=1, trainable_modules=r"(?i).*(norm|\.ln_\w+)", train_head=False)),
     M("full", lambda: dt.FullConfig(), lr=1e-3),
     M("diff_pruning", lambda: dt.DiffPruningConfig(target_sparsity=0.05)),
+    M("adapter_houlsby", lambda: dt.AdapterConfig(placement="houlsby", reduction_factor=8), mergeable=False),
+    M("adapter_pfeiffer", lambda: dt.AdapterConfig(placement="pfeiffer", bottleneck_size=4, nonlinearity="gelu"), mergeable=False),
+    M("adapter_parallel", lambda: dt.AdapterConfig(placement="parallel", bottleneck_size=4, scaling=4.0, nonlinearity="swish"), mergeable=False),
+    M("adapter_fusion", lambda: dt.AdapterFusionConfig(adapters=["fa", "fb"]), identity_at_attach=False, mergeable=False, prepare=two_adapters),
 ]
 
 CASES = [
@@ -80,6 +102,8 @@ def train(model, data, steps=12, lr=1e-2):
 def _trained(arch: str, method: M):
     base = build(arch)
     model = copy.deepcopy(base)
+    if method.prepare is not None:
+        method.prepare(model)
     dt.attach(model, method.make())
     losses = train(model, batch(arch), lr=method.lr)
     return base, model, losses
@@ -93,7 +117,7 @@ def trained(arch, method):
 
 @pytest.mark.parametrize("arch,method", CASES)
 def test_outputs_unchanged_at_attach(arch, method):
-    base = build(arch)
+    base = fresh(arch, method)
     data = batch(arch)
     before = logits(base, data)
     dt.attach(base, method.make())
@@ -106,7 +130,7 @@ def test_outputs_unchanged_at_attach(arch, method):
 
 @pytest.mark.parametrize("arch,method", CASES)
 def test_only_delta_parameters_train(arch, method):
-    model = build(arch)
+    model = fresh(arch, method)
     dt.attach(model, method.make())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and trainable == set(dt.delta_parameters(model, "default"))
@@ -127,6 +151,8 @@ def test_save_load_round_trip(arch, method, tmp_path):
     base, model, _ = trained(arch, method)
     data = batch(arch)
     dt.save(model, tmp_path)
+    if method.prepare is not None:
+        method.prepare(base)
     dt.load(base, tmp_path)
     torch.testing.assert_close(logits(base, data), logits(model, data), rtol=0, atol=1e-6)
 
@@ -183,6 +209,8 @@ def test_mixed_batch_rows_get_exactly_their_own_delta(arch, method):
     model = build(arch)
     data = batch(arch)
     base = logits(model, data)
+    if method.prepare is not None:
+        method.prepare(model)
     dt.attach(model, method.make(), name="a")
     perturb(model, seed=1)
     if not dt.METHODS[method.make().method].per_row or method.rewrites_base:  # whole-batch: refused, never mixed

@@ -157,3 +157,45 @@ def test_lokr_on_llama_3b_by_hand():
     # q: W1 48 x 48 = 2,304; W2 64 x 64 has r = 8 < 64/2, so W2a 64 x 8 + W2b 8 x 64 = 1,024.
     # v (out 1024 = 32 x 32, in 48 x 64): W1 32 x 48 = 1,536; W2 (32 x 64) low-rank: 32 x 8 + 8 x 64 = 768.
     assert trainable(model) == 28 * (2_304 + 1_024 + 1_536 + 768) == 157_696
+# ---------------------------------------------------------------- bottleneck adapters and AdapterFusion
+# One adapter module on width d with bottleneck m: W_down (m x d) + b_down (m) + W_up (d x m) + b_up (d)
+# = 2dm + m + d. Houlsby puts two per block, Pfeiffer and parallel one. A fusion adds per adapted
+# module Q and K (d x d with bias) and V (d x d): 3d² + 2d.
+
+BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, vocab_size=30522)
+LLAMA_3B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                intermediate_size=8192, vocab_size=128256)
+
+
+def test_houlsby_adapters_on_bert_large_match_the_houlsby_paper():
+    model = on_meta(tf.BertConfig(**BERT_LARGE), tf.BertModel)
+    dt.attach(model, dt.AdapterConfig(placement="houlsby"))  # reduction 16: m = 1024 / 16 = 64
+    assert trainable(model) == 24 * 2 * (2 * 1024 * 64 + 64 + 1024) == 6_343_680
+    dt.detach(model)
+    # The paper trains the layer norms too and reports 2.1% for m = 64 (Table 1, "Adapters (64)"),
+    # relative to the transformer layers (24 x 12,596,224 parameters; embeddings and pooler aside).
+    # Its 3.6% is the mean over tasks of per-task sizes m in {8, 64, 256}.
+    dt.attach(model, dt.AdapterConfig(placement="houlsby", bottleneck_size=64, train_layer_norms=True))
+    layers = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder.") and not p.requires_grad)
+    norms = 24 * 2 * 2 * 1024
+    assert trainable(model) == 6_343_680 + norms == 6_441_984
+    assert layers + norms == 24 * 12_596_224 == 302_309_376
+    assert round(100 * trainable(model) / (layers + norms), 1) == 2.1
+
+
+def test_pfeiffer_and_parallel_adapters_on_llama_3b_shape():
+    model = on_meta(tf.LlamaConfig(**LLAMA_3B), tf.LlamaForCausalLM)
+    dt.attach(model, dt.AdapterConfig(placement="pfeiffer"))  # m = 3072 / 16 = 192
+    assert trainable(model) == 28 * (2 * 3072 * 192 + 192 + 3072) == 33_121_536
+    dt.detach(model)
+    dt.attach(model, dt.AdapterConfig(placement="parallel", bottleneck_size=512, scaling=4.0))  # He et al.'s MAM size
+    assert trainable(model) == 28 * (2 * 3072 * 512 + 512 + 3072) == 88_180_736
+
+
+def test_adapter_fusion_on_bert_base():
+    config = tf.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522)
+    model = on_meta(config, tf.BertModel)
+    for name in ("a", "b"):
+        dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name=name)
+    dt.attach(model, dt.AdapterFusionConfig(adapters=["a", "b"]), name="fusion")
+    assert trainable(model) == 12 * (3 * 768 * 768 + 2 * 768) == 21_252_096  # the adapters are frozen

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -24,7 +25,7 @@ from deltatune.io import CONFIG_NAME, WEIGHTS_NAME
 from deltatune.model_files import MARKER
 from deltatune.methods.lora import LoraLayer
 from deltatune.surgery import DeltaLayer
-from test_contract import METHODS
+from test_contract import METHODS, fresh
 from test_lora import perturb
 from tiny_models import batch, build, logits
 
@@ -36,7 +37,7 @@ def _arch(method) -> str:
 
 
 def _trained_and_saved(method, folder, name="default"):
-    model = build(_arch(method))
+    model = fresh(_arch(method), method)
     dt.attach(model, method.make(), name=name)
     perturb(model)
     dt.save(model, folder)
@@ -50,9 +51,12 @@ def _files(method) -> tuple[str, str, set[str]]:
     return CONFIG_NAME, WEIGHTS_NAME, {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
 
 
-def _wider_gpt2():
+def _wider_gpt2(method=None):
     torch.manual_seed(0)
-    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    if method is not None and method.prepare is not None:
+        method.prepare(model)  # what the method's file needs attached first (a fusion's adapters)
+    return model
 
 
 # ---------------------------------------------------------------- files: every method
@@ -62,19 +66,21 @@ def _wider_gpt2():
 def test_loading_into_the_wrong_model_names_the_key_and_changes_nothing(method, tmp_path):
     _trained_and_saved(method, tmp_path)
     files = folder_bytes(tmp_path)
-    wider = _wider_gpt2()
+    wider = _wider_gpt2(method)
+    prepared = dict(dt.attached(wider)) if method.prepare else {}
     before = fingerprint(wider)
     with pytest.raises(dt.DeltaError, match=r"does not fit GPT2LMHeadModel: key \S+ (has shape \[.*\] in the file but|is missing)"):
         dt.load(wider, tmp_path)
     assert_unchanged(wider, before)
-    assert "_deltatune_state" not in wider.__dict__
+    assert dt.attached(wider) == prepared
     assert folder_bytes(tmp_path) == files
 
 
 @pytest.mark.parametrize("method", GENERIC)
 def test_a_failed_load_leaves_the_active_delta_alone(method, tmp_path):
     _trained_and_saved(method, tmp_path)
-    model = _wider_gpt2()
+    model = _wider_gpt2(method)
+    prepared = list(dt.attached(model))
     # on c_fc, which no method's default targets on GPT-2 (two wrapping methods never share a module)
     dt.attach(model, dt.LoraConfig(r=2, init="none", target_modules=["c_fc"]), name="working")
     data = batch("gpt2")
@@ -82,7 +88,7 @@ def test_a_failed_load_leaves_the_active_delta_alone(method, tmp_path):
     with pytest.raises(dt.DeltaError, match="does not fit"):
         dt.load(model, tmp_path, name="broken")
     assert_unchanged(model, before)
-    assert dt.active(model) == ["working"] and list(dt.attached(model)) == ["working"]
+    assert dt.active(model) == ["working"] and list(dt.attached(model)) == prepared + ["working"]
     assert torch.equal(logits(model, data), out)
 
 
@@ -92,7 +98,7 @@ def test_truncated_weights_are_refused(method, tmp_path):
     _, weights_name, _ = _files(method)
     weights = tmp_path / weights_name
     weights.write_bytes(weights.read_bytes()[:-40])
-    model = build(_arch(method))
+    model = fresh(_arch(method), method)
     before = fingerprint(model)
     with pytest.raises(dt.DeltaError, match=f"{weights_name} cannot be read .*corrupted or truncated"):
         dt.load(model, tmp_path)
@@ -102,7 +108,7 @@ def test_truncated_weights_are_refused(method, tmp_path):
 @pytest.mark.parametrize("method", GENERIC)
 def test_files_from_two_saves_are_refused_naming_both(method, tmp_path):
     _trained_and_saved(method, tmp_path / "one")
-    other = build(_arch(method))
+    other = fresh(_arch(method), method)
     config = method.make()
     # a different config (another init or size) saved elsewhere, then its config copied over
     dt.attach(other, config.replace(base_model_name_or_path="elsewhere"))
@@ -110,7 +116,7 @@ def test_files_from_two_saves_are_refused_naming_both(method, tmp_path):
     config_name, weights_name, _ = _files(method)
     (tmp_path / "one" / config_name).write_bytes((tmp_path / "two" / config_name).read_bytes())
     with pytest.raises(dt.DeltaError, match=rf"{weights_name} and .*{config_name} do not belong together"):
-        dt.load(build(_arch(method)), tmp_path / "one")
+        dt.load(fresh(_arch(method), method), tmp_path / "one")
 
 
 @pytest.mark.parametrize("method", GENERIC)
@@ -131,7 +137,7 @@ def test_an_interrupted_save_keeps_the_previous_adapter(method, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         dt.save(model, tmp_path)
     assert folder_bytes(tmp_path) == files  # no temporary files left either
-    torch.testing.assert_close(logits(dt.load(build("gpt2"), tmp_path), data), good, rtol=0, atol=0)
+    torch.testing.assert_close(logits(dt.load(fresh("gpt2", method), tmp_path), data), good, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", GENERIC)
@@ -141,21 +147,22 @@ def test_saved_files_have_the_usual_permissions(method, tmp_path):
         _trained_and_saved(method, tmp_path)
     finally:
         os.umask(old)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}  # not a fusion's adapters
     assert modes == dict.fromkeys(_files(method)[2], 0o644)
 
 
 @pytest.mark.parametrize("method", GENERIC)
 def test_the_same_name_twice_and_unknown_names(method):
-    model = build(_arch(method))
+    model = fresh(_arch(method), method)
     dt.attach(model, method.make())
     before = fingerprint(model)
     with pytest.raises(dt.DeltaError, match="a delta named 'default' is already attached"):
         dt.attach(model, method.make())
+    attached = re.escape(str(list(dt.attached(model))))
     for call in (lambda: dt.set_active(model, "nope"), lambda: dt.set_trainable(model, "nope", True),
                  lambda: dt.merge(model, "nope"), lambda: dt.detach(model, "nope"), lambda: dt.save(model, "x", name="nope"),
                  lambda: dt.delta_parameters(model, "nope")):
-        with pytest.raises(dt.DeltaError, match="no delta named 'nope' is attached; attached: \\['default'\\]"):
+        with pytest.raises(dt.DeltaError, match=f"no delta named 'nope' is attached; attached: {attached}"):
             call()
     assert_unchanged(model, before)
 
@@ -193,6 +200,16 @@ def test_the_same_name_twice_and_unknown_names(method):
         (lambda: dt.DiffPruningConfig(limit_r=1.0), "limit_r", "1.0 must be > 1"),
         (lambda: dt.DiffPruningConfig(temperature=0), "temperature", "0 must be > 0"),
         (lambda: dt.DiffPruningConfig(l0_penalty=-1e-7), "l0_penalty", "must be >= 0"),
+        (lambda: dt.AdapterConfig(placement="serial"), "placement", "one of 'houlsby', 'pfeiffer', 'parallel'"),
+        (lambda: dt.AdapterConfig(reduction_factor=0), "reduction_factor", "0 must be > 0"),
+        (lambda: dt.AdapterConfig(reduction_factor=True), "reduction_factor", "expected a number"),
+        (lambda: dt.AdapterConfig(bottleneck_size=0), "bottleneck_size", "0 must be > 0"),
+        (lambda: dt.AdapterConfig(bottleneck_size=8.5), "bottleneck_size", "expected an int or None"),
+        (lambda: dt.AdapterConfig(nonlinearity="tanh"), "nonlinearity", "one of 'relu', 'gelu', 'swish'"),
+        (lambda: dt.AdapterConfig(target_layers=[-1]), "target_layers", "-1 must be >= 0"),
+        (lambda: dt.AdapterConfig(train_layer_norms="yes"), "train_layer_norms", "expected True or False"),
+        (lambda: dt.AdapterFusionConfig(adapters="ab"), "adapters", "expected a list of a string"),
+        (lambda: dt.AdapterFusionConfig(adapters=["a", "b"], regularization=-1.0), "regularization", "-1.0 must be >= 0"),
     ],
 )
 def test_configs_validate_types_and_ranges(make, field, fragment):
@@ -674,3 +691,99 @@ def test_a_lokr_file_whose_config_was_edited_names_the_missing_key(tmp_path):
     with pytest.raises(dt.DeltaError, match=r"key \S+lokr_w1 is missing from the file"):
         dt.load(fresh, tmp_path, verify=False)
     assert_unchanged(fresh, before)
+
+
+# ---------------------------------------------------------------- bottleneck adapters and AdapterFusion
+
+
+def _two_adapters_to_fuse(arch="llama"):
+    model = build(arch)
+    for seed, name in enumerate(("a", "b")):
+        dt.attach(model, dt.AdapterConfig(bottleneck_size=4), name=name)
+        perturb(model, seed=seed)
+    return model
+
+
+def test_adapters_cannot_merge_and_say_why():
+    model = build("gpt2")
+    dt.attach(model, dt.AdapterConfig())
+    perturb(model)
+    before = fingerprint(model)
+    for call in (lambda: dt.merge(model), lambda: dt.detach(model, merge=True)):
+        with pytest.raises(dt.DeltaError, match="'default' is a bottleneck_adapter delta, which is a nonlinear function .* cannot be merged"):
+            call()
+    assert_unchanged(model, before)
+
+
+def test_an_adapter_whose_input_did_not_run_says_so():
+    model = build("llama")
+    dt.attach(model, dt.AdapterConfig(placement="parallel"))
+    down_proj = model.model.layers[0].mlp.down_proj
+    with pytest.raises(dt.DeltaError, match="parallel adapter on Linear reads the input of a Linear in the same block, which did not run"):
+        down_proj(torch.randn(1, 3, 64))
+
+
+def test_pfeiffer_on_a_residual_after_the_norm_is_refused():
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4,
+                                               apply_residual_connection_post_layernorm=True))
+    with pytest.raises(dt.DeltaError, match="apply_residual_connection_post_layernorm=True are not supported"):
+        dt.attach(model, dt.AdapterConfig(placement="pfeiffer"))
+    dt.attach(model, dt.AdapterConfig(placement="parallel"))
+
+
+def test_a_fused_adapter_cannot_be_detached_before_its_fusion():
+    model = _two_adapters_to_fuse()
+    data = batch("llama")
+    base = logits(build("llama"), data)
+    dt.attach(model, dt.AdapterFusionConfig(adapters=["a", "b"]), name="f")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match="delta 'a' is used by 'f' \\(adapter_fusion\\); detach 'f' first, or both at once"):
+        dt.detach(model, "a")
+    assert_unchanged(model, before)
+    dt.detach(model)  # everything at once: the fusion goes first
+    torch.testing.assert_close(logits(model, data), base, rtol=0, atol=0)
+
+
+def test_fusion_refuses_what_it_cannot_fuse():
+    with pytest.raises(dt.DeltaError, match="needs two or more distinct adapter names"):
+        dt.AdapterFusionConfig(adapters=["a"])
+    with pytest.raises(dt.DeltaError, match="needs two or more distinct adapter names"):
+        dt.AdapterFusionConfig(adapters=["a", "a"])
+    model = build("llama")
+    dt.attach(model, dt.AdapterConfig(placement="houlsby"), name="h")
+    dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name="p")
+    dt.attach(model, dt.AdapterConfig(placement="houlsby", target_layers=[0]), name="h0")
+    dt.attach(model, dt.LoraConfig(r=2), name="lora")
+    before = fingerprint(model)
+    for adapters, message in ((["h", "p"], r"'h' \(houlsby, 4 modules\) and 'p' \(pfeiffer, 2 modules\) differ"),
+                              (["h", "h0"], r"'h' \(houlsby, 4 modules\) and 'h0' \(houlsby, 2 modules\) differ"),
+                              (["h", "lora"], "fuses bottleneck adapters; 'lora' is a lora delta")):
+        with pytest.raises(dt.DeltaError, match=message):
+            dt.attach(model, dt.AdapterFusionConfig(adapters=adapters), name="f")
+        assert_unchanged(model, before)
+
+
+def test_a_tapped_adapter_failing_at_its_last_layer_leaves_no_hook(monkeypatch):
+    from deltatune.methods.adapters import AdapterLayer
+
+    model = build("opt")
+    data = batch("opt")
+    dt.attach(model, dt.AdapterConfig(placement="parallel"), name="p1")
+    perturb(model)
+    out, before = logits(model, data), fingerprint(model)
+    hooks = sum(len(m._forward_pre_hooks) for m in model.modules())  # the model's own + one tap per block
+    _fail_on_call(monkeypatch, AdapterLayer, "add", call=2)  # two blocks: the second is the last
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name="p2")
+    assert_unchanged(model, before)
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert torch.equal(logits(model, data), out)
+    monkeypatch.undo()
+    # two adapters reading the same input share one tap; it goes with the last of them
+    dt.attach(model, dt.AdapterConfig(placement="parallel"), name="p3")
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    dt.detach(model, "p1")
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    dt.detach(model, "p3")
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert hooks == 1 + 2

@@ -11,8 +11,8 @@ from .api import (active, attach, attached, delta_parameters, detach, disabled, 
                   regularization, set_active, set_trainable, step, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
-from .methods import (AdaLoraConfig, BitFitConfig, DiffPruningConfig, FreezeConfig, FullConfig, IA3Config,
-                      LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig)
+from .methods import (AdaLoraConfig, AdapterConfig, AdapterFusionConfig, BitFitConfig, DiffPruningConfig, FreezeConfig,
+                      FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig, fusion_attention)
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -22,7 +22,8 @@ __all__ = [
     "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
     "regularization", "step", "finalize", "DeltaCallback",
     "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
-    "PromptTuningConfig", "BitFitConfig", "FreezeConfig", "FullConfig", "DiffPruningConfig",
+    "PromptTuningConfig", "BitFitConfig", "FreezeConfig", "FullConfig", "DiffPruningConfig", "AdapterConfig",
+    "AdapterFusionConfig", "fusion_attention",
     "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip
 

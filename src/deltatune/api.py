@@ -194,7 +194,7 @@ def _apply_active(model: nn.Module, state: ModelState, names: list[str]) -> None
     for _, layer in delta_layers(model):
         layer.set_active(names)
     for name, delta in state.deltas.items():
-        if delta.method.kind == "select":
+        if delta.selected:
             swap_selected(delta, active=name in names, name=name)
         swap_rewrites(delta, active=name in names)
     _refresh_trainable(model, state)
@@ -278,7 +278,7 @@ def _merge(model: nn.Module, state: ModelState, names: list[str], untie: bool) -
     for n in names:
         delta = state.deltas[n]
         if not delta.method.mergeable:
-            raise DeltaError(f"{n!r} is a {delta.method.name} delta, which adds inputs rather than weights and cannot be merged")
+            raise DeltaError(f"{n!r} is a {delta.method.name} delta, which {delta.method.unmergeable_because} and cannot be merged")
     owners: dict[int, list[str]] = {}
     for path, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(path)
@@ -390,7 +390,7 @@ def detach(model: nn.Module, name: str | None = None, merge: bool = False, *, un
     it is active; otherwise the base is restored exactly as it was before attach.
     """
     state = require_state(model)
-    names = _names(state, name, list(state.deltas))
+    names = _removal_order(state, _names(state, name, list(state.deltas)))  # a delta's users go before it
     # Deltas that rewrote base weights (PiSSA) go last, once the others' merges are out of those weights.
     names.sort(key=lambda n: bool(state.deltas[n].rewrites))
     for n in names:
@@ -418,6 +418,27 @@ def detach(model: nn.Module, name: str | None = None, merge: bool = False, *, un
     return model
 
 
+def _users(state: ModelState, name: str) -> list[str]:
+    """The attached deltas that use delta `name` (an AdapterFusion uses the adapters it fuses)."""
+    return [n for n, d in state.deltas.items() if d.method.depends_on is not None and name in d.method.depends_on(d.config)]
+
+
+def _removal_order(state: ModelState, names: list[str]) -> list[str]:
+    """`names` with every delta after the deltas that use it; a delta used by one that stays is an error."""
+    for n in names:
+        staying = [u for u in _users(state, n) if u not in names]
+        if staying:
+            raise DeltaError(f"delta {n!r} is used by {staying[0]!r} ({state.deltas[staying[0]].method.name}); "
+                             f"detach {staying[0]!r} first, or both at once")
+    ordered: list[str] = []
+    while len(ordered) < len(names):
+        ready = [n for n in names if n not in ordered and all(u in ordered for u in _users(state, n))]
+        if not ready:
+            raise DeltaError(f"deltas {[n for n in names if n not in ordered]} use each other in a cycle")
+        ordered += ready
+    return ordered
+
+
 def _remove(model: nn.Module, name: str, keep: bool) -> None:
     state = get_state(model)
     delta = state.deltas[name]
@@ -431,7 +452,7 @@ def _remove(model: nn.Module, name: str, keep: bool) -> None:
     remove_from_layers(model, name, keep_merged=keep)
     for container in delta.method.containers if delta.method.kind == "input" else ():
         remove_root_parameters(model, container, name)
-    if delta.method.kind == "select":
+    if delta.selected:
         restore_selected(delta, keep_trained=keep)
     restore_rewrites(delta, keep=keep)
     if not keep:

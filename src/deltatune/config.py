@@ -251,8 +251,9 @@ class Method:
     containers: tuple[str, ...] = ()
     # For kind "input": rewrite (module, kwargs) before the forward of the hooked module.
     transform_inputs: Callable[..., dict[str, Any]] | None = None
-    # Can `merge` fold the delta into the base weights (prompts cannot).
+    # Can `merge` fold the delta into the base weights (prompts cannot), and if not, why not.
     mergeable: bool = True
+    unmergeable_because: str = "adds inputs rather than weights"
     # Can rows of one batch use different adapters of this method (adapter_names=, mixed_batch)?
     # The method's layers then apply each adapter to its rows only (DeltaLayer.batch_groups).
     per_row: bool = False
@@ -279,6 +280,9 @@ class Method:
     regularization: Callable[..., Any] | None = None
     step: Callable[..., None] | None = None
     finalize: Callable[..., None] | None = None
+    # Names of other attached deltas this one uses (AdapterFusion: the adapters it fuses), from its
+    # config; they cannot be detached while it is attached.
+    depends_on: Callable[[DeltaConfig], list[str]] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -39,7 +39,8 @@ class Delta:
     # Base tensors the delta's file overrode at load (peft's saved embedding weights): the
     # parameter and its value before the load, restored by detach.
     base_originals: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
-    # kind "select": the selected parameters (by their name at selection time; held
+    # Existing parameters the delta trains (kind "select", or a wrapping delta that also trains
+    # some of the base, as adapters' layer norms): the selected parameters (by their name at selection time; held
     # by object, since wrapping a module later renames its parameters), their
     # original values, and their trained values while the delta is inactive.
     selected: dict[str, nn.Parameter] = field(default_factory=dict)
@@ -147,11 +148,13 @@ def check_batch_adapters(state: ModelState, names: object) -> list[str]:
                          "dt.unmerge(model) before a mixed-adapter batch")
     for n in dict.fromkeys(list(names) + state.active):
         delta = state.deltas.get(n)
-        if delta is not None and not delta.method.per_row:
+        if delta is not None and (not delta.method.per_row or delta.selected):
             role = "is named in adapter_names" if n in names else "is active, so it would reach every row"
+            why = (f"a {delta.method.name} delta changes the whole batch" if not delta.method.per_row else
+                   f"it trains {len(delta.selected)} parameter tensors of the base model itself, which every row uses,")
             raise DeltaError(
-                f"delta {n!r} ({delta.method.name}) {role}, but a {delta.method.name} delta changes the whole batch and "
-                "cannot be applied per row; deactivate it (dt.set_active) and run its rows in a batch of their own"
+                f"delta {n!r} ({delta.method.name}) {role}, but {why} and cannot be applied per row; deactivate it "
+                "(dt.set_active) and run its rows in a batch of their own"
             )
         if delta is not None and delta.rewrites:
             role = "is named in adapter_names" if n in names else "is active"
@@ -371,8 +374,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapter: str, config: DeltaConfig) -> None:
-    """Give each named module an adapter of `layer_cls`, wrapping it first when needed."""
+def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapter: str, config: DeltaConfig,
+         per_module: dict[str, dict[str, Any]] | None = None) -> None:
+    """Give each named module an adapter of `layer_cls`, wrapping it first when needed.
+
+    per_module: extra keyword arguments for `add`, by module name (what differs between the
+    modules of one delta, such as where a bottleneck adapter reads its input)."""
     state = get_state(model, create=True)
     for name in names:
         module = model.get_submodule(name)
@@ -384,7 +391,7 @@ def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapte
             module = layer_cls(module)
             module.model_state = state
             replace_module(model, name, module)
-        module.add(adapter, config, name)
+        module.add(adapter, config, name, **(per_module or {}).get(name, {}))
         module.train(module.base_layer.training)  # new layers join in the model's current mode
 
 
@@ -659,7 +666,7 @@ def base_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
                     out[f"{prefix}.{key}"] = value.to(dtype) if value.is_floating_point() else value
     for delta in state.deltas.values():
         # trained values in place: write the originals (a delta without them is the base now)
-        if delta.method.kind == "select" and not delta.merged and delta.stash is None and delta.restorable:
+        if delta.selected and not delta.merged and delta.stash is None and delta.restorable:
             for n, p in delta.selected.items():
                 for path in paths_of[id(p)]:
                     out[_base_key(path, layers, roots)] = delta.originals[n]

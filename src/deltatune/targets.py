@@ -12,7 +12,9 @@ the end of the module name.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 import torch.nn as nn
@@ -232,3 +234,96 @@ def pattern_value(name: str, patterns: dict[str, T], default: T) -> T:
         if re.match(rf"(?:.*\.)?(?:{key})$", name):
             return value
     return default
+
+
+# ---------------------------------------------------------------- bottleneck adapter sites
+#
+# Bottleneck adapters (methods/adapters.py) attach at fixed points of every transformer
+# block rather than at user-chosen modules. Each architecture names four of them, as regexes
+# on full module names:
+#   attention  the self-attention output projection: its output h goes straight into the
+#              residual add (Houlsby's first adapter);
+#   ffn_in     the feed-forward block's input projection: its input is the FFN's input
+#              (what a parallel adapter reads);
+#   ffn_out    the feed-forward block's output projection: its output h goes straight into the
+#              residual add (Houlsby's second adapter; parallel and pre-LN Pfeiffer add here);
+#   ffn_norm   the layer norm of the feed-forward sublayer: in a post-LN block y = LN(x + h)
+#              it is wrapped (Pfeiffer: y = LN(x + h + A(LN(x + h)))); in a pre-LN block
+#              y = x + h(LN(x)) its input is the residual x (Pfeiffer: y = x + h + A(x + h)).
+# Cross-attention (T5 and BART decoders) gets no adapter, as in AdapterHub's default.
+
+
+@dataclass(frozen=True)
+class AdapterSites:
+    attention: str
+    ffn_in: str
+    ffn_out: str
+    ffn_norm: str
+    post_ln: bool  # True: y = LN(x + F(x)) (BERT, BART); False: y = x + F(LN(x)) (Llama, GPT-2, T5)
+
+
+def _in_block(rest: str) -> str:
+    """A regex for `rest` directly inside one transformer block (model.layers.3.<rest>)."""
+    return rf"(?:.*\.)?(?:{'|'.join(LAYER_CONTAINERS)})\.\d+\.{rest}"
+
+
+ADAPTER_LAYOUTS: dict[str, AdapterSites] = {
+    "llama": AdapterSites(_in_block(r"self_attn\.o_proj"), _in_block(r"mlp\.up_proj"), _in_block(r"mlp\.down_proj"),
+                          _in_block("post_attention_layernorm"), post_ln=False),
+    "gpt2": AdapterSites(_in_block(r"attn\.c_proj"), _in_block(r"mlp\.c_fc"), _in_block(r"mlp\.c_proj"),
+                         _in_block("ln_2"), post_ln=False),
+    "gpt_neox": AdapterSites(_in_block(r"attention\.dense"), _in_block(r"mlp\.dense_h_to_4h"),
+                             _in_block(r"mlp\.dense_4h_to_h"), _in_block("post_attention_layernorm"), post_ln=False),
+    "bloom": AdapterSites(_in_block(r"self_attention\.dense"), _in_block(r"mlp\.dense_h_to_4h"),
+                          _in_block(r"mlp\.dense_4h_to_h"), _in_block("post_attention_layernorm"), post_ln=False),
+    "t5": AdapterSites(_in_block(r"layer\.0\.SelfAttention\.o"), _in_block(r"layer\.\d+\.DenseReluDense\.wi(?:_0)?"),
+                       _in_block(r"layer\.\d+\.DenseReluDense\.wo"), _in_block(r"layer\.\d+\.layer_norm"), post_ln=False),
+    "opt": AdapterSites(_in_block(r"self_attn\.out_proj"), _in_block("fc1"), _in_block("fc2"),
+                        _in_block("final_layer_norm"), post_ln=False),
+    "bart": AdapterSites(_in_block(r"self_attn\.out_proj"), _in_block("fc1"), _in_block("fc2"),
+                         _in_block("final_layer_norm"), post_ln=True),
+    "bert": AdapterSites(_in_block(r"attention\.output\.dense"), _in_block(r"intermediate\.dense"),
+                         _in_block(r"output\.dense"), _in_block(r"output\.LayerNorm"), post_ln=True),
+}
+
+# model_type -> layout. Architectures not listed are matched against the layouts by module names.
+ADAPTER_SITES: dict[str, AdapterSites] = {
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma"], ADAPTER_LAYOUTS["llama"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ADAPTER_LAYOUTS["gpt2"]),
+    "gpt_neox": ADAPTER_LAYOUTS["gpt_neox"],
+    **dict.fromkeys(["bloom", "chatglm"], ADAPTER_LAYOUTS["bloom"]),
+    **dict.fromkeys(["t5", "mt5"], ADAPTER_LAYOUTS["t5"]),
+    **dict.fromkeys(["opt", "mbart"], ADAPTER_LAYOUTS["opt"]),
+    **dict.fromkeys(["bart", "marian", "plbart"], ADAPTER_LAYOUTS["bart"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], ADAPTER_LAYOUTS["bert"]),
+}
+
+
+def adapter_sites(model: nn.Module) -> AdapterSites:
+    """The adapter sites of `model`: its architecture's entry, else the first layout whose names it has."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    sites = ADAPTER_SITES.get(model_type)
+    if sites is None:
+        names = [n for n, _ in model.named_modules() if n]
+        fits = lambda s: all(any(re.fullmatch(p, n) for n in names) for p in (s.attention, s.ffn_in, s.ffn_out, s.ffn_norm))  # noqa: E731
+        sites = next((s for s in ADAPTER_LAYOUTS.values() if fits(s)), None)
+    if sites is None:
+        raise DeltaError(
+            f"no bottleneck adapter sites are known for model_type {model_type!r} ({type(model).__name__}), and its "
+            f"module names fit none of the known block layouts ({', '.join(ADAPTER_LAYOUTS)}); add an entry to "
+            "deltatune.targets.ADAPTER_SITES naming its attention output, FFN input and output projections and FFN "
+            f"layer norm. Linear modules in this model: {_leaf_summary(model, _is_linear_like)}"
+        )
+    if getattr(config, "do_layer_norm_before", None) is not None:  # OPT: 350m is post-LN, the others pre-LN
+        sites = dataclasses.replace(sites, post_ln=not config.do_layer_norm_before)
+    return sites
+
+
+_BLOCK = re.compile(rf"^(.*?(?:^|\.)(?:{'|'.join(LAYER_CONTAINERS)})\.\d+)(?:\.|$)")
+
+
+def block_of(name: str) -> str | None:
+    """The transformer block a module belongs to ("model.layers.3" for "model.layers.3.mlp.up_proj")."""
+    found = _BLOCK.match(name)
+    return found.group(1) if found else None

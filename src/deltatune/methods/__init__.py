@@ -1,6 +1,7 @@
 """One module per method family; importing this package registers them all."""
 
 from .adalora import AdaLoraConfig, AdaLoraLayer
+from .adapters import AdapterConfig, AdapterFusionConfig, AdapterLayer, fusion_attention
 from .diff_pruning import DiffPruningConfig, DiffPruningLayer
 from .ia3 import IA3Config, IA3Layer
 from .lokr_loha import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer
@@ -10,4 +11,5 @@ from .selective import BitFitConfig, FreezeConfig, FullConfig
 
 __all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "IA3Config", "IA3Layer", "LoHaConfig",
            "LoHaLayer", "LoKrConfig", "LoKrLayer", "PromptTuningConfig", "BitFitConfig", "FreezeConfig", "FullConfig",
-           "DiffPruningConfig", "DiffPruningLayer"]
+           "DiffPruningConfig", "DiffPruningLayer", "AdapterConfig", "AdapterFusionConfig", "AdapterLayer",
+           "fusion_attention"]
