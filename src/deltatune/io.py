@@ -19,6 +19,7 @@ one file copied over from elsewhere) is a clear error naming both files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,7 +99,10 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
                 raise DeltaError(f"delta {n!r} ({delta.method.name}) rewrote base weights and cannot be written relative "
                                  "to the original ones; save it without relative_to_original")
             config, tensors = delta.method.to_original_base(model, n, config, tensors)
-        plan.append((folder, config_to_file(config), tensors, delta.method.peft_compatible))
+        file_config = config_to_file(config)
+        # a variant of a peft method with a layout of its own (its own peft_type) is for deltatune only
+        peft_compatible = delta.method.peft_compatible and file_config["peft_type"] == type(config).peft_type
+        plan.append((folder, file_config, tensors, peft_compatible))
     for folder, config, tensors, peft_compatible in plan:
         _write_adapter(folder, config, tensors, peft_compatible)
 
@@ -281,7 +285,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
     delta = api._attach(model, config.replace(**overrides), name, infer_task=False, activate=False)
     state = require_state(model)
     try:
-        delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides})  # a re-save writes what was read
+        # a re-save writes what was read; fields never written (an inference-mode flag) keep the value attach saw
+        written = {f.name for f in dataclasses.fields(config) if f.metadata.get("serialise", True)}
+        delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides if k in written})
         if method.from_file is not None:
             tensors = method.from_file(model, name, delta.config, tensors)
         load_state_into(model, name, tensors, source=str(path))

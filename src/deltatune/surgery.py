@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -87,6 +87,10 @@ class ModelState:
     # Modules with a `gradient_checkpointing` flag (transformers sets it on the blocks).
     checkpointing_modules: list[nn.Module] = field(default_factory=list)
     model: nn.Module | None = None  # the model this state belongs to (set with the hooks)
+    # Calls the model's forward hook makes once the current forward ends (or fails, with None):
+    # each takes the model output and returns it, possibly changed (an ensemble averages its
+    # rows), and undoes a per-forward change an input transform made (a temporary hook, a flag).
+    after_forward: list[Callable[[Any], Any]] = field(default_factory=list)
 
     def merged(self) -> list[str]:
         return [n for n, d in self.deltas.items() if d.merged]
