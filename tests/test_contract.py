@@ -46,6 +46,11 @@ METHODS = [
     M("adalora", lambda: dt.AdaLoraConfig(init_r=6, target_r=4, alpha=32, total_step=12)),
     M("prompt_tuning", lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="sample_vocab"), identity_at_attach=False, mergeable=False, lr=0.1),
     M("bitfit", lambda: dt.BitFitConfig(), needs_bias=True),
+    M("prompt_ensemble", lambda: dt.PromptTuningConfig(num_virtual_tokens=3, num_prompts=2, init="sample_vocab"), identity_at_attach=False, mergeable=False, lr=0.1),
+    M("p_tuning", lambda: dt.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16), identity_at_attach=False, mergeable=False),
+    M("p_tuning_lstm", lambda: dt.PTuningConfig(num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8), identity_at_attach=False, mergeable=False),
+    M("prefix_tuning", lambda: dt.PrefixTuningConfig(num_virtual_tokens=3, projection_hidden_size=16), identity_at_attach=False, mergeable=False),
+    M("p_tuning_v2", lambda: dt.PTuningV2Config(num_virtual_tokens=3), identity_at_attach=False, mergeable=False, lr=0.1),
 ]
 
 CASES = [

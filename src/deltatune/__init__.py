@@ -11,7 +11,8 @@ from .api import (active, attach, attached, delta_parameters, detach, disabled, 
                   regularization, set_active, set_trainable, step, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
-from .methods import AdaLoraConfig, BitFitConfig, LoraConfig, PromptTuningConfig
+from .methods import (AdaLoraConfig, BitFitConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig,
+                      PTuningV2Config)
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
     "active", "attached", "delta_parameters", "set_trainable", "mixed_batch", "regularization", "step", "finalize",
-    "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "PromptTuningConfig", "BitFitConfig",
+    "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "PromptTuningConfig", "PTuningConfig",
+    "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig",
     "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip

@@ -426,10 +426,13 @@ def wrap_modules_to_save(model: nn.Module, adapter: str, config: DeltaConfig, op
 # ---------------------------------------------------------------- root parameters
 
 
-def root_container(model: nn.Module, container: str, create: bool = True) -> nn.ParameterDict | None:
+def root_container(model: nn.Module, container: str, create: bool = True,
+                   kind: type[nn.Module] = nn.ParameterDict) -> Any:
+    """The per-adapter container `container` on the model root: a ParameterDict, or a ModuleDict
+    (kind=nn.ModuleDict) for a delta made of modules (a prompt encoder)."""
     existing = model._modules.get(container)
     if existing is None and create:
-        existing = nn.ParameterDict()
+        existing = kind()
         model.add_module(container, existing)
     return existing
 
