@@ -235,17 +235,19 @@ class _NeverUpdated(dict):
         return False
 
 
-def _layer_prefixes(model: nn.Module, name: str, config: PrefixTuningConfig, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layer_prefixes(model: nn.Module, matrix: torch.Tensor, config: PrefixTuningConfig, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(K_l, V_l) for every attention layer that reads the cache, each (B, kv_heads, n, head_dim)."""
-    dtype = model.get_input_embeddings().weight.dtype
     n, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
-    matrix = prefix_matrix(model, name).to(dtype)  # (n, L 2 w)
     kv = matrix.view(n, 2 * layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)  # (2L, H, n, D)
     kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, D)
     return [(kv[2 * j], kv[2 * j + 1]) for j in _decoder_layers(model, config, config.method)]
 
 
+# ---------------------------------------------------------------- gradient checkpointing
+
+
 def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """transformers' checkpointed blocks (GradientCheckpointingLayer) when this forward trains."""
     if not (model.training and torch.is_grad_enabled()):
         return []
     state = get_state(model)
@@ -255,22 +257,72 @@ def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _allow_cache_while_checkpointing(model: nn.Module, blocks: list[nn.Module]) -> None:
     """transformers drops past_key_values from a checkpointed block unless the block only reads the
-    cache; ours is only read, so say so on each block for this forward (an instance attribute)."""
+    cache (and GPT-2's model drops it before its blocks while its own checkpointing flag is on); ours
+    is only read, so for this forward the blocks say so and the models' own flags are off."""
+    from transformers import PreTrainedModel
+
+    state = get_state(model)
+    models = [m for m in state.checkpointing_modules if isinstance(m, PreTrainedModel) and m.gradient_checkpointing
+              and not hasattr(type(m), "_can_checkpoint_with_cache")]
     for block in blocks:
         block._can_checkpoint_with_cache = True
+    for module in models:
+        module.gradient_checkpointing = False
 
     def restore(output: Any) -> Any:
         for block in blocks:
             block.__dict__.pop("_can_checkpoint_with_cache", None)
+        for module in models:
+            module.gradient_checkpointing = True
         return output
 
     after_forward(model, restore)
 
 
-def _cache(model: nn.Module, prefixes: list, given: Any, seq2seq: bool) -> Any:
+def _reentrant(blocks: list[nn.Module]) -> bool:
+    """Do the blocks use reentrant checkpointing (torch's default when use_reentrant is not given)?"""
+    func = getattr(blocks[0], "_gradient_checkpointing_func", None)
+    return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+
+
+class _GradBridge(torch.autograd.Function):
+    """Identity on the first block's input. Reentrant checkpointing runs a separate backward inside
+    every block, which would go through P's own graph (the projection) once per block; so the blocks
+    read a detached copy (`leaf`) whose gradient they all add up, and this node, whose backward runs
+    after every block's (they all depend on its output), hands that sum to P in one step."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, matrix: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        ctx.leaf = leaf
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        leaf_grad, ctx.leaf.grad = ctx.leaf.grad, None
+        return grad, leaf_grad, None
+
+
+def _bridged(model: nn.Module, blocks: list[nn.Module], matrix: torch.Tensor) -> torch.Tensor:
+    """The leaf the blocks read instead of `matrix`, joined to it by a _GradBridge on the input of the
+    first block that runs (for an encoder-decoder, the encoder's first, which the decoder depends on)."""
+    leaf = matrix.detach().requires_grad_(True)
+    handles = []
+
+    def bridge(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        for handle in handles:
+            handle.remove()
+        if args:
+            return (_GradBridge.apply(args[0], matrix, leaf), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _GradBridge.apply(kwargs["hidden_states"], matrix, leaf)}
+
+    handles += [block.register_forward_pre_hook(bridge, with_kwargs=True) for block in blocks]
+    after_forward(model, lambda output: ([h.remove() for h in handles], output)[1])
+    return leaf
+
+
+def _cache(model: nn.Module, prefixes: list, given: Any, seq2seq: bool, blocks: list[nn.Module]) -> Any:
     from transformers import DynamicCache, EncoderDecoderCache
 
-    blocks = _checkpointed_blocks(model)
     if blocks:
         layer_cls = _read_only_layer_class()
         self_cache = DynamicCache()
@@ -320,8 +372,13 @@ def transform_inputs(model: nn.Module, role: str, name: str, config: PrefixTunin
     given = kwargs.get("past_key_values")
     seen = cache_length(given)
     if seen == 0:
-        prefixes = _layer_prefixes(model, name, config, _batch_size(kwargs, inputs))
-        kwargs["past_key_values"] = _cache(model, prefixes, given, seq2seq) if _takes_cache_objects(model) else tuple(prefixes)
+        matrix = prefix_matrix(model, name).to(model.get_input_embeddings().weight.dtype)  # (n, L 2 w)
+        blocks = _checkpointed_blocks(model)
+        if blocks and _reentrant(blocks):
+            matrix = _bridged(model, blocks, matrix)
+        prefixes = _layer_prefixes(model, matrix, config, _batch_size(kwargs, inputs))
+        cache = _cache(model, prefixes, given, seq2seq, blocks) if _takes_cache_objects(model) else tuple(prefixes)
+        kwargs["past_key_values"] = cache
         seen = n
     # the mask covers the cache and the new tokens: the prefix's n columns go in front
     mask = kwargs.get(mask_key)
