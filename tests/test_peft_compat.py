@@ -590,7 +590,7 @@ def test_init_adapter_saved_as_is_runs_its_init_again_on_load(tmp_path, arch, in
     assert_same(logits(other, arch), logits(model, arch))
 
 
-# ---------------------------------------------------------------- 9. P-tuning and prefix tuning (P-tuning v2)
+# ---------------------------------------------------------------- 10. P-tuning and prefix tuning (P-tuning v2)
 
 SOFT_ARCHS = ["llama", "gpt2", "bert", "t5"]
 

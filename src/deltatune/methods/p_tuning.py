@@ -91,7 +91,8 @@ def attach(model: nn.Module, config: PTuningConfig, name: str) -> PTuningConfig:
     if config.inference_mode:  # the file's folded rows are loaded over these
         root_container(model, ROWS)[name] = nn.Parameter(torch.zeros(config.num_virtual_tokens, dim, device=device))
     else:
-        root_container(model, ENCODER, kind=nn.ModuleDict)[name] = PromptEncoder(config).to(device)  # fp32
+        with torch.device(device):  # built where the model is (no memory on the meta device); fp32
+            root_container(model, ENCODER, kind=nn.ModuleDict)[name] = PromptEncoder(config)
     return config
 
 

@@ -163,7 +163,8 @@ def attach(model: nn.Module, config: PrefixTuningConfig, name: str) -> PrefixTun
     n, w, width = config.num_virtual_tokens, config.token_dim, config.num_layers * 2 * config.token_dim
     if config.projection and not config.inference_mode:
         h = config.projection_hidden_size
-        projection = nn.Sequential(nn.Linear(w, h), nn.Tanh(), nn.Linear(h, width)).to(device)
+        with torch.device(device):  # built where the model is (no memory on the meta device)
+            projection = nn.Sequential(nn.Linear(w, h), nn.Tanh(), nn.Linear(h, width))
         if config.init == "zero":
             nn.init.zeros_(projection[2].weight)
             nn.init.zeros_(projection[2].bias)
@@ -359,9 +360,24 @@ def _batch_size(kwargs: dict[str, Any], keys: tuple[str, ...]) -> int:
                      "forward call, to know the batch size")
 
 
+def _check_alone(model: nn.Module, name: str) -> None:
+    """The prefixes own the cache: another delta that rewrites the inputs would read it as text
+    already seen (or add a second prefix the positions do not count), so none may be active beside them."""
+    state = get_state(model)
+    others = [n for n in state.active if n != name and state.deltas[n].method.transform_inputs is not None]
+    if others:
+        method = state.deltas[name].method.name
+        raise DeltaError(
+            f"delta {name!r} ({method}) puts its prefixes in the attention cache and cannot be active together with "
+            f"{others} ({', '.join(state.deltas[o].method.name for o in others)}), which also rewrite the model's inputs; "
+            f"dt.set_active(model, {name!r}) or the others alone"
+        )
+
+
 def transform_inputs(model: nn.Module, role: str, name: str, config: PrefixTuningConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
     if role != "model":  # encoder stacks take no cache; the prefixes live in the decoder's self-attention
         return kwargs
+    _check_alone(model, name)
     n = config.num_virtual_tokens
     seq2seq = getattr(model.config, "is_encoder_decoder", False)
     # the inputs that set the batch and the new length: the decoder's for an encoder-decoder
