@@ -38,6 +38,12 @@ METHODS = {
     "AdaLoRA, at target_r=8 (saved)": lambda: dt.AdaLoraConfig(init_r=12, target_r=8, total_step=1000,
                                                               target_modules=LORA_TARGETS, rank_pattern=AT_TARGET),
     "Prompt tuning, 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
+    "Prompt ensemble, 4 x 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20, num_prompts=4),
+    "P-tuning, 20 tokens, MLP (training)": lambda: dt.PTuningConfig(num_virtual_tokens=20),
+    "P-tuning, 20 tokens (saved / inference)": lambda: dt.PTuningConfig(num_virtual_tokens=20, inference_mode=True),
+    "Prefix tuning, 20 tokens, projection (training)": lambda: dt.PrefixTuningConfig(num_virtual_tokens=20),
+    "Prefix tuning, 20 tokens (saved / inference)": lambda: dt.PrefixTuningConfig(num_virtual_tokens=20, projection=False),
+    "P-tuning v2, 20 tokens": lambda: dt.PTuningV2Config(num_virtual_tokens=20),
     "BitFit (all biases)": lambda: dt.BitFitConfig(),
 }
 

@@ -220,7 +220,10 @@ def _prepend(model: nn.Module, prompt: torch.Tensor, k: int, kwargs: dict[str, A
         embeds = model.get_input_embeddings()(ids)
     batch, length = embeds.shape[:2]
     prompt = prompt.to(embeds.dtype)  # (k n, d)
-    rows = prompt.view(k, 1, -1, prompt.shape[-1]).expand(k, batch // k, -1, -1).reshape(batch, -1, prompt.shape[-1])  # (B, n, d)
+    if k == 1:  # a broadcast view: cat copies it once, into the result
+        rows = prompt.unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+    else:  # block i of the batch behind prompt i
+        rows = prompt.view(k, 1, -1, prompt.shape[-1]).expand(k, batch // k, -1, -1).reshape(batch, -1, prompt.shape[-1])
     kwargs["inputs_embeds"] = torch.cat([rows, embeds], dim=1)  # (B, n + T, d)
     return length
 
