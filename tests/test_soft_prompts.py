@@ -395,3 +395,64 @@ def test_ensemble_bad_inputs():
     with pytest.raises(dt.DeltaError, match="averages the logits of a ModelOutput"):
         model(**batch("llama"), return_dict=False)
     assert not dt.active(model) == [] and model(**batch("llama")).logits.shape[0] == 2  # still works afterwards
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_ensemble_refuses_beam_search(arch):
+    model = build(arch)
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=N, num_prompts=2))
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(dt.DeltaError, match="beam search reorders the cache by beam, which an ensemble cannot follow"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, num_beams=2, pad_token_id=0)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, pad_token_id=0)
+    assert out.shape[0] == 2  # the model is fine afterwards
+
+
+@pytest.mark.parametrize("config", [dt.PrefixTuningConfig(num_virtual_tokens=N), dt.PTuningConfig(num_virtual_tokens=N)],
+                         ids=["prefix", "p_tuning"])
+def test_beam_search_keeps_the_best_greedy_path_score(config):
+    """With one beam, beam search is greedy search; with two it must still run over the prefixed cache."""
+    model = build("llama")
+    dt.attach(model, config)
+    perturb(model, scale=0.5)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, pad_token_id=0, do_sample=False)
+    greedy = model.generate(**kw)
+    assert torch.equal(model.generate(**kw, num_beams=1), greedy)
+    beams = model.generate(**kw, num_beams=3, num_return_sequences=3, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():  # each returned beam's score is its length-normalised log-likelihood under the adapted model
+        seqs = beams.sequences
+        logp = model(input_ids=seqs, attention_mask=torch.ones_like(seqs), use_cache=False).logits.log_softmax(-1)
+        shift = N if isinstance(config, dt.PTuningConfig) else 0  # P-tuning's virtual tokens are positions of the output
+        steps = logp[:, shift + 4:-1].gather(-1, seqs[:, 5:, None]).squeeze(-1).sum(-1) / seqs[:, 5:].shape[1]
+    torch.testing.assert_close(beams.sequences_scores, steps, rtol=0, atol=1e-4)
+
+
+def test_prefix_tuning_refuses_a_static_cache():
+    model = build("llama")
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=N))
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(dt.DeltaError, match="a fixed-size StaticCache .* has no room for them; generate without "
+                                            "cache_implementation='static'"):
+        model.generate(**kw, cache_implementation="static")
+    assert model.generate(**kw).shape == (2, 8)
+
+
+def test_transformers_trainer_trains_a_prefix_with_gradient_checkpointing(tmp_path):
+    from test_integration import FixedBatches
+
+    model = build("llama")
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=N, projection_hidden_size=8))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    data = batch("llama")
+    before = model(**data).loss.item()
+    args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=10, learning_rate=2e-2, per_device_train_batch_size=2,
+                                report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                gradient_checkpointing=True)
+    tf.Trainer(model=model, args=args, train_dataset=FixedBatches(data)).train()
+    assert model.model.layers[0].gradient_checkpointing  # the Trainer turned it on
+    model.eval()
+    assert model(**data).loss.item() < before - 0.01
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())

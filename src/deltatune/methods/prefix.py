@@ -339,6 +339,12 @@ def _cache(model: nn.Module, prefixes: list, given: Any, seq2seq: bool, blocks: 
         cache = EncoderDecoderCache(self_cache, cross)
         cache.is_updated = _NeverUpdated()
         return cache
+    if getattr(given, "is_compileable", False):
+        raise DeltaError(
+            f"prefix tuning puts its prefixes in the attention cache, and a fixed-size {type(given).__name__} (sized, and "
+            "masked, for the text alone) has no room for them; generate without cache_implementation='static' "
+            "(the default dynamic cache)"
+        )
     if given is not None and hasattr(given, "get_seq_length"):  # the empty cache generate() starts with: fill it
         target = given.self_attention_cache if isinstance(given, EncoderDecoderCache) else given
         for i, (keys, values) in enumerate(prefixes):

@@ -210,6 +210,27 @@ def _rows(kwargs: dict[str, Any], keys: tuple[str, ...]) -> int | None:
     return None
 
 
+def _cache_rows(cache: Any) -> int | None:
+    """Rows of the first layer of a filled cache (a transformers Cache or per-layer tuples)."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[0], "keys", None) if layers else (cache[0][0] if isinstance(cache, (tuple, list)) and cache else None)
+    return keys.shape[0] if torch.is_tensor(keys) else None
+
+
+def _check_ensemble_cache(kwargs: dict[str, Any], rows: int | None, k: int) -> None:
+    cache = kwargs.get("past_key_values")
+    if rows is None or cache_length(cache) == 0:
+        return
+    held = _cache_rows(cache)
+    if held is not None and held != k * rows:
+        raise DeltaError(
+            f"a prompt ensemble of {k} prompts runs {k} rows per input row, but this decoding step's cache holds {held} "
+            f"rows for {rows} input rows: beam search reorders the cache by beam, which an ensemble cannot follow; "
+            "generate with greedy search or sampling (num_beams=1), or use a single prompt"
+        )
+
+
 def _prepend(model: nn.Module, prompt: torch.Tensor, k: int, kwargs: dict[str, Any]) -> int:
     """Replace input_ids by inputs_embeds with block i of the batch behind prompt i; returns T."""
     ids = kwargs.pop("input_ids", None)
@@ -253,10 +274,14 @@ def inject(model: nn.Module, role: str, n: int, k: int, prompt: Callable[[], tor
             if batch is not None:
                 after_forward(model, _average_blocks(k, batch))
         if role == "encoder" or not seq2seq:
-            _repeat_rows(kwargs, _ROW_INPUTS, _rows(kwargs, ("input_ids", "inputs_embeds")), k)
+            rows = _rows(kwargs, ("input_ids", "inputs_embeds"))
+            keys = _ROW_INPUTS
         else:
-            _repeat_rows(kwargs, _DECODER_ROW_INPUTS, _rows(kwargs, ("input_ids", "inputs_embeds", "decoder_input_ids",
-                                                                    "decoder_inputs_embeds", "labels")), k)
+            rows = _rows(kwargs, ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels"))
+            keys = _DECODER_ROW_INPUTS
+        if role == "model":
+            _check_ensemble_cache(kwargs, rows, k)
+        _repeat_rows(kwargs, keys, rows, k)
     if seq2seq:
         if role == "encoder":
             length = _prepend(model, prompt(), k, kwargs)
