@@ -97,7 +97,7 @@ def test_prefix_tuning_refuses_a_model_that_takes_no_cache():
 
     model = NoCache(ChatGLMStyleConfig())
     for config, name in ((dt.PrefixTuningConfig(num_virtual_tokens=2), "prefix tuning"),
-                         (dt.PTuningV2Config(num_virtual_tokens=2), "p tuning v2")):
+                         (dt.PTuningV2Config(num_virtual_tokens=2), "P-tuning v2")):
         with pytest.raises(dt.DeltaError, match=rf"{name} passes its prefixes as past_key_values, but NoCache.forward takes "
                                                 rf"no past_key_values argument, so {name} cannot work on this architecture"):
             dt.attach(model, config)

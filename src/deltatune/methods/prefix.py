@@ -147,8 +147,11 @@ def _takes_cache_objects(model: nn.Module) -> bool:
 # ---------------------------------------------------------------- attach
 
 
+_DISPLAY = {"prefix_tuning": "prefix tuning", "p_tuning_v2": "P-tuning v2"}
+
+
 def attach(model: nn.Module, config: PrefixTuningConfig, name: str) -> PrefixTuningConfig:
-    method = config.method.replace("_", " ")
+    method = _DISPLAY[config.method]
     device = input_embeddings(model, method).weight.device
     if not _takes_cache_objects(model) and "past_key_values" not in inspect.signature(model.forward).parameters:
         raise DeltaError(
