@@ -43,6 +43,16 @@ warnings.filterwarnings("ignore")
 class Case:
     deltatune: Callable[[], dt.DeltaConfig]
     peft: Callable[[Any], Any]  # (the peft module) -> a peft config
+    # For a method that trains through an encoder its file folds away: deltatune's trainable name -> peft's,
+    # so peft gets the same encoder weights (else the weights go through deltatune's saved file).
+    names: Callable[[str], str] | None = None
+
+
+def _prefix_names(name: str) -> str:
+    """prefix_embeddings.default -> prompt_encoder.default.embedding.weight; the projection -> peft's transform."""
+    if name.startswith("prefix_embeddings."):
+        return "prompt_encoder.default.embedding.weight"
+    return name.replace("prefix_projection.default.", "prompt_encoder.default.transform.")
 
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -71,6 +81,19 @@ CASES: dict[str, Case] = {
                  lambda peft: peft.LoKrConfig(r=16, alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
     "prompt_tuning": Case(lambda: dt.PromptTuningConfig(num_virtual_tokens=20),
                           lambda peft: peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
+    "p_tuning": Case(lambda: dt.PTuningConfig(num_virtual_tokens=20, encoder_hidden_size=128),
+                     lambda peft: peft.PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128, task_type="CAUSAL_LM"),
+                     names=lambda name: name),  # the same module names as peft's encoder
+    "p_tuning_lstm": Case(lambda: dt.PTuningConfig(num_virtual_tokens=20, encoder="lstm", encoder_hidden_size=128),
+                          lambda peft: peft.PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128, task_type="CAUSAL_LM",
+                                                                encoder_reparameterization_type="LSTM"),
+                          names=lambda name: name),
+    "prefix_tuning": Case(lambda: dt.PrefixTuningConfig(num_virtual_tokens=20, projection_hidden_size=128),
+                          lambda peft: peft.PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True,
+                                                               encoder_hidden_size=128, task_type="CAUSAL_LM"),
+                          names=_prefix_names),
+    "p_tuning_v2": Case(lambda: dt.PTuningV2Config(num_virtual_tokens=20),
+                        lambda peft: peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
 }
 
 
@@ -101,6 +124,13 @@ def pair(name: str, case: Case, base: torch.nn.Module) -> tuple[torch.nn.Module,
     dt.attach(ours, case.deltatune())
     nudge(ours)
     theirs = peft.get_peft_model(copy.deepcopy(base), case.peft(peft))
+    if case.names is not None:
+        params = dict(theirs.named_parameters())
+        with torch.no_grad():
+            for name, p in ours.named_parameters():
+                if p.requires_grad:
+                    params[case.names(name)].copy_(p)
+        return ours, theirs
     with tempfile.TemporaryDirectory() as tmp:
         dt.save(ours, tmp)  # peft's file format
         peft.set_peft_model_state_dict(theirs, load_file(os.path.join(tmp, "adapter_model.safetensors")))

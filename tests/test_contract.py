@@ -75,6 +75,11 @@ METHODS = [
     M("adapter_pfeiffer", lambda: dt.AdapterConfig(placement="pfeiffer", bottleneck_size=4, nonlinearity="gelu"), mergeable=False),
     M("adapter_parallel", lambda: dt.AdapterConfig(placement="parallel", bottleneck_size=4, scaling=4.0, nonlinearity="swish"), mergeable=False),
     M("adapter_fusion", lambda: dt.AdapterFusionConfig(adapters=["fa", "fb"]), identity_at_attach=False, mergeable=False, prepare=two_adapters),
+    M("prompt_ensemble", lambda: dt.PromptTuningConfig(num_virtual_tokens=3, num_prompts=2, init="sample_vocab"), identity_at_attach=False, mergeable=False, lr=0.1),
+    M("p_tuning", lambda: dt.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16), identity_at_attach=False, mergeable=False),
+    M("p_tuning_lstm", lambda: dt.PTuningConfig(num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8), identity_at_attach=False, mergeable=False),
+    M("prefix_tuning", lambda: dt.PrefixTuningConfig(num_virtual_tokens=3, projection_hidden_size=16), identity_at_attach=False, mergeable=False),
+    M("p_tuning_v2", lambda: dt.PTuningV2Config(num_virtual_tokens=3), identity_at_attach=False, mergeable=False, lr=0.1),
 ]
 
 CASES = [

@@ -113,10 +113,15 @@ def test_diff_pruning_of_bert_large_keeps_half_a_percent():
     # kept at 0.5%: round(0.005 x 335,141,888) = round(1,675,709.44) = 1,675,709
     assert kept_entries(model) == 1_675_709
     dt.finalize(model)  # the projection runs on shapes alone here
+
+
 def llama_3b():
     config = tf.LlamaConfig(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
                             head_dim=128, intermediate_size=8192, vocab_size=128256)
     return on_meta(config, tf.LlamaForCausalLM)
+
+
+_llama_3b = llama_3b
 
 
 def test_ia3_on_llama_3b_k_v_down():
@@ -199,3 +204,34 @@ def test_adapter_fusion_on_bert_base():
         dt.attach(model, dt.AdapterConfig(placement="pfeiffer"), name=name)
     dt.attach(model, dt.AdapterFusionConfig(adapters=["a", "b"]), name="fusion")
     assert trainable(model) == 12 * (3 * 768 * 768 + 2 * 768) == 21_252_096  # the adapters are frozen
+def test_llama_3b_shape_prefix_tuning_and_p_tuning_v2():
+    # n x L x 2 x w, w = 8 kv heads x 128 = 1024 (grouped-query): 200 x 28 x 2 x 1024
+    model = _llama_3b()
+    dt.attach(model, dt.PTuningV2Config(num_virtual_tokens=200))
+    assert trainable(model) == 11_468_800
+    dt.detach(model)
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=200, projection=False))
+    assert trainable(model) == 11_468_800
+    dt.detach(model)
+    # with the projection (h = w = 1024) training: E 200 x 1024, Linear(1024 -> 1024), Linear(1024 -> 57,344)
+    # = 204,800 + (1,048,576 + 1,024) + (58,720,256 + 57,344) = 60,032,000; the file and a loaded adapter hold 11,468,800
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=200))
+    assert trainable(model) == 60_032_000
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_llama_3b_shape_p_tuning_and_prompt_ensemble():
+    model = _llama_3b()
+    # n d + three Linear(3072 -> 3072): 200 x 3072 + 3 x (3072 x 3072 + 3072) = 614,400 + 28,320,768;
+    # folded for saving and inference: 614,400
+    dt.attach(model, dt.PTuningConfig(num_virtual_tokens=200))
+    assert trainable(model) == 28_935_168
+    dt.detach(model)
+    # LSTM encoder, h = 256: BiLSTM of 2 layers (4 (h (in + h) + 2 h) per direction, in = 3072 then 512),
+    # then Linear(512 -> 512) and Linear(512 -> 3072)
+    dt.attach(model, dt.PTuningConfig(num_virtual_tokens=200, encoder="lstm", encoder_hidden_size=256))
+    lstm = 2 * 4 * (256 * (3072 + 256) + 2 * 256) + 2 * 4 * (256 * (512 + 256) + 2 * 256)
+    assert trainable(model) == 614_400 + lstm + (512 * 512 + 512) + (512 * 3072 + 3072)
+    dt.detach(model)
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=200, num_prompts=4))  # 4 prompts of 200 x 3072
+    assert trainable(model) == 2_457_600

@@ -210,6 +210,14 @@ def test_the_same_name_twice_and_unknown_names(method):
         (lambda: dt.AdapterConfig(train_layer_norms="yes"), "train_layer_norms", "expected True or False"),
         (lambda: dt.AdapterFusionConfig(adapters="ab"), "adapters", "expected a list of a string"),
         (lambda: dt.AdapterFusionConfig(adapters=["a", "b"], regularization=-1.0), "regularization", "-1.0 must be >= 0"),
+        (lambda: dt.PromptTuningConfig(num_prompts=0), "num_prompts", "0 must be > 0"),
+        (lambda: dt.PTuningConfig(encoder="gru"), "encoder", "one of 'mlp', 'lstm'"),
+        (lambda: dt.PTuningConfig(encoder_dropout=1.0), "encoder_dropout", "must be >= 0 and < 1"),
+        (lambda: dt.PTuningConfig(encoder_hidden_size=0), "encoder_hidden_size", "0 must be > 0"),
+        (lambda: dt.PrefixTuningConfig(num_virtual_tokens=-1), "num_virtual_tokens", "-1 must be > 0"),
+        (lambda: dt.PrefixTuningConfig(projection="yes"), "projection", "expected True or False"),
+        (lambda: dt.PrefixTuningConfig(init="normal"), "init", "one of 'random', 'zero'"),
+        (lambda: dt.PTuningV2Config(num_virtual_tokens=2.5), "num_virtual_tokens", "expected an int"),
     ],
 )
 def test_configs_validate_types_and_ranges(make, field, fragment):
@@ -787,3 +795,45 @@ def test_a_tapped_adapter_failing_at_its_last_layer_leaves_no_hook(monkeypatch):
     dt.detach(model, "p3")
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert hooks == 1 + 2
+# ---------------------------------------------------------------- soft prompts and prefixes
+
+
+def test_soft_prompt_bad_inputs(tmp_path):
+    with pytest.raises(dt.DeltaError, match=r"PTuningV2Config trains the prefixes directly.*PrefixTuningConfig\(projection=True\)"):
+        dt.PTuningV2Config(projection=True)
+    model = build("llama")
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=2), name="prefix")
+    with pytest.raises(dt.DeltaError, match="prefix tuning needs input_ids or inputs_embeds"):
+        model(attention_mask=torch.ones(2, 3, dtype=torch.long))
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=2), name="prompt")
+    dt.set_active(model, ["prompt", "prefix"])
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=r"'prefix' \(prefix_tuning\) puts its prefixes in the attention cache and cannot "
+                                            r"be active together with \['prompt'\] \(prompt_tuning\)"):
+        model(**batch("llama"))
+    assert_unchanged(model, before)
+    dt.set_active(model, "prefix")
+    model(**batch("llama"))  # alone it runs
+    # a P-tuning file whose encoder type deltatune does not know
+    other = build("llama")
+    dt.attach(other, dt.PTuningConfig(num_virtual_tokens=2))
+    dt.save(other, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["encoder_reparameterization_type"] = "GRU"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(dt.DeltaError, match=r"encoder_reparameterization_type='GRU' is not supported by deltatune"):
+        dt.load(build("llama"), tmp_path, verify=False)
+
+
+@pytest.mark.parametrize("make", [lambda: dt.PrefixTuningConfig(num_virtual_tokens=2), lambda: dt.PTuningConfig(num_virtual_tokens=2)],
+                         ids=["prefix", "p_tuning"])
+def test_soft_prompt_from_a_model_with_other_dimensions_is_refused(make, tmp_path):
+    donor = build("llama")  # 2 kv heads of 8
+    dt.attach(donor, make())
+    dt.save(donor, tmp_path)
+    model = _wider_gpt2()  # width 64: 4 heads of 16
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=r"does not fit GPT2LMHeadModel: key \S+ has shape \[2, (64|32)\] in the file but "
+                                            r"\[2, (256|64)\] in the model"):
+        dt.load(model, tmp_path)
+    assert_unchanged(model, before)

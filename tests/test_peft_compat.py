@@ -594,3 +594,113 @@ def test_init_adapter_saved_as_is_runs_its_init_again_on_load(tmp_path, arch, in
     assert read_files(tmp_path)[0]["init_lora_weights"] == init
     model.eval(), other.eval()
     assert_same(logits(other, arch), logits(model, arch))
+
+
+# ---------------------------------------------------------------- 10. P-tuning and prefix tuning (P-tuning v2)
+
+SOFT_ARCHS = ["llama", "gpt2", "bert", "t5"]
+
+
+def dt_soft(kind: str):
+    return {
+        "p_tuning_mlp": lambda: dt.PTuningConfig(num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=12),
+        "p_tuning_lstm": lambda: dt.PTuningConfig(num_virtual_tokens=N_VIRTUAL, encoder="lstm", encoder_hidden_size=6),
+        "prefix_projection": lambda: dt.PrefixTuningConfig(num_virtual_tokens=N_VIRTUAL, projection_hidden_size=12),
+        "p_tuning_v2": lambda: dt.PTuningV2Config(num_virtual_tokens=N_VIRTUAL),
+    }[kind]()
+
+
+def peft_soft(kind: str, arch: str):
+    task = TASK[arch]
+    return {
+        "p_tuning_mlp": lambda: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=12),
+        "p_tuning_lstm": lambda: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=6,
+                                                          encoder_reparameterization_type="LSTM"),
+        "prefix_projection": lambda: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N_VIRTUAL, prefix_projection=True,
+                                                             encoder_hidden_size=12),
+        "p_tuning_v2": lambda: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N_VIRTUAL),
+    }[kind]()
+
+
+SOFT_KINDS = ["p_tuning_mlp", "p_tuning_lstm", "prefix_projection", "p_tuning_v2"]
+SOFT_CASES = [pytest.param(a, k, id=f"{a}-{k}") for a in SOFT_ARCHS for k in SOFT_KINDS]
+
+
+@pytest.mark.parametrize("arch,kind", SOFT_CASES)
+def test_soft_prompts_saved_by_deltatune_load_in_peft(tmp_path, arch, kind):
+    base_logits = logits(build(arch), arch)
+    model = dt.attach(build(arch), dt_soft(kind))
+    dt_perturb(model)
+    model.eval()
+    assert_differs(logits(model, arch), base_logits)
+    dt.save(model, tmp_path)
+    reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    compare_prompt_outputs(model, reference, arch)
+
+
+@pytest.mark.parametrize("arch,kind", SOFT_CASES)
+def test_soft_prompts_saved_by_peft_load_in_deltatune(tmp_path, arch, kind):
+    base_logits = logits(build(arch), arch)
+    reference = peft.get_peft_model(build(arch), peft_soft(kind, arch))
+    peft_perturb(reference)
+    reference.eval()
+    assert_differs(logits(reference, arch), base_logits)
+    reference.save_pretrained(str(tmp_path))
+    model = dt.load(build(arch), tmp_path).eval()
+    compare_prompt_outputs(model, reference, arch)
+    # what was loaded is the folded rows or prefixes alone: nothing of the encoder or projection
+    assert set(dt.delta_parameters(model, "default")) <= {"prompt_embeddings.default", "prefix_embeddings.default"} | {
+        n for n in dt.delta_parameters(model, "default") if "modules_to_save" in n}
+
+
+@pytest.mark.parametrize("arch,kind", SOFT_CASES)
+def test_soft_prompt_files_match_peft_layout(tmp_path, arch, kind):
+    ours_dir, peft_dir = tmp_path / "dt", tmp_path / "peft"
+    dt.save(dt.attach(build(arch), dt_soft(kind)), ours_dir)
+    peft.get_peft_model(build(arch), peft_soft(kind, arch)).save_pretrained(str(peft_dir))
+    keys = ["peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers",
+            "num_attention_heads", "encoder_hidden_size"]
+    keys += ["encoder_reparameterization_type", "encoder_num_layers"] if kind.startswith("p_tuning_") and kind != "p_tuning_v2" \
+        else ["prefix_projection", "init_weights"]
+    assert_same_layout(ours_dir, peft_dir, tuple(keys))
+
+
+@pytest.mark.parametrize("direction", ["dt_to_peft", "peft_to_dt"])
+@pytest.mark.parametrize("kind", ["prefix_projection", "p_tuning_mlp"])
+def test_soft_prompt_generate_matches_peft(tmp_path, direction, kind):
+    arch = "llama"
+    if direction == "dt_to_peft":
+        model = dt.attach(build(arch), dt_soft(kind)).eval()
+        dt.save(model, tmp_path)
+        reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    else:
+        reference = peft.get_peft_model(build(arch), peft_soft(kind, arch)).eval()
+        reference.save_pretrained(str(tmp_path))
+        model = dt.load(build(arch), tmp_path).eval()
+    g = torch.Generator().manual_seed(4321)
+    ids = torch.randint(2, VOCAB, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding, as for batched generation
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours = model.generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
+        ref = reference.generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
+        base = build(arch).generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
+    assert torch.equal(_new_tokens(ours.sequences, 5), _new_tokens(ref.sequences, 5))
+    for mine, theirs in zip(ours.scores, ref.scores):
+        assert_same(mine, theirs)
+    assert not torch.equal(_new_tokens(base.sequences, 5), _new_tokens(ref.sequences, 5))
+
+
+@pytest.mark.parametrize("kind", ["prefix_projection", "p_tuning_mlp"])
+def test_soft_prompts_on_unpadded_llama_classifier_match_peft(tmp_path, kind):
+    """peft scores the last position of a right-padded LlamaForSequenceClassification batch fed
+    inputs_embeds (a padding position); on unpadded rows both libraries score the last token."""
+    arch = "llama_cls"
+    reference = peft.get_peft_model(build(arch), peft_soft(kind, arch))
+    peft_perturb(reference)
+    reference.eval()
+    reference.save_pretrained(str(tmp_path))
+    model = dt.load(build(arch), tmp_path).eval()
+    inputs = {"input_ids": batch(arch)["input_ids"][:, :5] + 1}  # no pad id (0) anywhere, no padding
+    assert_same(run(model, inputs).logits, run(reference, inputs).logits)

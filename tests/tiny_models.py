@@ -41,10 +41,12 @@ class ChatGLMStyleBlock(torch.nn.Module):
         self.mlp.dense_h_to_4h = torch.nn.Linear(h, 4 * h)
         self.mlp.dense_4h_to_h = torch.nn.Linear(4 * h, h)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, past=None):
         B, T, H = x.shape
         q, k, v = self.self_attention.query_key_value(self.input_layernorm(x)).split(H, dim=-1)
         q, k, v = (t.view(B, T, self.heads, H // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
+        if past is not None:  # this layer's (keys, values) in front, (B, heads, P, d), as GLM-4's kv_cache
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, heads, P + T, d)
         att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.self_attention.dense(att.transpose(1, 2).reshape(B, T, H))
         return x + self.mlp.dense_4h_to_h(torch.nn.functional.gelu(self.mlp.dense_h_to_4h(self.post_attention_layernorm(x))))
@@ -68,14 +70,17 @@ class ChatGLMStyleForCausalLM(tf.PreTrainedModel):
     def get_input_embeddings(self):
         return self.transformer.embedding.word_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, past_key_values=None, **kwargs):
+        """past_key_values: per-layer (keys, values) that every position attends to first (ChatGLM's
+        pre_seq_len prefixes reach its layers this way); attention_mask then covers them too."""
         x = self.transformer.embedding.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
-        mask = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T) causal
+        P = past_key_values[0][0].shape[2] if past_key_values else 0
+        mask = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)  # (T, P + T) causal after the P in front
         if attention_mask is not None:
-            mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-        for layer in self.transformer.encoder.layers:
-            x = layer(x, mask)
+            mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, P + T)
+        for i, layer in enumerate(self.transformer.encoder.layers):
+            x = layer(x, mask, past_key_values[i] if past_key_values else None)
         logits = self.transformer.output_layer(x)
         loss = None
         if labels is not None:

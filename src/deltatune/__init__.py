@@ -12,7 +12,8 @@ from .api import (active, attach, attached, delta_parameters, detach, disabled, 
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
 from .methods import (AdaLoraConfig, AdapterConfig, AdapterFusionConfig, BitFitConfig, DiffPruningConfig, FreezeConfig,
-                      FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig, fusion_attention)
+                      FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
+                      PTuningConfig, PTuningV2Config, fusion_attention)
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -22,8 +23,8 @@ __all__ = [
     "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
     "regularization", "step", "finalize", "DeltaCallback",
     "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
-    "PromptTuningConfig", "BitFitConfig", "FreezeConfig", "FullConfig", "DiffPruningConfig", "AdapterConfig",
-    "AdapterFusionConfig", "fusion_attention",
+    "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
+    "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention",
     "Summary", "METHODS", "config_from_dict", "config_from_json",
 ]  # fmt: skip
 

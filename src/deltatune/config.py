@@ -34,6 +34,9 @@ class DeltaConfig:
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
+    # Further peft_type values whose files this config reads: a variant of the method whose
+    # file layout the peft package cannot read carries a peft_type of its own.
+    file_types: ClassVar[tuple[str, ...]] = ()
 
     # inferred from the model class at attach when None (never when loading a file: the file decides)
     task_type: TaskType | None = None
@@ -56,6 +59,10 @@ class DeltaConfig:
 
     def replace(self, **changes: Any) -> "DeltaConfig":
         return dataclasses.replace(self, **changes)
+
+    def file_peft_type(self) -> str:
+        """The peft_type written into this config's adapter files (one of peft_type and file_types)."""
+        return self.peft_type
 
 
 def _plain(value: Any) -> Any:
@@ -304,9 +311,9 @@ def method_of(config: DeltaConfig) -> Method:
 
 def method_for_peft_type(peft_type: str) -> Method:
     for method in METHODS.values():
-        if method.config_cls.peft_type == peft_type:
+        if peft_type == method.config_cls.peft_type or peft_type in method.config_cls.file_types:
             return method
-    known = sorted(m.config_cls.peft_type for m in METHODS.values())
+    known = sorted({t for m in METHODS.values() for t in (m.config_cls.peft_type, *m.config_cls.file_types)})
     raise DeltaError(f"adapter files of type {peft_type!r} are not supported; supported: {', '.join(known)}")
 
 

@@ -38,7 +38,7 @@ def ensure_hooks(model: nn.Module) -> None:
     if _model_pre_hook in model._forward_pre_hooks.values():
         return
     model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
-    model.register_forward_hook(_clear_batch_adapters, always_call=True)
+    model.register_forward_hook(_after_forward, always_call=True)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
         encoder = model.get_encoder()
         encoder.__dict__[STATE_ATTR] = state
@@ -58,7 +58,7 @@ def ensure_hooks(model: nn.Module) -> None:
 
 def remove_hooks(model: nn.Module) -> None:
     """Remove our hooks, found by identity (handles would not survive a deepcopy of the model)."""
-    ours = (_model_pre_hook, _encoder_pre_hook, _clear_batch_adapters, _embedding_output_hook)
+    ours = (_model_pre_hook, _encoder_pre_hook, _after_forward, _embedding_output_hook)
     for module in model.modules():
         for table, extras in (
             (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
@@ -88,7 +88,11 @@ def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> t
                 f"delta {merged[0]!r} is merged into the base weights, so a training step would not reach its "
                 f"parameters; dt.unmerge(model) before training (or dt.set_trainable(model, {merged[0]!r}, False))"
             )
-    return _transform(module, state, "model", args, kwargs)
+    try:
+        return _transform(module, state, "model", args, kwargs)
+    except BaseException:
+        _after_forward(module, args, None)  # undo what the transforms that ran had set up for this forward
+        raise
 
 
 def _embedding_output_hook(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -128,16 +132,60 @@ def _encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) ->
 
 
 def _transform(module: nn.Module, state: ModelState, role: str, args: tuple, kwargs: dict[str, Any]):
+    before = None
     for name in state.active:
         delta = state.deltas[name]
         if delta.method.transform_inputs is not None:
             args, kwargs = _args_to_kwargs(module, args, kwargs)
+            before = dict(kwargs) if before is None else before
             kwargs = delta.method.transform_inputs(state.model, role, name, delta.config, kwargs)
+    if before is not None and role == "model":
+        _score_last_real_tokens(state, before, kwargs)
     return args, kwargs
 
 
-def _clear_batch_adapters(module: nn.Module, args: tuple, output: Any) -> None:
-    module.__dict__[STATE_ATTR].batch_adapters = None
+def after_forward(model: nn.Module, call: Any) -> None:
+    """Run call(output) -> output when the model's current forward ends (with None if it fails)."""
+    get_state(model).after_forward.append(call)
+
+
+def _after_forward(module: nn.Module, args: tuple, output: Any) -> Any:
+    state: ModelState = module.__dict__[STATE_ATTR]
+    state.batch_adapters = None
+    calls, state.after_forward = state.after_forward, []
+    for call in calls:
+        output = call(output)
+    return output
+
+
+def _score_last_real_tokens(state: ModelState, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """A decoder sequence classifier (Llama, GPT-2 ...ForSequenceClassification) scores the rightmost
+    token that is not padding, which it finds in input_ids; once a transform has replaced them by
+    inputs_embeds it can no longer tell, and scores the last position, padding or not. So the head's
+    output at the last position is replaced, for this forward, by its output at each row's last real
+    token: the rightmost non-pad input id (transformers' own rule), shifted by the positions the
+    transform put in front, and repeated for rows a transform repeated (blocks of the batch)."""
+    model = state.model
+    ids, embeds = before.get("input_ids"), after.get("inputs_embeds")
+    head = getattr(model, "score", None)
+    if (ids is None or embeds is None or after.get("input_ids") is not None or not isinstance(head, nn.Module)
+            or not type(model).__name__.endswith("ForSequenceClassification") or ids.dim() != 2):
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None or embeds.shape[0] % ids.shape[0]:
+        return  # without a pad id transformers scores the last position (and refuses padded batches) anyway
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    last = (positions * (ids != pad)).argmax(-1) + (embeds.shape[1] - ids.shape[1])  # (B,)
+    last = last.repeat(embeds.shape[0] // ids.shape[0])  # (B',) rows repeated in blocks
+
+    def move_last(_module: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        picked = logits[rows, last.to(logits.device)]  # (B', C)
+        return torch.cat([logits[:, :-1], picked.unsqueeze(1)], dim=1)
+
+    handle = head.register_forward_hook(move_last)
+    after_forward(model, lambda output: (handle.remove(), output)[1])
 
 
 def _args_to_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

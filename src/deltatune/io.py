@@ -22,6 +22,7 @@ model in transformers' own layout instead; see model_files.py.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,7 +101,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
             if not callable(getattr(type(model), "save_pretrained", None)):
                 raise DeltaError(f"a {delta.method.name} delta is saved as a transformers model folder, and "
                                  f"{type(model).__name__} has no save_pretrained; save model.state_dict() yourself")
-            plan.append((folder, delta, config_to_file(delta.config), model_state_dict(model, n)))
+            plan.append((folder, delta, config_to_file(delta.config), model_state_dict(model, n), delta.method.peft_compatible))
         else:
             config, tensors = delta.config, delta_state_dict(model, n)
             if relative_to_original and delta.rewrites:
@@ -108,13 +109,16 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
                     raise DeltaError(f"delta {n!r} ({delta.method.name}) rewrote base weights and cannot be written "
                                      "relative to the original ones; save it without relative_to_original")
                 config, tensors = delta.method.to_original_base(model, n, config, tensors)
-            plan.append((folder, delta, config_to_file(config), tensors))
-    for folder, delta, config, tensors in plan:
+            file_config = config_to_file(config)
+            # a variant of a peft method with a layout of its own (its own peft_type) is for deltatune only
+            peft_compatible = delta.method.peft_compatible and file_config["peft_type"] == type(config).peft_type
+            plan.append((folder, delta, file_config, tensors, peft_compatible))
+    for folder, delta, config, tensors, peft_compatible in plan:
         if delta.method.folder == "model":
             model_files.write(folder, model, config, tensors)
-            _write_card(folder, config, delta.method.peft_compatible, whole_model=True)
+            _write_card(folder, config, peft_compatible, whole_model=True)
         else:
-            _write_adapter(folder, config, tensors, delta.method.peft_compatible)
+            _write_adapter(folder, config, tensors, peft_compatible)
 
 
 def _check_layout(folder: Path, layout: str) -> None:
@@ -347,7 +351,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
     delta = api._attach(model, config.replace(**overrides), name, infer_task=False, activate=False)
     state = require_state(model)
     try:
-        delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides})  # a re-save writes what was read
+        # a re-save writes what was read; fields never written (an inference-mode flag) keep the value attach saw
+        written = {f.name for f in dataclasses.fields(config) if f.metadata.get("serialise", True)}
+        delta.config = delta.config.replace(**{k: getattr(config, k) for k in overrides if k in written})
         if method.folder == "model":
             tensors = _from_model_keys(model, name, tensors)
         if method.from_file is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -92,6 +92,10 @@ class ModelState:
     # Modules with a `gradient_checkpointing` flag (transformers sets it on the blocks).
     checkpointing_modules: list[nn.Module] = field(default_factory=list)
     model: nn.Module | None = None  # the model this state belongs to (set with the hooks)
+    # Calls the model's forward hook makes once the current forward ends (or fails, with None):
+    # each takes the model output and returns it, possibly changed (an ensemble averages its
+    # rows), and undoes a per-forward change an input transform made (a temporary hook, a flag).
+    after_forward: list[Callable[[Any], Any]] = field(default_factory=list)
 
     def merged(self) -> list[str]:
         return [n for n, d in self.deltas.items() if d.merged]
@@ -433,10 +437,13 @@ def wrap_modules_to_save(model: nn.Module, adapter: str, config: DeltaConfig, op
 # ---------------------------------------------------------------- root parameters
 
 
-def root_container(model: nn.Module, container: str, create: bool = True) -> nn.ParameterDict | None:
+def root_container(model: nn.Module, container: str, create: bool = True,
+                   kind: type[nn.Module] = nn.ParameterDict) -> Any:
+    """The per-adapter container `container` on the model root: a ParameterDict, or a ModuleDict
+    (kind=nn.ModuleDict) for a delta made of modules (a prompt encoder)."""
     existing = model._modules.get(container)
     if existing is None and create:
-        existing = nn.ParameterDict()
+        existing = kind()
         model.add_module(container, existing)
     return existing
 

@@ -62,6 +62,7 @@ class Schema:
     unpack: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # peft fields the method ignores (AdaLoRA's r): written from `extra`, read whatever their value.
     ignored: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()  # our fields this file type never carries (they keep their default on load)
 
 
 LORA_EXTRA = {
@@ -113,20 +114,32 @@ SCHEMAS: dict[str, Schema] = {
     "PROMPT_TUNING": Schema(
         rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
         values={"prompt_tuning_init": {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}},
+        drop=("num_prompts",),  # a single prompt; an ensemble is written as PROMPT_TUNING_ENSEMBLE
+    ),
+    "P_TUNING": Schema(
+        rename={"encoder": "encoder_reparameterization_type"},
+        values={"encoder_reparameterization_type": {"mlp": "MLP", "lstm": "LSTM"}},
+    ),
+    "PREFIX_TUNING": Schema(
+        rename={"projection": "prefix_projection", "projection_hidden_size": "encoder_hidden_size", "init": "init_weights"},
+        values={"init_weights": {"random": None, "zero": "zero"}},
     ),
 }
 
 
 def config_to_file(config: DeltaConfig) -> dict[str, Any]:
     """The adapter_config.json content for `config`."""
-    schema = SCHEMAS.get(config.peft_type)
+    peft_type = config.file_peft_type()
+    schema = SCHEMAS.get(peft_type)
     ours = {k: v for k, v in config.to_dict().items() if k != "method"}
-    out: dict[str, Any] = {"peft_type": config.peft_type, "inference_mode": True}
+    out: dict[str, Any] = {"peft_type": peft_type, "inference_mode": True}
     if schema is None:
         return {**out, **ours}
     if schema.pack is not None:
         ours = schema.pack(ours)
     for key, value in ours.items():
+        if key in schema.drop:
+            continue
         peft_key = schema.rename.get(key, key)
         out[peft_key] = schema.values.get(peft_key, {}).get(value, value) if _hashable(value) else value
     out.update({k: v for k, v in schema.extra.items() if k not in out})
@@ -141,7 +154,7 @@ def config_from_file(data: dict[str, Any], source: str = "adapter_config.json") 
         raise DeltaError(f"{source} has no 'peft_type'; it is not an adapter config")
     method = method_for_peft_type(data["peft_type"])
     cls = method.config_cls
-    schema = SCHEMAS.get(cls.peft_type, Schema())
+    schema = SCHEMAS.get(data["peft_type"], Schema())
     if schema.unpack is not None:
         data = schema.unpack(data)
     ours_by_peft = {v: k for k, v in schema.rename.items()}

@@ -7,9 +7,11 @@ from .ia3 import IA3Config, IA3Layer
 from .lokr_loha import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraLayer
 from .prompts import PromptTuningConfig
+from .p_tuning import PTuningConfig
+from .prefix import PrefixTuningConfig, PTuningV2Config
 from .selective import BitFitConfig, FreezeConfig, FullConfig
 
 __all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "IA3Config", "IA3Layer", "LoHaConfig",
-           "LoHaLayer", "LoKrConfig", "LoKrLayer", "PromptTuningConfig", "BitFitConfig", "FreezeConfig", "FullConfig",
-           "DiffPruningConfig", "DiffPruningLayer", "AdapterConfig", "AdapterFusionConfig", "AdapterLayer",
-           "fusion_attention"]
+           "LoHaLayer", "LoKrConfig", "LoKrLayer", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig",
+           "PTuningV2Config", "BitFitConfig", "FreezeConfig", "FullConfig", "DiffPruningConfig", "DiffPruningLayer",
+           "AdapterConfig", "AdapterFusionConfig", "AdapterLayer", "fusion_attention"]
