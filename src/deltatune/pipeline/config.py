@@ -68,6 +68,7 @@ class TrainSection:
     batch_size: int = check(8, gt=0)  # per process, per micro-batch
     grad_accum: int = check(1, gt=0)
     lr: float = check(2e-4, gt=0)
+    head_lr: float | None = check(None, gt=0)  # modules trained whole (a classifier head); None: lr
     optimizer: str = "adamw"  # any torch.optim class name, lower case (adamw, adam, sgd, ...)
     weight_decay: float = check(0.0, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"

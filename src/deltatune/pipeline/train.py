@@ -98,7 +98,20 @@ def model_limit(model: torch.nn.Module, tokenizer: Any) -> int | None:
     return min(limits) if limits else None
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """The trainable parameters, a modules-kept-whole group (a classifier head) apart when head_lr is set.
+
+    A head starts from scratch and learns best with a larger step than a low-rank delta does."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    head = [p for n, p in trainable if ".modules_to_save." in f".{n}"]
+    rest = [p for n, p in trainable if ".modules_to_save." not in f".{n}"]
+    return [g for g in ({"params": rest, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+
+
+def make_optimizer(name: str, params: list[Any], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """`params`: parameters or parameter groups (each group may carry its own lr)."""
     if name.lower() in ("adamw8bit", "paged_adamw8bit", "paged_adamw", "adam8bit"):
         from ..quant import bnb_optimizer
 
@@ -180,7 +193,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     total = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prepared.train) / per_step))
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config.train.optimizer, params, config.train.lr, config.train.weight_decay)
+    groups = parameter_groups(model, config.train.lr, config.train.head_lr)
+    optimizer = make_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay)
     scheduler = make_scheduler(optimizer, config.train.scheduler, warmup, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
@@ -302,7 +316,12 @@ def _check_finite(model: torch.nn.Module, step: int) -> None:
 def _progress(total: int, start: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    import sys
+
+    # a live bar on a terminal; in a log file, a line every 10 s rather than one per step
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=interval)
 
 
 def _yaml(data: dict[str, Any]) -> str:
