@@ -60,6 +60,9 @@ def save_tiny(root: Path, arch: str, seed: int = 0, **overrides) -> Path:
                                                    max_position_embeddings=256, **common, **overrides))
     elif arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common, **overrides))
+    elif arch == "gpt_bigcode":
+        model = tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common,
+                                                             **overrides))
     elif arch == "bert":
         model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                                num_attention_heads=4, max_position_embeddings=256,
