@@ -136,7 +136,7 @@ def _transform(module: nn.Module, state: ModelState, role: str, args: tuple, kwa
     for name in state.active:
         delta = state.deltas[name]
         if delta.method.transform_inputs is not None:
-            args, kwargs = _args_to_kwargs(module, args, kwargs)
+            args, kwargs = args_to_kwargs(module, args, kwargs)
             before = dict(kwargs) if before is None else before
             kwargs = delta.method.transform_inputs(state.model, role, name, delta.config, kwargs)
     if before is not None and role == "model":
@@ -188,7 +188,7 @@ def _score_last_real_tokens(state: ModelState, before: dict[str, Any], after: di
     after_forward(model, lambda output: (handle.remove(), output)[1])
 
 
-def _args_to_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+def args_to_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """Positional inputs become keyword inputs so a transform sees every input by name."""
     if not args:
         return args, kwargs
