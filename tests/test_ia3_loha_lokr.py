@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from packaging.version import Version
 
 import deltatune as dt
 import tiny_models
@@ -260,20 +261,28 @@ def conv_net() -> nn.Module:
 CONV_X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
 CONVS = ["conv1", "conv2", "conv3"]
 CONV_CASES = [
-    ("ia3", lambda: dt.IA3Config(target_modules=CONVS, feedforward_modules=["conv2"]),
-     lambda: peft.IA3Config(target_modules=CONVS, feedforward_modules=["conv2"])),
-    ("loha", lambda: dt.LoHaConfig(r=2, alpha=3, target_modules=CONVS),
-     lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=CONVS)),
-    ("loha-effective", lambda: dt.LoHaConfig(r=2, alpha=3, target_modules=CONVS, use_effective_conv2d=True),
-     lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=CONVS, use_effective_conv2d=True)),
-    ("lokr-full", lambda: dt.LoKrConfig(r=4, alpha=3, target_modules=CONVS),
-     lambda: peft.LoKrConfig(r=4, alpha=3, target_modules=CONVS)),
-    ("lokr-low-rank", lambda: dt.LoKrConfig(r=1, alpha=3, decompose_both=True, target_modules=CONVS),
-     lambda: peft.LoKrConfig(r=1, alpha=3, decompose_both=True, target_modules=CONVS)),
-    ("lokr-effective", lambda: dt.LoKrConfig(r=1, alpha=3, target_modules=CONVS, use_effective_conv2d=True),
-     lambda: peft.LoKrConfig(r=1, alpha=3, target_modules=CONVS, use_effective_conv2d=True)),
+    ("ia3", lambda t: dt.IA3Config(target_modules=t, feedforward_modules=["conv2"]),
+     lambda t: peft.IA3Config(target_modules=t, feedforward_modules=["conv2"])),
+    ("loha", lambda t: dt.LoHaConfig(r=2, alpha=3, target_modules=t),
+     lambda t: peft.LoHaConfig(r=2, alpha=3, target_modules=t)),
+    ("loha-effective", lambda t: dt.LoHaConfig(r=2, alpha=3, target_modules=t, use_effective_conv2d=True),
+     lambda t: peft.LoHaConfig(r=2, alpha=3, target_modules=t, use_effective_conv2d=True)),
+    ("lokr-full", lambda t: dt.LoKrConfig(r=4, alpha=3, target_modules=t),
+     lambda t: peft.LoKrConfig(r=4, alpha=3, target_modules=t)),
+    ("lokr-low-rank", lambda t: dt.LoKrConfig(r=1, alpha=3, decompose_both=True, target_modules=t),
+     lambda t: peft.LoKrConfig(r=1, alpha=3, decompose_both=True, target_modules=t)),
+    ("lokr-effective", lambda t: dt.LoKrConfig(r=1, alpha=3, target_modules=t, use_effective_conv2d=True),
+     lambda t: peft.LoKrConfig(r=1, alpha=3, target_modules=t, use_effective_conv2d=True)),
 ]
-CONV_PARAMS = [pytest.param(ours, theirs, id=i) for i, ours, theirs in CONV_CASES]
+CONV_PARAMS = [pytest.param(i, ours, theirs, id=i) for i, ours, theirs in CONV_CASES]
+# peft < 0.20 sizes a grouped Conv2d's LoHa / LoKr factors for all its input channels, not in_channels /
+# groups, so it cannot load (or build) them for conv2; there the comparison with peft leaves conv2 out.
+# deltatune's own grouped-conv deltas are still checked: merged here, against the hand formula below.
+PEFT_GROUPED_CONV = Version(peft.__version__) >= Version("0.20.0")
+
+
+def peft_conv_targets(case: str) -> list[str]:
+    return CONVS if PEFT_GROUPED_CONV or case == "ia3" else [c for c in CONVS if c != "conv2"]
 
 
 def conv_out(model):
@@ -281,28 +290,34 @@ def conv_out(model):
         return model(CONV_X.clone())
 
 
-@pytest.mark.parametrize("ours,theirs", CONV_PARAMS)
-def test_conv2d_both_ways_with_peft_and_merged(tmp_path, ours, theirs):
-    model = dt.attach(conv_net(), ours())
+@pytest.mark.parametrize("case,ours,theirs", CONV_PARAMS)
+def test_conv2d_both_ways_with_peft_and_merged(tmp_path, case, ours, theirs):
+    model = dt.attach(conv_net(), ours(CONVS))
     nudge(dt.delta_parameters(model, "default").items())
     out = conv_out(model)
     assert_differs(out, conv_out(conv_net()))
+    dt.merge(model)
+    torch.testing.assert_close(conv_out(model), out, rtol=1e-5, atol=1e-5)
+    dt.unmerge(model)
+    torch.testing.assert_close(conv_out(model), out, rtol=1e-5, atol=1e-5)
+
+    targets = peft_conv_targets(case)
+    if targets != CONVS:
+        model = dt.attach(conv_net(), ours(targets))
+        nudge(dt.delta_parameters(model, "default").items())
+        out = conv_out(model)
+        assert_differs(out, conv_out(conv_net()))
     dt.save(model, tmp_path / "dt")
     reference = peft.PeftModel.from_pretrained(conv_net(), str(tmp_path / "dt")).eval()
     assert_same(conv_out(reference), out)
 
-    theirs_model = peft.get_peft_model(conv_net(), theirs())
+    theirs_model = peft.get_peft_model(conv_net(), theirs(targets))
     nudge(theirs_model.named_parameters())
     theirs_model.eval()
     theirs_model.save_pretrained(str(tmp_path / "peft"))
     loaded = dt.load(conv_net(), tmp_path / "peft")
     assert_same(conv_out(loaded), conv_out(theirs_model))
     assert read_files(tmp_path / "dt")[1] == read_files(tmp_path / "peft")[1]  # same keys and shapes
-
-    dt.merge(model)
-    torch.testing.assert_close(conv_out(model), out, rtol=1e-5, atol=1e-5)
-    dt.unmerge(model)
-    torch.testing.assert_close(conv_out(model), out, rtol=1e-5, atol=1e-5)
 
 
 def _cp(core, wa, wb):

@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 import deltatune as dt
-from tiny_models import batch, build, logits
+from tiny_models import ARCHS, batch, build, logits
 
 
 class FixedBatches(torch.utils.data.Dataset):
@@ -46,19 +46,23 @@ def test_save_pretrained_of_a_merged_and_detached_model_reloads(tmp_path):
     torch.testing.assert_close(logits(reloaded, data), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bart", "t5"])
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_gradient_checkpointing_reaches_every_delta(reentrant):
+def test_gradient_checkpointing_reaches_every_delta(reentrant, arch):
     # Reentrant checkpointing (transformers' default through 4.57.x; 5.0 made it non-reentrant) passes no gradient into a block
-    # none of whose inputs requires one; deltatune makes the embeddings' output require it.
+    # none of whose inputs requires one; deltatune makes the embeddings' output require it, BART's encoder and decoder
+    # embeddings too (in transformers 4.x modules of their own, tied to the shared one).
     # init="none": with B = 0 the gradient of A is exactly zero, which would hide a missing gradient
     for config in [dt.LoraConfig(r=4, init="none"), dt.PromptTuningConfig(num_virtual_tokens=3), dt.BitFitConfig()]:
-        model = build("gpt2")
+        if isinstance(config, dt.BitFitConfig) and not ARCHS[arch].has_bias:
+            continue
+        model = build(arch)
         dt.attach(model, config)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         if hasattr(model, "_require_grads_hook"):  # newer transformers does this itself; test ours alone
             model.disable_input_require_grads()
         model.train()
-        model(**batch("gpt2")).loss.backward()
+        model(**batch(arch)).loss.backward()
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), type(config).__name__
 

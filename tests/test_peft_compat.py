@@ -204,6 +204,22 @@ def read_files(folder: Path) -> tuple[dict, dict[str, tuple[int, ...]], dict]:
     return config, shapes, metadata
 
 
+# Fields newer peft releases write, with the value deltatune writes when it keeps peft's default:
+# peft_type (None: any type) -> {field: (a peft release that writes it, value)}. Where the first such
+# release was not looked up, the release whose format deltatune writes stands in for it.
+ADDED_FIELDS = {
+    None: {"peft_version": (PEFT_FORMAT_VERSION, PEFT_FORMAT_VERSION), **{k: (PEFT_FORMAT_VERSION, v) for k, v in LORA_EXTRA.items()}},
+    "PREFIX_TUNING": {"init_weights": ("0.19.0", None)},  # peft 0.19 added PrefixTuningConfig.init_weights
+}
+PEFT_VERSION = Version(peft.__version__)
+
+
+def newer_fields(peft_type: str) -> dict:
+    """The fields deltatune writes that the installed peft does not know yet, with their default values."""
+    tables = [ADDED_FIELDS[None], ADDED_FIELDS.get(peft_type, {})]
+    return {k: v for table in tables for k, (release, v) in table.items() if PEFT_VERSION < Version(release)}
+
+
 def assert_same_layout(ours_dir: Path, peft_dir: Path, same_value_keys: tuple[str, ...]) -> tuple[dict, dict]:
     """Same config key set, same tensor keys and shapes, peft's metadata, and equal values for the given keys."""
     ours_cfg, ours_shapes, ours_meta = read_files(ours_dir)
@@ -211,13 +227,14 @@ def assert_same_layout(ours_dir: Path, peft_dir: Path, same_value_keys: tuple[st
     only_ours, only_peft = sorted(set(ours_cfg) - set(peft_cfg)), sorted(set(peft_cfg) - set(ours_cfg))
     # An older peft writes fewer fields and drops (with a warning) those it does not know;
     # deltatune writes them with their defaults, so only those may be extra.
-    if Version(peft.__version__) < Version(PEFT_FORMAT_VERSION):
-        newer = {"peft_version": PEFT_FORMAT_VERSION, **LORA_EXTRA}
-        only_ours = [k for k in only_ours if k not in newer or ours_cfg[k] != newer[k]]
+    newer = newer_fields(ours_cfg["peft_type"])
+    only_ours = [k for k in only_ours if k not in newer or ours_cfg[k] != newer[k]]
     assert not only_ours and not only_peft, f"only in deltatune: {only_ours}; only in peft: {only_peft}"
     assert ours_shapes == peft_shapes
     assert peft_meta == {"format": "pt"} and ours_meta == {"format": "pt", "deltatune_config_sha256": ours_meta["deltatune_config_sha256"]}
     for key in same_value_keys:
+        if key in newer and key not in peft_cfg:  # a field this peft does not have yet: checked above
+            continue
         assert ours_cfg[key] == peft_cfg[key], (key, ours_cfg[key], peft_cfg[key])
     return ours_cfg, peft_cfg
 
@@ -624,9 +641,21 @@ def peft_soft(kind: str, arch: str):
 
 SOFT_KINDS = ["p_tuning_mlp", "p_tuning_lstm", "prefix_projection", "p_tuning_v2"]
 SOFT_CASES = [pytest.param(a, k, id=f"{a}-{k}") for a in SOFT_ARCHS for k in SOFT_KINDS]
+# peft < 0.18 builds an encoder-decoder's prefix cache with DynamicCache.key_cache, which transformers 4.56
+# removed: peft itself cannot run T5 prefix tuning there, so there is no reference to compare with.
+PEFT_RUNS_SEQ2SEQ_PREFIXES = PEFT_VERSION >= Version("0.18.0") or hasattr(transformers.DynamicCache(), "key_cache")
+PEFT_SEQ2SEQ_PREFIX_SKIP = pytest.mark.skipif(
+    not PEFT_RUNS_SEQ2SEQ_PREFIXES,
+    reason=f"peft {peft.__version__} reads DynamicCache.key_cache for an encoder-decoder's prefixes, which transformers "
+           f"{transformers.__version__} no longer has (fixed in peft 0.18): no reference output",
+)
+SOFT_RUN_CASES = [
+    pytest.param(a, k, id=f"{a}-{k}", marks=[PEFT_SEQ2SEQ_PREFIX_SKIP] if a == "t5" and k in ("prefix_projection", "p_tuning_v2") else [])
+    for a in SOFT_ARCHS for k in SOFT_KINDS
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("arch,kind", SOFT_CASES)
+@pytest.mark.parametrize("arch,kind", SOFT_RUN_CASES)
 def test_soft_prompts_saved_by_deltatune_load_in_peft(tmp_path, arch, kind):
     base_logits = logits(build(arch), arch)
     model = dt.attach(build(arch), dt_soft(kind))
@@ -638,7 +667,7 @@ def test_soft_prompts_saved_by_deltatune_load_in_peft(tmp_path, arch, kind):
     compare_prompt_outputs(model, reference, arch)
 
 
-@pytest.mark.parametrize("arch,kind", SOFT_CASES)
+@pytest.mark.parametrize("arch,kind", SOFT_RUN_CASES)
 def test_soft_prompts_saved_by_peft_load_in_deltatune(tmp_path, arch, kind):
     base_logits = logits(build(arch), arch)
     reference = peft.get_peft_model(build(arch), peft_soft(kind, arch))
@@ -686,9 +715,13 @@ def test_soft_prompt_generate_matches_peft(tmp_path, direction, kind):
         ours = model.generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
         ref = reference.generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
         base = build(arch).generate(input_ids=ids.clone(), attention_mask=mask.clone(), **kw)
-    assert torch.equal(_new_tokens(ours.sequences, 5), _new_tokens(ref.sequences, 5))
+    # peft < 0.19 drops the position_ids generate() computes from the mask (prefix tuning, like peft >= 0.19
+    # and deltatune, moves them up by n): its left-padded row then counts the padding. Only the unpadded row
+    # has a reference there.
+    rows = slice(None) if kind != "prefix_projection" or PEFT_VERSION >= Version("0.19.0") else slice(0, 1)
+    assert torch.equal(_new_tokens(ours.sequences, 5)[rows], _new_tokens(ref.sequences, 5)[rows])
     for mine, theirs in zip(ours.scores, ref.scores):
-        assert_same(mine, theirs)
+        assert_same(mine[rows], theirs[rows])
     assert not torch.equal(_new_tokens(base.sequences, 5), _new_tokens(ref.sequences, 5))
 
 

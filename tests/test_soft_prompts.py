@@ -10,6 +10,7 @@ import torch
 import transformers as tf
 
 import deltatune as dt
+from deltatune.methods.prefix import _PrefixCheckpoint
 from tiny_models import VOCAB, ChatGLMStyleConfig, ChatGLMStyleForCausalLM, batch, build, logits
 from test_lora import perturb
 
@@ -101,6 +102,54 @@ def test_prefix_tuning_refuses_a_model_that_takes_no_cache():
         with pytest.raises(dt.DeltaError, match=rf"{name} passes its prefixes as past_key_values, but NoCache.forward takes "
                                                 rf"no past_key_values argument, so {name} cannot work on this architecture"):
             dt.attach(model, config)
+    assert "_deltatune_state" not in model.__dict__ and not hasattr(model, "prefix_embeddings")
+
+
+class _NamedArgsHead(tf.BertForSequenceClassification):
+    """A task head as transformers 4.x writes them: named arguments only, no cache among them."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def _named_args_head() -> _NamedArgsHead:
+    bert = build("bert")
+    head = _NamedArgsHead(bert.config).eval()
+    head.load_state_dict(bert.state_dict())
+    return head
+
+
+def test_prefixes_reach_the_base_model_of_a_head_that_takes_no_cache():
+    model = _named_args_head()
+    dt.attach(model, dt.PTuningV2Config(num_virtual_tokens=N))
+    perturb(model, scale=0.5)
+    config = dt.attached(model)["default"]
+    data = batch("bert")
+    with torch.no_grad():
+        ours = model(**data).logits
+        base = build("bert")
+        kv = _hand_prefixes(model.prefix_embeddings["default"], config.num_layers, config.num_attention_heads, 2)
+        mask = torch.cat([torch.ones(2, N, dtype=torch.long), data["attention_mask"]], 1)
+        pooled = base.bert(input_ids=data["input_ids"], attention_mask=mask, past_key_values=tf.DynamicCache(kv)).pooler_output
+        expected = base.classifier(pooled)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(ours, logits(base, data), atol=1e-3)
+    model.train()
+    model(**data).loss.backward()
+    assert model.prefix_embeddings["default"].grad.abs().sum() > 0
+    assert not model.bert._forward_pre_hooks  # the per-forward hook on the base model is gone
+
+
+def test_prefix_tuning_refuses_a_head_and_base_model_that_take_no_cache():
+    class NarrowBase(tf.BertModel):
+        def forward(self, input_ids=None, attention_mask=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask)
+
+    model = _named_args_head()
+    model.bert = NarrowBase(model.config)
+    with pytest.raises(dt.DeltaError, match=r"_NamedArgsHead.forward takes no past_key_values argument \(nor does its base "
+                                            r"model's, NarrowBase.forward\), so P-tuning v2 cannot work on this architecture"):
+        dt.attach(model, dt.PTuningV2Config(num_virtual_tokens=2))
     assert "_deltatune_state" not in model.__dict__ and not hasattr(model, "prefix_embeddings")
 
 
@@ -456,3 +505,4 @@ def test_transformers_trainer_trains_a_prefix_with_gradient_checkpointing(tmp_pa
     assert model(**data).loss.item() < before - 0.01
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
+    assert not any(isinstance(getattr(m, "_gradient_checkpointing_func", None), _PrefixCheckpoint) for m in model.modules())

@@ -8,7 +8,8 @@ the hooks sit on the model itself, ``generate`` and ``transformers.Trainer``
 need no wrapper class.
 
 Two more keep transformers' own machinery right while a delta is attached: a
-forward hook on the input embeddings makes their output require grad under
+forward hook on the input embeddings (the model's, and those its encoder and
+decoder stacks hold of their own) makes their output require grad under
 gradient checkpointing (reentrant checkpointing, transformers' default through
 4.57.x (5.0 made it non-reentrant), passes no gradient to a block none of whose
 inputs requires one), and ``model.save_pretrained`` writes the base model's own
@@ -43,17 +44,33 @@ def ensure_hooks(model: nn.Module) -> None:
         encoder = model.get_encoder()
         encoder.__dict__[STATE_ATTR] = state
         encoder.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True)
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    while isinstance(embeddings, DeltaLayer):  # hook the module that stays when the wrapping delta is detached
-        embeddings = embeddings.base_layer
-    if isinstance(embeddings, nn.Module):
+    embeddings = _input_embeddings(model)
+    if embeddings:
         state.checkpointing_modules = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-        embeddings.__dict__[STATE_ATTR] = state
-        embeddings.register_forward_hook(_embedding_output_hook)
+    for module in embeddings:
+        module.__dict__[STATE_ATTR] = state
+        module.register_forward_hook(_embedding_output_hook)
     if callable(getattr(type(model), "save_pretrained", None)):
         # an instance attribute shadows the class's method; deepcopy and pickle carry it to the copy
         model.__dict__["save_pretrained"] = SavePretrained(model)
+
+
+def _input_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings of the model and of every sub-model (as transformers 5's
+    enable_input_require_grads): an encoder-decoder's stacks may hold embedding modules of their own,
+    tied to the shared one (BART in transformers 4.x), which the model's embeddings never see run."""
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        get = getattr(module, "get_input_embeddings", None)
+        try:
+            embeddings = get() if callable(get) else None
+        except NotImplementedError:
+            continue
+        while isinstance(embeddings, DeltaLayer):  # hook the module that stays when the wrapping delta is detached
+            embeddings = embeddings.base_layer
+        if isinstance(embeddings, nn.Module):
+            found.setdefault(id(embeddings), embeddings)
+    return list(found.values())
 
 
 def remove_hooks(model: nn.Module) -> None:
@@ -136,7 +153,7 @@ def _transform(module: nn.Module, state: ModelState, role: str, args: tuple, kwa
     for name in state.active:
         delta = state.deltas[name]
         if delta.method.transform_inputs is not None:
-            args, kwargs = _args_to_kwargs(module, args, kwargs)
+            args, kwargs = args_to_kwargs(module, args, kwargs)
             before = dict(kwargs) if before is None else before
             kwargs = delta.method.transform_inputs(state.model, role, name, delta.config, kwargs)
     if before is not None and role == "model":
@@ -188,7 +205,7 @@ def _score_last_real_tokens(state: ModelState, before: dict[str, Any], after: di
     after_forward(model, lambda output: (handle.remove(), output)[1])
 
 
-def _args_to_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+def args_to_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """Positional inputs become keyword inputs so a transform sees every input by name."""
     if not args:
         return args, kwargs

@@ -26,10 +26,13 @@ model is patched: a transformers `DynamicCache` holding (K_l, V_l) per layer
 (an `EncoderDecoderCache` for encoder-decoders), with n ones in front of the
 attention mask; positions given by the caller move up by n. generate() fills
 the empty cache it starts with on the first step and then reuses it, so later
-steps only extend the mask. Under gradient checkpointing transformers drops
+steps only extend the mask. A task head whose forward takes no cache
+(transformers 4.x's BertForSequenceClassification ...) gets them in its call
+of the base model instead. Under gradient checkpointing transformers drops
 caches from checkpointed blocks (a block run twice would write its cache
 twice); there the prefixes go in a cache that is only read, never written,
-and the blocks are told that for the length of the forward.
+which the blocks get back, for the length of the forward, through the
+checkpoint function they call (transformers 4.56 to 5.x).
 
 Encoder-decoders, as peft lays them out and computes them: the file holds L
 pairs (L the encoder's layer count); decoder layer i's self-attention gets pair
@@ -44,6 +47,7 @@ their own code reads them: a tuple of per-layer (K_l, V_l) tensors of shape
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,7 +56,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, DeltaError, Method, check, not_serialised, register
-from ..inputs import after_forward
+from ..inputs import after_forward, args_to_kwargs
 from ..surgery import get_state, root_container
 from .prompts import cache_length, extend_mask, input_embeddings
 
@@ -140,8 +144,31 @@ def _decoder_layers(model: nn.Module, config: PrefixTuningConfig, method: str) -
     return [(2 * i) % config.num_layers for i in range(decoder)]  # peft's doubled-and-regrouped pairs
 
 
-def _takes_cache_objects(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.")
+def _takes_cache_objects(module: nn.Module) -> bool:
+    """Is module.forward transformers' own code (a model, or a subclass keeping its forward), which takes
+    Cache objects? Remote code (ChatGLM's) reads per-layer tuples."""
+    forward = getattr(type(module), "forward", None)
+    return getattr(forward, "__module__", "").startswith("transformers.")
+
+
+def _takes_past_key_values(module: nn.Module) -> bool:
+    """Does module.forward take past_key_values: by name, or (transformers' own models) through **kwargs?"""
+    params = inspect.signature(module.forward).parameters
+    if "past_key_values" in params:
+        return True
+    return _takes_cache_objects(module) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _cache_receiver(model: nn.Module) -> nn.Module | None:
+    """The module the prefixes are handed to: the model, or its base model where the model's forward takes
+    no past_key_values (transformers 4.x task heads such as BertForSequenceClassification name their
+    arguments and pass on only those; 5.x heads pass **kwargs through to the base model)."""
+    if _takes_past_key_values(model):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model and _takes_past_key_values(base):
+        return base
+    return None
 
 
 # ---------------------------------------------------------------- attach
@@ -153,10 +180,12 @@ _DISPLAY = {"prefix_tuning": "prefix tuning", "p_tuning_v2": "P-tuning v2"}
 def attach(model: nn.Module, config: PrefixTuningConfig, name: str) -> PrefixTuningConfig:
     method = _DISPLAY[config.method]
     device = input_embeddings(model, method).weight.device
-    if not _takes_cache_objects(model) and "past_key_values" not in inspect.signature(model.forward).parameters:
+    if _cache_receiver(model) is None:
+        base = getattr(model, "base_model", model)
+        also = f" (nor does its base model's, {type(base).__name__}.forward)" if base is not model else ""
         raise DeltaError(
             f"{method} passes its prefixes as past_key_values, but {type(model).__name__}.forward takes no "
-            f"past_key_values argument, so {method} cannot work on this architecture; use prompt tuning or LoRA"
+            f"past_key_values argument{also}, so {method} cannot work on this architecture; use prompt tuning or LoRA"
         )
     dims = _dims(model, method)
     submodules = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
@@ -229,6 +258,15 @@ def _read_only_layer_class() -> type:
     return _READ_ONLY_LAYER[0]
 
 
+def _filled(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> Any:
+    """A cache layer holding (keys, values), set directly (DynamicLayer.lazy_initialization takes the keys
+    alone in transformers 4.x, keys and values in 5.x, and would start both empty anyway)."""
+    layer.dtype, layer.device = keys.dtype, keys.device
+    layer.keys, layer.values = keys, values
+    layer.is_initialized = True  # 5.x reads this flag; 4.x looks at keys
+    return layer
+
+
 class _NeverUpdated(dict):
     """EncoderDecoderCache.is_updated for a read-only cache: cross-attention is always recomputed."""
 
@@ -247,94 +285,13 @@ def _layer_prefixes(model: nn.Module, matrix: torch.Tensor, config: PrefixTuning
     return [(kv[2 * j], kv[2 * j + 1]) for j in _decoder_layers(model, config, config.method)]
 
 
-# ---------------------------------------------------------------- gradient checkpointing
-
-
-def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
-    """transformers' checkpointed blocks (GradientCheckpointingLayer) when this forward trains."""
-    if not (model.training and torch.is_grad_enabled()):
-        return []
-    state = get_state(model)
-    return [m for m in (state.checkpointing_modules if state else ()) if m.gradient_checkpointing
-            and hasattr(type(m), "_can_checkpoint_with_cache")]
-
-
-def _allow_cache_while_checkpointing(model: nn.Module, blocks: list[nn.Module]) -> None:
-    """transformers drops past_key_values from a checkpointed block unless the block only reads the
-    cache (and GPT-2's model drops it before its blocks while its own checkpointing flag is on); ours
-    is only read, so for this forward the blocks say so and the models' own flags are off."""
-    from transformers import PreTrainedModel
-
-    state = get_state(model)
-    models = [m for m in state.checkpointing_modules if isinstance(m, PreTrainedModel) and m.gradient_checkpointing
-              and not hasattr(type(m), "_can_checkpoint_with_cache")]
-    for block in blocks:
-        block._can_checkpoint_with_cache = True
-    for module in models:
-        module.gradient_checkpointing = False
-
-    def restore(output: Any) -> Any:
-        for block in blocks:
-            block.__dict__.pop("_can_checkpoint_with_cache", None)
-        for module in models:
-            module.gradient_checkpointing = True
-        return output
-
-    after_forward(model, restore)
-
-
-def _reentrant(blocks: list[nn.Module]) -> bool:
-    """Do the blocks use reentrant checkpointing (torch's default when use_reentrant is not given)?"""
-    func = getattr(blocks[0], "_gradient_checkpointing_func", None)
-    return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
-
-
-class _GradBridge(torch.autograd.Function):
-    """Identity on the first block's input. Reentrant checkpointing runs a separate backward inside
-    every block, which would go through P's own graph (the projection) once per block; so the blocks
-    read a detached copy (`leaf`) whose gradient they all add up, and this node, whose backward runs
-    after every block's (they all depend on its output), hands that sum to P in one step."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, matrix: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-        ctx.leaf = leaf
-        return hidden.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        leaf_grad, ctx.leaf.grad = ctx.leaf.grad, None
-        return grad, leaf_grad, None
-
-
-def _bridged(model: nn.Module, blocks: list[nn.Module], matrix: torch.Tensor) -> torch.Tensor:
-    """The leaf the blocks read instead of `matrix`, joined to it by a _GradBridge on the input of the
-    first block that runs (for an encoder-decoder, the encoder's first, which the decoder depends on)."""
-    leaf = matrix.detach().requires_grad_(True)
-    handles = []
-
-    def bridge(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-        for handle in handles:
-            handle.remove()
-        if args:
-            return (_GradBridge.apply(args[0], matrix, leaf), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": _GradBridge.apply(kwargs["hidden_states"], matrix, leaf)}
-
-    handles += [block.register_forward_pre_hook(bridge, with_kwargs=True) for block in blocks]
-    after_forward(model, lambda output: ([h.remove() for h in handles], output)[1])
-    return leaf
-
-
-def _cache(model: nn.Module, prefixes: list, given: Any, seq2seq: bool, blocks: list[nn.Module]) -> Any:
+def _cache(prefixes: list, given: Any, seq2seq: bool, read_only: bool) -> Any:
     from transformers import DynamicCache, EncoderDecoderCache
 
-    if blocks:
+    if read_only:
         layer_cls = _read_only_layer_class()
         self_cache = DynamicCache()
-        self_cache.layers = [layer_cls() for _ in prefixes]
-        for layer, (keys, values) in zip(self_cache.layers, prefixes):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-        _allow_cache_while_checkpointing(model, blocks)
+        self_cache.layers = [_filled(layer_cls(), keys, values) for keys, values in prefixes]
         if not seq2seq:
             return self_cache
         cross = DynamicCache()
@@ -355,6 +312,113 @@ def _cache(model: nn.Module, prefixes: list, given: Any, seq2seq: bool, blocks: 
         return given
     self_cache = DynamicCache(prefixes)
     return EncoderDecoderCache(self_cache, DynamicCache()) if seq2seq else self_cache
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+# transformers' checkpointed blocks set these to None before checkpointing their forward (a block run
+# twice would write its cache twice); ours is only read, so the blocks that read it get it back.
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """transformers' checkpointed blocks (GradientCheckpointingLayer) when this forward trains."""
+    if not (model.training and torch.is_grad_enabled()):
+        return []
+    state = get_state(model)
+    modules = state.checkpointing_modules if state else ()
+    if not modules:
+        return []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in modules if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def _cache_readers(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """The blocks that read the prefixes: all of them, or an encoder-decoder's decoder blocks."""
+    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        return blocks
+    encoder = {id(m) for m in model.get_encoder().modules()}
+    return [b for b in blocks if id(b) not in encoder]
+
+
+def _reentrant(blocks: list[nn.Module]) -> bool:
+    """Do the blocks use reentrant checkpointing (torch's default when use_reentrant is not given)?"""
+    func = getattr(blocks[0], "_gradient_checkpointing_func", None)
+    return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+
+
+class _GradBridge(torch.autograd.Function):
+    """Identity on a block's input. Reentrant checkpointing runs a separate backward inside every
+    block, which would go through P's own graph (the projection) once per block; so the blocks read a
+    detached copy (`leaf`) whose gradient they add up, and this node, whose backward runs after the
+    block's own (the block depends on its output), hands what has been added so far to P and clears it.
+    P's graph runs once, when every bridge has handed over its part."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, matrix: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        ctx.leaf = leaf
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        leaf_grad, ctx.leaf.grad = ctx.leaf.grad, None
+        return grad, leaf_grad, None
+
+
+def _bridge_to(matrix: torch.Tensor, leaf: torch.Tensor) -> Any:
+    return lambda hidden: _GradBridge.apply(hidden, matrix, leaf)
+
+
+class _PrefixCheckpoint:
+    """A reading block's checkpoint function for one forward. It gives the block back the cache its
+    checkpointing set to None (transformers 4.x drops it unconditionally; 5.x blocks are told they
+    may keep it, see _keep_cache_through_checkpoints) and puts a _GradBridge on the block's input. It
+    runs where the block calls the checkpoint, so outside it: 4.x blocks checkpoint their forward hooks
+    too, so a hook would run again, or not at all once removed, when the backward recomputes the block."""
+
+    def __init__(self, original: Any, cache: Any, bridge: Any) -> None:
+        self.original, self.cache, self.bridge = original, cache, bridge
+
+    def __call__(self, run: Any, *args: Any, **kwargs: Any) -> Any:
+        keywords = getattr(run, "keywords", {})
+        dropped = {k: self.cache for k in _CACHE_ARGUMENTS if k in keywords and keywords[k] is None}
+        if dropped:  # bound into the function the checkpoint keeps, so the recomputation reads it too
+            run = functools.partial(run, **dropped)
+        if self.bridge is not None and args and torch.is_tensor(args[0]):  # hidden states: positional, as
+            args = (self.bridge(args[0]), *args[1:])  # transformers passes them for reentrant checkpointing
+        return self.original(run, *args, **kwargs)
+
+
+def _keep_cache_through_checkpoints(model: nn.Module, blocks: list[nn.Module], cache: Any, bridge: Any) -> None:
+    """For this forward: the blocks that read the prefixes keep the cache (and with reentrant
+    checkpointing bridge its gradient), and the models' own checkpointing flags are off (GPT-2's model
+    passes its blocks no cache at all while its flag is on)."""
+    from transformers import PreTrainedModel
+
+    state = get_state(model)
+    models = [m for m in state.checkpointing_modules if isinstance(m, PreTrainedModel) and m.gradient_checkpointing]
+    readers = _cache_readers(model, blocks)
+    for block in readers:
+        if hasattr(type(block), "_can_checkpoint_with_cache"):  # 5.x: the block keeps it (and does not warn)
+            block._can_checkpoint_with_cache = True
+        block._gradient_checkpointing_func = _PrefixCheckpoint(block._gradient_checkpointing_func, cache, bridge)
+    for module in models:
+        module.gradient_checkpointing = False
+
+    def restore(output: Any) -> Any:
+        for block in readers:
+            block.__dict__.pop("_can_checkpoint_with_cache", None)
+            if isinstance(block._gradient_checkpointing_func, _PrefixCheckpoint):
+                block._gradient_checkpointing_func = block._gradient_checkpointing_func.original
+        for module in models:
+            module.gradient_checkpointing = True
+        return output
+
+    after_forward(model, restore)
+
+
+# ---------------------------------------------------------------- the forward
 
 
 def _batch_size(kwargs: dict[str, Any], keys: tuple[str, ...]) -> int:
@@ -383,10 +447,9 @@ def _check_alone(model: nn.Module, name: str) -> None:
         )
 
 
-def transform_inputs(model: nn.Module, role: str, name: str, config: PrefixTuningConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
-    if role != "model":  # encoder stacks take no cache; the prefixes live in the decoder's self-attention
-        return kwargs
-    _check_alone(model, name)
+def _add_prefixes(model: nn.Module, receiver: nn.Module, name: str, config: PrefixTuningConfig,
+                  kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call of `receiver`, the module that takes the cache (the model, or its base model), with the prefixes in it."""
     n = config.num_virtual_tokens
     seq2seq = getattr(model.config, "is_encoder_decoder", False)
     # the inputs that set the batch and the new length: the decoder's for an encoder-decoder
@@ -399,10 +462,17 @@ def transform_inputs(model: nn.Module, role: str, name: str, config: PrefixTunin
     if seen == 0:
         matrix = prefix_matrix(model, name).to(model.get_input_embeddings().weight.dtype)  # (n, L 2 w)
         blocks = _checkpointed_blocks(model)
+        bridge = None
         if blocks and _reentrant(blocks):
-            matrix = _bridged(model, blocks, matrix)
+            leaf = matrix.detach().requires_grad_(True)  # what the blocks read; _GradBridge joins it to P
+            bridge, matrix = _bridge_to(matrix, leaf), leaf
         prefixes = _layer_prefixes(model, matrix, config, _batch_size(kwargs, inputs))
-        cache = _cache(model, prefixes, given, seq2seq, blocks) if _takes_cache_objects(model) else tuple(prefixes)
+        if _takes_cache_objects(receiver):
+            cache = _cache(prefixes, given, seq2seq, read_only=bool(blocks))
+        else:
+            cache = tuple(prefixes)
+        if blocks:
+            _keep_cache_through_checkpoints(model, blocks, cache, bridge)
         kwargs["past_key_values"] = cache
         seen = n
     # the mask covers the cache and the new tokens: the prefix's n columns go in front
@@ -412,6 +482,25 @@ def transform_inputs(model: nn.Module, role: str, name: str, config: PrefixTunin
     if kwargs.get("position_ids") is not None:  # positions counted from the first real token
         kwargs["position_ids"] = kwargs["position_ids"] + n
     kwargs.pop("cache_position", None)  # the model counts them from the cache's length
+    return kwargs
+
+
+def transform_inputs(model: nn.Module, role: str, name: str, config: PrefixTuningConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if role != "model":  # encoder stacks take no cache; the prefixes live in the decoder's self-attention
+        return kwargs
+    _check_alone(model, name)
+    receiver = _cache_receiver(model)
+    if receiver is model:
+        return _add_prefixes(model, model, name, config, kwargs)
+
+    # a head that takes no past_key_values: the prefixes go into its call of the base model
+    def into_base_call(module: nn.Module, args: tuple, base_kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        handle.remove()
+        args, base_kwargs = args_to_kwargs(module, args, base_kwargs)
+        return args, _add_prefixes(model, module, name, config, base_kwargs)
+
+    handle = receiver.register_forward_pre_hook(into_base_call, with_kwargs=True)
+    after_forward(model, lambda output: (handle.remove(), output)[1])
     return kwargs
 
 
