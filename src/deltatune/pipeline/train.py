@@ -146,7 +146,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 
     t_start = time.perf_counter()
     try:
-        accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        # no GPU: processes started by `accelerate launch` or torchrun join over gloo on the CPU
+        accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
     except ValueError as err:
         raise DeltaError(f"train.mixed_precision = {config.train.mixed_precision!r} is not available here: {err}") from None
     main = accelerator.is_main_process
