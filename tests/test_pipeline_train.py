@@ -305,3 +305,11 @@ def test_bad_input_to_the_command_is_one_clear_line(root, capsys, tmp_path):
     assert "train.lr = 'fast' is not allowed: expected a number" in capsys.readouterr().err
     assert cli(["merge", "--model", str(save_tiny(root, "llama")), "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [{"train.mixed_precision": "bf16"}, {"model.dtype": "bf16"}], ids=["autocast-bf16", "bf16-base"])
+def test_half_precision_runs_keep_fp32_trainables(root, flags):
+    result = run(causal_config(root, "half-" + "-".join(flags), **flags), echo=quiet)
+    tensors = adapter_tensors(result.adapter_dir)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert result.final_loss == result.final_loss  # not NaN

@@ -349,6 +349,8 @@ def add_low_rank(result: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scale
     Peft's ``result + B(low) * scale`` makes two more passes over the output; addmm makes none.
     Without autograd the base output is ours to overwrite, so the sum goes in place.
     """
+    if low.dtype != result.dtype or B.dtype != result.dtype:  # under autocast the base output is already half precision
+        low, B = low.to(result.dtype), B.to(result.dtype)
     if result.dim() < 2:
         return result + scale * (low @ B.T)
     rows, low2d = result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1])

@@ -172,8 +172,12 @@ def run_demo(quick: bool = False, out: str = "out/demo") -> int:
     from .evaluate import evaluate
     from .train import load_base, load_tokenizer, model_limit, run
 
+    import transformers
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" report is expected here
+    transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     root = Path(out)
     spec = read_yaml(demo_yaml())

@@ -144,7 +144,12 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState
+
     t_start = time.perf_counter()
+    # accelerate keeps one state per process; a second run here (a notebook, the demo's runs) may want
+    # another precision. The process group itself (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     try:
         # no GPU: processes started by `accelerate launch` or torchrun join over gloo on the CPU
         accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
