@@ -142,3 +142,13 @@ def test_a_users_own_loop_uses_the_same_three_calls():
     dt.finalize(model)
     layers = [m for m in model.modules() if isinstance(m, DiffPruningLayer)]
     assert sum(int(m.diff_mask["default"].get_buffer(p).sum()) for m in layers for p in m.names) == kept_entries(model)
+
+
+def test_adalora_allocates_its_budget_inside_the_trainer(tmp_path):
+    """dt.step reads the gradients, so the callback must run it before the Trainer zeroes them."""
+    model = build("llama")
+    dt.attach(model, dt.AdaLoraConfig(init_r=6, target_r=2, total_step=12, tinit=2, tfinal=2, alpha=12))
+    args = _args(tmp_path, max_steps=12, learning_rate=1e-2)
+    tf.Trainer(model=model, args=args, train_dataset=_four_rows("llama"), callbacks=[dt.DeltaCallback()]).train()
+    kept = sum(sum(mask) for mask in dt.attached(model)["default"].rank_pattern.values())
+    assert kept == 2 * len(dt.attached(model)["default"].rank_pattern)  # the target budget: target_r per module

@@ -5,7 +5,7 @@
 A TrainerCallback cannot change the loss, so on train begin the callback registers a
 forward hook on the model: while the model trains (and autograd is on), it adds
 ``dt.regularization(model)`` to the ``loss`` the forward returns, which is the loss the
-Trainer backpropagates. After every optimizer step it calls ``dt.step(model, global_step)``,
+Trainer backpropagates. After every optimizer step it calls ``dt.step(model, global_step)`` (before the gradients are zeroed),
 and when training ends ``dt.finalize(model)`` (diff pruning projects onto its target
 sparsity there); the hook is removed then.
 
@@ -79,9 +79,11 @@ class DeltaCallback(TrainerCallback):
         self._remove()  # a run that ended in an exception never reached on_train_end
         self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        # right after optimizer.step(), before the gradients are zeroed (AdaLoRA scores importance from
+        # them); the Trainer counts this step only after it, hence + 1
         if model is not None:
-            api.step(model, int(state.global_step))
+            api.step(model, int(state.global_step) + 1)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         self._remove()
