@@ -10,6 +10,7 @@ quantised checkpoint: from_pretrained(folder, quantization_config=...).
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 import warnings
 
@@ -20,6 +21,7 @@ from deltatune import quant
 from tiny_models import VOCAB, ARCHS, ChatGLMStyleConfig, ChatGLMStyleForCausalLM
 
 warnings.filterwarnings("ignore")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16" on every 8-bit eval
 
 W = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 GPT = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)

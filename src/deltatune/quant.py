@@ -246,11 +246,18 @@ def weight_bytes_formula(out_features: int, in_features: int, kind: str, double_
 # ---------------------------------------------------------------- whole layers and models
 
 
-def float_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """A plain nn.Linear computing what the quantised layer computes, its weight dequantised to `dtype`."""
-    weight = dequantize_weight(module, dtype)
+def float_linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A plain layer computing what the quantised layer computes, its weight dequantised to `dtype`: an
+    nn.Linear, or the GPT-2 Conv1D transformers quantised it from (its weight stored (in, out)), so that
+    the model's own checkpoint layout comes back."""
+    weight = dequantize_weight(module, dtype)  # (out, in)
     bias = module.bias
-    layer = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    if _from_conv1d(module):
+        layer = getattr(module, "source_cls")(module.out_features, module.in_features)
+        weight = weight.T
+    else:
+        layer = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
+    layer = layer.to(device=weight.device, dtype=dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
@@ -258,6 +265,11 @@ def float_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     layer.requires_grad_(module.weight.requires_grad)
     layer.train(module.training)
     return layer
+
+
+def _from_conv1d(module: nn.Module) -> bool:
+    """Was this quantised layer a GPT-2 Conv1D before transformers quantised it (its source_cls)?"""
+    return getattr(getattr(module, "source_cls", None), "__name__", None) == "Conv1D"
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -472,6 +484,8 @@ def _as_out_in(weight: torch.Tensor, module: nn.Module, name: str) -> torch.Tens
     if tuple(weight.shape) not in (shape, shape[::-1]):
         raise DeltaError(f"init='loftq': the checkpoint's weight for {name} has shape {list(weight.shape)}, "
                          f"but the module is {list(shape)}; was the model loaded from another checkpoint?")
+    if _from_conv1d(module):
+        return weight.T.contiguous()
     if shape[0] != shape[1]:
         return weight if tuple(weight.shape) == shape else weight.T.contiguous()
     current = dequantize_weight(module)

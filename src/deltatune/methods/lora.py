@@ -400,28 +400,30 @@ def attach(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
 
 
 def _loftq_weights(model: nn.Module, names: list[str], config: LoraConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """LoftQ's unquantised weight for each target, checked against what the targets are."""
+    """LoftQ's unquantised weight for each quantised target. A target the model keeps in full precision
+    (T5's wo) has no quantisation error to start from: it gets the plain init (A random, B zero)."""
+    kinds = {}
     for n in names:
         module = model.get_submodule(n)
-        module = module.base_layer if isinstance(module, DeltaLayer) else module
-        kind = quant.quant_kind(module)
-        if kind is None:
-            raise DeltaError(
-                f"init='loftq' starts the adapter on a quantised base's quantisation error, but {n} "
-                f"({type(module).__name__}) is not quantised; load the base quantised first "
-                "(deltatune.load_base(name, quant='nf4'), or from_pretrained(..., quantization_config=...)), "
-                "or exclude it from target_modules"
-            )
-        bits = 8 if kind == "int8" else 4
+        kinds[n] = quant.quant_kind(module.base_layer if isinstance(module, DeltaLayer) else module)
+    quantised = [n for n in names if kinds[n] is not None]
+    if not quantised:
+        raise DeltaError(
+            f"init='loftq' starts the adapter on a quantised base's quantisation error, but no target is quantised "
+            f"({names[0]} is a {type(model.get_submodule(names[0])).__name__}); load the base quantised first "
+            "(deltatune.load_base(name, quant='nf4'), or from_pretrained(..., quantization_config=...))"
+        )
+    for n in quantised:
+        bits = 8 if kinds[n] == "int8" else 4
         if config.loftq_bits != bits:
             raise DeltaError(f"init='loftq' with loftq_bits={config.loftq_bits}, but {n} is quantised in {bits} bits "
-                             f"({kind}); LoftQ works against the base's own quantisation: set loftq_bits={bits}")
+                             f"({kinds[n]}); LoftQ works against the base's own quantisation: set loftq_bits={bits}")
     if config.loftq_iter != 1:
         raise DeltaError(
             f"LoraConfig.loftq_iter = {config.loftq_iter}: LoftQ's further steps re-quantise W - s B A, but this base "
             "is quantised already and stays as it is, so one step is the optimum; set loftq_iter=1"
         )
-    originals = quant.checkpoint_weights(model, names)
+    originals = quant.checkpoint_weights(model, quantised)
     return {n: {"original": w} for n, w in originals.items()}
 
 
