@@ -418,7 +418,7 @@ def test_the_cpu_inference_layout_never_stops_training():
 
 
 @pytest.mark.parametrize("name", sorted(quant.OPTIMIZERS))
-def test_bitsandbytes_optimizers_train_and_keep_8bit_states(name):
+def test_bitsandbytes_optimizers_train_and_keep_8bit_states(name, tmp_path):
     torch.manual_seed(0)
     big, small = torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(10))
     opt = quant.bnb_optimizer(name, [big, small], lr=1e-2, weight_decay=0.0)
@@ -431,6 +431,20 @@ def test_bitsandbytes_optimizers_train_and_keep_8bit_states(name):
     dtypes = {v.dtype for v in opt.state[big].values() if torch.is_tensor(v) and v.numel() == big.numel()}
     assert dtypes == ({torch.uint8} if "8bit" in name else {torch.float32})
     assert {v.dtype for v in opt.state[small].values() if torch.is_tensor(v) and v.numel() == small.numel()} == {torch.float32}
+    # the pipeline's checkpoint (safetensors + JSON, bitsandbytes' nested states included) resumes it exactly
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.pipeline.checkpoint import _flatten_optimizer, _unflatten_optimizer
+
+    tensors, skeleton = _flatten_optimizer(opt.state_dict())
+    save_file(tensors, str(tmp_path / "opt.safetensors"))
+    params = [torch.nn.Parameter(big.detach().clone()), torch.nn.Parameter(small.detach().clone())]
+    again = quant.bnb_optimizer(name, params, lr=1e-2, weight_decay=0.0)
+    again.load_state_dict(_unflatten_optimizer(load_file(str(tmp_path / "opt.safetensors")), json.loads(json.dumps(skeleton))))
+    for o, (b, s) in ((opt, (big, small)), (again, params)):
+        ((b ** 2).sum() + (s ** 2).sum()).backward()
+        o.step()
+    assert torch.equal(params[0], big) and torch.equal(params[1], small)
     with pytest.raises(dt.DeltaError, match="not a bitsandbytes optimizer; choose one of adamw8bit"):
         quant.bnb_optimizer("adamw4bit", [big], lr=1e-2, weight_decay=0.0)
 
