@@ -123,6 +123,11 @@ def make_optimizer(name: str, params: list[Any], lr: float, weight_decay: float)
                 if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
                 and n != "Optimizer"}
     if name.lower() not in by_lower:
+        squeezed = {n.replace("_", ""): n for n in OPTIMIZERS}
+        close = squeezed.get(name.lower().replace("_", "").replace("-", "").replace("bnb", ""))
+        if close is not None:  # transformers' spellings: adamw_bnb_8bit, paged_adamw_8bit, ...
+            raise DeltaError(f"train.optimizer = {name!r} is not a name deltatune knows; the bitsandbytes optimizer "
+                             f"it looks like is spelled {close!r} here: set train.optimizer: {close}")
         raise DeltaError(f"train.optimizer = {name!r} is not a torch.optim optimizer; choose one of "
                          f"{', '.join(sorted(by_lower))}, or from bitsandbytes {', '.join(OPTIMIZERS)}")
     return by_lower[name.lower()](params, lr=lr, weight_decay=weight_decay)
