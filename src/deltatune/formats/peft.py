@@ -76,13 +76,19 @@ LORA_EXTRA = {
 
 def _pack_lora(ours: dict[str, Any]) -> dict[str, Any]:
     """peft packs two LoRA options: PiSSA's fast SVD goes inside the init (init="pissa", pissa_niter=4 is
-    "pissa_niter_4"), and LoftQ's settings in `loftq_config` ({} unless the init is LoftQ)."""
+    "pissa_niter_4"), and LoftQ's settings in `loftq_config` ({} unless the init is LoftQ).
+
+    A LoftQ adapter is written as peft's own LoftQ recipe saves one: init_lora_weights=true and no
+    loftq_config. The file holds the initialised (and trained) A and B; with init "loftq" peft would run
+    LoftQ again when it loads the file, which needs CUDA and overwrites a quantised base layer's weight."""
     out = dict(ours)
     niter = out.pop("pissa_niter", None)
     if niter is not None:
         out["init"] = f"pissa_niter_{niter}"
-    bits, steps = out.pop("loftq_bits", 4), out.pop("loftq_iter", 1)
-    out["loftq_config"] = {"loftq_bits": bits, "loftq_iter": steps} if out.get("init") == "loftq" else {}
+    out.pop("loftq_bits", None), out.pop("loftq_iter", None)
+    if out.get("init") == "loftq":
+        out["init"] = "kaiming"
+    out["loftq_config"] = {}
     return out
 
 
