@@ -24,7 +24,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import deltatune as dt  # noqa: E402
 from deltatune import quant  # noqa: E402
-from deltatune.surgery import DeltaLayer  # noqa: E402
+from deltatune.surgery import DeltaLayer, dequantize_base  # noqa: E402
 from deltatune.targets import DEFAULT_TARGETS  # noqa: E402
 from quant_models import WIDE, checkpoint, quantized, wide  # noqa: E402
 from test_contract import train  # noqa: E402
@@ -57,6 +57,21 @@ def assert_stored_equal(a: dict, b: dict) -> None:
 
 def relative(x: torch.Tensor, reference: torch.Tensor) -> float:
     return ((x - reference).norm() / reference.norm()).item()
+
+
+def assert_matches_the_dequantised_model(model: torch.nn.Module, kind: str, data: dict) -> torch.Tensor:
+    """The model with its delta against a copy whose quantised layers hold their dequantised weights as plain
+    fp32 nn.Linear (the delta on top unchanged): the kernels compute x W^T with W dequantised. A 4-bit
+    kernel does exactly that; LLM.int8()'s also rounds its inputs to int8 per row (about 0.7% per layer)."""
+    reference = copy.deepcopy(model)
+    dequantize_base(reference, torch.float32)
+    assert not quant.quantized_layers(reference)
+    expected = logits(reference, data)
+    if kind == "int8":
+        assert relative(logits(model, data), expected) < 0.03
+    else:
+        torch.testing.assert_close(logits(model, data), expected, rtol=1e-4, atol=1e-4)
+    return expected
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,6 +111,7 @@ def test_qlora_step_lowers_the_loss_and_trains_only_the_delta(arch, kind):
     assert set(trainable) == set(dt.delta_parameters(model, "default"))
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert_stored_equal(stored(model), before)  # the quantised weights never moved
+    assert_matches_the_dequantised_model(model, kind, batch(arch))
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
@@ -237,6 +253,8 @@ def test_every_wrapping_method_trains_saves_and_merges_on_a_quantised_base(metho
     if not method.startswith("adapter"):  # adapters wrap blocks and norms as well as linear layers
         assert any(isinstance(m, DeltaLayer) and m.quantized for m in model.modules())
     assert_stored_equal(stored(model), before)
+    # (a parallel adapter taps the quantised layer itself, which the dequantised copy replaces)
+    expected = assert_matches_the_dequantised_model(model, kind, data) if method != "adapter_parallel" else None
     unmerged = logits(model, data)
     dt.save(model, tmp_path)
     again = quantized(arch, kind)
@@ -244,6 +262,12 @@ def test_every_wrapping_method_trains_saves_and_merges_on_a_quantised_base(metho
     torch.testing.assert_close(logits(again, data), unmerged, rtol=0, atol=1e-6)
     if not dt.METHODS[WRAPPING[method]().method].mergeable or method.startswith("adapter"):
         return
+    if arch in ("gpt2", "t5"):  # the exact merged export: GPT-2's Conv1D comes back, T5's fp32 wo stays
+        from deltatune.pipeline.export import export_merged
+
+        export_merged(model, None, tmp_path / "merged", dtype=torch.float32)
+        plain = WIDE[arch][1].from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(logits(plain, data), expected, rtol=1e-4, atol=1e-4)
     with pytest.warns(UserWarning, match="re-quantises"):
         dt.merge(model)
     print(f"CAL2 {method} {arch} {kind} ratio={relative(logits(model, data), unmerged)/base_error(arch, kind):.2f}")
