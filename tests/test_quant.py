@@ -395,6 +395,28 @@ def test_prepare_kbit_puts_norms_and_head_in_fp32_and_checkpoints_non_reentrant(
     assert all(g is None or torch.isfinite(g).all() for g in grads)
 
 
+def test_fp16_compute_trains_fp32_deltas_and_keeps_no_dequantised_weight():
+    model = dt.load_base(checkpoint("llama"), quant="nf4", dtype="fp16", double_quant=False)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.compute_dtype == torch.float16 and model.model.norm.weight.dtype == torch.float16
+
+    def frozen_bytes() -> int:  # everything the model stores but the delta (quantised weights with their scales)
+        delta = {id(p) for p in dt.delta_parameters(model, "default").values()} if dt.active(model) else set()
+        tensors = [t for t in model.state_dict(keep_vars=True).values() if torch.is_tensor(t) and id(t) not in delta]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    dt.prepare_kbit(model)
+    before = frozen_bytes()
+    dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    model.train()
+    losses = train(model, batch("llama"), lr=5e-3)
+    assert losses[-1] < losses[0] - 0.3
+    assert {p.dtype for p in dt.delta_parameters(model, "default").values()} == {torch.float32}
+    assert frozen_bytes() == before  # the base stays packed: no dequantised copy was kept anywhere
+    wrapped = model.model.layers[0].mlp.down_proj
+    assert not [n for n, t in vars(wrapped).items() if torch.is_tensor(t)] and not wrapped.premerge
+
+
 def test_prepare_kbit_with_reentrant_checkpointing_reaches_the_first_block():
     model = quantized("llama")
     dt.prepare_kbit(model, use_reentrant=True)
