@@ -172,6 +172,24 @@ def test_merge_requantises_and_unmerge_is_exact(arch, kind, tmp_path):
     torch.testing.assert_close(logits(model, data), logits(quantized(arch, kind), data), rtol=0, atol=1e-5)
 
 
+def test_save_pretrained_writes_the_quantised_base_or_the_requantised_merged_model(tmp_path):
+    model, _, _ = trained("llama", "nf4")
+    data = batch("llama")
+    with pytest.warns(UserWarning, match="without the unmerged delta"):
+        model.save_pretrained(tmp_path / "base")  # the base model's own keys, still quantised
+    again = WIDE["llama"][1].from_pretrained(tmp_path / "base").eval()
+    quant.keep_trainable_layouts(again)
+    assert len(quant.quantized_layers(again)) == 14
+    with dt.disabled(model):
+        torch.testing.assert_close(logits(again, data), logits(model, data), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="re-quantises"):
+        dt.merge(model)
+    model.save_pretrained(tmp_path / "merged")
+    merged = WIDE["llama"][1].from_pretrained(tmp_path / "merged").eval()
+    quant.keep_trainable_layouts(merged)
+    torch.testing.assert_close(logits(merged, data), logits(model, data), rtol=0, atol=0)
+
+
 def _targets(arch: str) -> list[str]:
     model_type = wide(arch).config.model_type
     return DEFAULT_TARGETS["lora"][model_type]
