@@ -691,3 +691,11 @@ def test_merge_command_folds_a_qlora_adapter_into_the_unquantised_base(tmp_path)
     dt.load(reference, tmp_path / "adapter")
     # the original weights + the adapter, rounded to bf16: no quantisation error at all
     assert relative(logits(plain.float().eval(), data), logits(reference, data)) < 0.01
+    # a pre-quantised checkpoint as the base (like the hub's *-bnb-4bit models): dequantised, then merged
+    quantized("llama").save_pretrained(tmp_path / "nf4-base")
+    assert cli(["merge", "--model", str(tmp_path / "nf4-base"), "--adapter", str(tmp_path / "adapter"),
+                "--out", str(tmp_path / "merged-from-nf4"), "--dtype", "fp32"]) == 0
+    plain = WIDE["llama"][1].from_pretrained(tmp_path / "merged-from-nf4").eval()
+    assert not quant.quantized_layers(plain)
+    expected = assert_matches_the_dequantised_model(model, "nf4", data)  # the adapter on the dequantised NF4 base
+    torch.testing.assert_close(logits(plain, data), expected, rtol=1e-4, atol=1e-4)
