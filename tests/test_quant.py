@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -93,6 +94,15 @@ def _trained(arch: str, kind: str, make=qlora):
     return model, losses, before
 
 
+@functools.lru_cache(maxsize=None)
+def on_the_fp32_base(arch: str, kind: str) -> torch.nn.Module:
+    """The adapter trained on the quantised base, loaded from its files onto the fp32 base (read-only)."""
+    model, _, _ = _trained(arch, kind)
+    with tempfile.TemporaryDirectory() as folder:
+        dt.save(model, folder)
+        return dt.load(wide(arch), folder).eval()
+
+
 def trained(arch: str, kind: str, make=qlora):
     model, losses, before = _trained(arch, kind, make)
     return copy.deepcopy(model), losses, before
@@ -123,8 +133,7 @@ def test_files_load_onto_the_quantised_and_the_full_precision_base(arch, kind, t
     dt.load(again, tmp_path)
     torch.testing.assert_close(logits(again, data), logits(model, data), rtol=0, atol=0)
     # onto the unquantised base: the same adapter, the base's quantisation error the only difference
-    full = wide(arch)
-    dt.load(full, tmp_path)
+    full = on_the_fp32_base(arch, kind)
     with dt.disabled(model):
         base_error = relative(logits(model, data), logits(wide(arch), data))
     error = relative(logits(full, data), logits(model, data))
@@ -135,11 +144,10 @@ def test_files_load_onto_the_quantised_and_the_full_precision_base(arch, kind, t
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_merge_requantises_and_unmerge_is_exact(arch, kind, tmp_path):
+def test_merge_requantises_and_unmerge_is_exact(arch, kind):
     model, _, before = trained(arch, kind)
     data = batch(arch)
     unmerged = logits(model, data)
-    dt.save(model, tmp_path)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DeltaLayer) and m.quantized}
     exact = {n: (m.base_weight() + m.delta_weight("default")).detach() for n, m in layers.items()}  # Q + s B A
     with pytest.warns(UserWarning, match="re-quantises the merged weights"):
@@ -156,9 +164,7 @@ def test_merge_requantises_and_unmerge_is_exact(arch, kind, tmp_path):
     # training changes (tiny BLOOM and RoBERTa start at init std 0.02 and barely use their bodies; their
     # trained deltas are as large as W). So the bound is the quantisation error measured on the trained
     # model: its adapter on the fp32 base against on the quantised base (or on the untrained base, if larger).
-    full = wide(arch)
-    dt.load(full, tmp_path)
-    trained_error = relative(logits(full, data), unmerged)
+    trained_error = relative(logits(on_the_fp32_base(arch, kind), data), unmerged)
     bound = 3 * max(base_error(arch, kind), trained_error)
     assert 0 < relative(merged, unmerged) < bound, (relative(merged, unmerged), base_error(arch, kind), trained_error)
     dt.unmerge(model)
@@ -208,8 +214,9 @@ def _peft_model(arch: str, kind: str):
     return pm.eval()
 
 
-# peft's causal-LM wrapper needs generation methods the ChatGLM stand-in does not have
-PEFT_CASES = [c for c in CASES if c.values[0] != "chatglm"]
+# peft's causal-LM wrapper needs generation methods the ChatGLM stand-in does not have; int8 on one
+# architecture per layout (Linear, Conv1D, encoder, encoder-decoder) keeps the file's time down
+PEFT_CASES = [c for c in CASES if c.values[0] != "chatglm" and (c.values[1] == "nf4" or c.values[0] in ("llama", "gpt2", "bert", "t5"))]
 
 
 @pytest.mark.parametrize("arch,kind", PEFT_CASES)
@@ -280,7 +287,7 @@ def test_every_wrapping_method_trains_saves_and_merges_on_a_quantised_base(metho
     torch.testing.assert_close(logits(again, data), unmerged, rtol=0, atol=1e-6)
     if not dt.METHODS[WRAPPING[method]().method].mergeable or method.startswith("adapter"):
         return
-    if arch in ("gpt2", "t5"):  # the exact merged export: GPT-2's Conv1D comes back, T5's fp32 wo stays
+    if arch == "gpt2":  # the exact merged export: GPT-2's Conv1D comes back from the quantised layers
         from deltatune.pipeline.export import export_merged
 
         export_merged(model, None, tmp_path / "merged", dtype=torch.float32)
