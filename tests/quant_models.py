@@ -70,8 +70,10 @@ def quantized(arch: str, kind: str = "nf4", double_quant: bool = True, compute_d
     """wide(arch) loaded from its checkpoint with the base quantised (eval mode). A classifier's head stays
     in full precision, as deltatune.load_base keeps it, unless quantize_heads."""
     _, model_cls, _ = WIDE[arch]
-    heads = None if quantize_heads or ARCHS[arch].kind != "seq_cls" else ["lm_head", *quant.CLASSIFIER_HEADS]
+    # quantize_heads: [] rather than None, which transformers 4.x reads as "skip the last module"
+    heads = [] if quantize_heads else None if ARCHS[arch].kind != "seq_cls" else ["lm_head", *quant.CLASSIFIER_HEADS]
     config = quant.quantization_config(kind, compute_dtype, double_quant=double_quant, skip_modules=heads)
-    model = model_cls.from_pretrained(checkpoint(arch), quantization_config=config)
+    # dtype given: transformers 4.x loads a bitsandbytes model's unquantised weights in fp16 by default
+    model = model_cls.from_pretrained(checkpoint(arch), quantization_config=config, dtype=torch.float32)
     quant.keep_trainable_layouts(model)
     return model.eval()

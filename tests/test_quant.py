@@ -183,7 +183,7 @@ def test_save_pretrained_writes_the_quantised_base_or_the_requantised_merged_mod
     data = batch("llama")
     with pytest.warns(UserWarning, match="without the unmerged delta"):
         model.save_pretrained(tmp_path / "base")  # the base model's own keys, still quantised
-    again = WIDE["llama"][1].from_pretrained(tmp_path / "base").eval()
+    again = WIDE["llama"][1].from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
     quant.keep_trainable_layouts(again)
     assert len(quant.quantized_layers(again)) == 14
     with dt.disabled(model):
@@ -191,7 +191,7 @@ def test_save_pretrained_writes_the_quantised_base_or_the_requantised_merged_mod
     with pytest.warns(UserWarning, match="re-quantises"):
         dt.merge(model)
     model.save_pretrained(tmp_path / "merged")
-    merged = WIDE["llama"][1].from_pretrained(tmp_path / "merged").eval()
+    merged = WIDE["llama"][1].from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     quant.keep_trainable_layouts(merged)
     torch.testing.assert_close(logits(merged, data), logits(model, data), rtol=0, atol=0)
 
@@ -679,7 +679,8 @@ def test_merged_export_dequantises_then_merges_exactly(arch, kind, tmp_path):
     expected = logits(reference, data)
     torch.testing.assert_close(logits(plain, data), expected, rtol=1e-5, atol=1e-5)
     if kind == "nf4":  # the same export re-quantised to NF4 loses what the README measures
-        requantised = WIDE[arch][1].from_pretrained(tmp_path / "merged", quantization_config=quant.quantization_config("nf4"))
+        requantised = WIDE[arch][1].from_pretrained(tmp_path / "merged", quantization_config=quant.quantization_config("nf4"),
+                                                             dtype=torch.float32)
         quant.keep_trainable_layouts(requantised)
         assert relative(logits(requantised.eval(), data), expected) > 1e-3
 
@@ -691,7 +692,7 @@ def test_merge_command_folds_a_qlora_adapter_into_the_unquantised_base(tmp_path)
     dt.save(model, tmp_path / "adapter")
     assert cli(["merge", "--model", checkpoint("llama"), "--adapter", str(tmp_path / "adapter"),
                 "--out", str(tmp_path / "merged"), "--dtype", "bf16"]) == 0
-    plain = WIDE["llama"][1].from_pretrained(tmp_path / "merged")
+    plain = WIDE["llama"][1].from_pretrained(tmp_path / "merged", dtype="auto")  # the dtype config.json records
     assert plain.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     data = batch("llama")
     reference = wide("llama")

@@ -195,12 +195,13 @@ def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool)
                "QUESTION_ANS": tf.AutoModelForQuestionAnswering}
     cls = classes.get(task_type or "", tf.AutoModel)
     try:
-        model = cls.from_pretrained(name, trust_remote_code=trust_remote_code)
+        # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
+        model = cls.from_pretrained(name, trust_remote_code=trust_remote_code, dtype="auto")
     except (OSError, ValueError) as err:
         raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ImportError):  # none saved (transformers 4 then tries a slow class, which may need protobuf)
         tokenizer = None
     return model, tokenizer
 

@@ -146,16 +146,21 @@ class SavePretrained:
             return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
         # A quantised model (bitsandbytes): transformers replaces the state_dict argument by its quantizer's
         # (None: model.state_dict(), the wrapped keys), so the quantizer hands out ours, with its own metadata.
-        before = vars(quantizer).get("get_state_dict_and_metadata")
-        own = quantizer.get_state_dict_and_metadata
-        quantizer.get_state_dict_and_metadata = lambda m: (state_dict, own(m)[1])
+        if hasattr(quantizer, "get_state_dict_and_metadata"):  # transformers 5
+            hook = "get_state_dict_and_metadata"
+            own = quantizer.get_state_dict_and_metadata
+            ours = lambda m: (state_dict, own(m)[1])  # noqa: E731
+        else:  # transformers 4: get_state_dict(model), None for "model.state_dict()"
+            hook, ours = "get_state_dict", lambda m: state_dict
+        before = vars(quantizer).get(hook)
+        setattr(quantizer, hook, ours)
         try:
             return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
         finally:
             if before is None:
-                del quantizer.get_state_dict_and_metadata
+                delattr(quantizer, hook)
             else:
-                quantizer.get_state_dict_and_metadata = before
+                setattr(quantizer, hook, before)
 
 
 def _encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

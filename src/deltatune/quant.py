@@ -286,7 +286,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             module.__dict__.pop(attribute, None)
         config = module.__dict__.get("config")
         if config is not None:
-            for attribute in ("quantization_config", "_is_quantized"):
+            # _pre_quantization_dtype: transformers 4.x drops it from config.json only beside a quantization_config
+            for attribute in ("quantization_config", "_is_quantized", "_pre_quantization_dtype"):
                 if attribute in vars(config):
                     delattr(config, attribute)
         # a model read from a quantised checkpoint records how its quantised tensors were read, which
