@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -204,6 +205,12 @@ def test_malformed_and_unreadable_files(root, tmp_path):
     csv.write_text("text,label\nhello,1\nworld,0\n")
     rows, _ = read_rows(str(csv), config.data)
     assert rows == [{"text": "hello", "label": 1}, {"text": "world", "label": 0}]
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    assert read_rows(str(tmp_path / "rows.parquet"), config.data)[0] == rows
+    (tmp_path / "rows.json").write_text(json.dumps(rows))  # a JSON array of objects
+    assert read_rows(str(tmp_path / "rows.json"), config.data)[0] == rows
 
 
 def test_data_order_is_one_resumable_stream():

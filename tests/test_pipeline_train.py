@@ -71,7 +71,9 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_causal_run_trains_evaluates_and_reports(root):
-    result = run(causal_config(root, "causal", **{"train.eval_every": 6, "train.save_every": 6}), echo=quiet)
+    result = run(causal_config(root, "causal", **{"train.eval_every": 6, "train.save_every": 6, "eval.generate": True,
+                                                  "eval.max_new_tokens": 4}), echo=quiet)
+    assert {"loss", "perplexity", "exact_match", "bleu", "rouge_l"} <= set(result.metrics)  # answers generated and scored
     out = result.output_dir
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -85,7 +87,13 @@ def test_a_causal_run_trains_evaluates_and_reports(root):
     assert (out / "curves.png").stat().st_size > 1000 and (out / "config.yaml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000012"]
     again = load_run_config(out / "config.yaml")  # the saved config is a valid config for the same run
-    assert again.as_dict() == causal_config(root, "causal", **{"train.eval_every": 6, "train.save_every": 6}).as_dict()
+    assert again.as_dict() == causal_config(root, "causal", **{"train.eval_every": 6, "train.save_every": 6, "eval.generate": True,
+                                                               "eval.max_new_tokens": 4}).as_dict()
+
+
+def test_only_the_last_checkpoints_are_kept(root):
+    result = run(causal_config(root, "keep", **{"train.save_every": 2, "train.keep_last": 2}), echo=quiet)
+    assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == ["step-000010", "step-000012"]
 
 
 def test_classification_reports_accuracy_and_macro_f1(root):
@@ -283,6 +291,15 @@ def test_data_marks_the_trained_tokens(root, capsys):
     out = capsys.readouterr().out
     assert "recommended max_length" in out
     assert "<|im_start|>user\nRepeat the word alpha<|im_end|>\n<|im_start|>assistant\n[[alpha alpha<|im_end|>\n<eos>]]" in out
+
+
+def test_generate_chats_over_stdin(root, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Repeat the word beta\nand again\n\n"))
+    assert cli(["generate", "--model", str(save_tiny(root, "llama")), "--chat", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2  # two turns, then the empty line ends the chat
 
 
 def test_generate_and_info(root, capsys):

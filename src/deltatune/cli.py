@@ -225,7 +225,8 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     def complete(prompt: str) -> str:
         enc = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                  pad_token_id=tokenizer.pad_token_id)
         new = out[0] if seq2seq else out[0, enc["input_ids"].shape[1]:]
         return tokenizer.decode(new, skip_special_tokens=True)

@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import api, model_files
+from .files import fsync_dir, fsync_file, write_new
 from .config import DeltaError, method_of
 from .formats.peft import PREFIX, config_from_file, config_to_file, key_prefix, saved_key
 from .surgery import base_state_dict, get_state, require_state
@@ -159,10 +160,10 @@ def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor],
     tmp_config, tmp_weights = folder / f".{CONFIG_NAME}.{token}.tmp", folder / f".{WEIGHTS_NAME}.{token}.tmp"
     committed = False
     try:
-        _write_new(tmp_config, lambda f: f.write(text.encode()))
+        write_new(tmp_config, lambda f: f.write(text.encode()))
         save_file(tensors, str(tmp_weights), metadata={"format": "pt", PAIR_KEY: _digest(text.encode())})
         os.chmod(tmp_weights, stat.S_IMODE(tmp_config.stat().st_mode))  # safetensors creates it 0600
-        _fsync(tmp_weights)
+        fsync_file(tmp_weights)
         os.replace(tmp_weights, folder / WEIGHTS_NAME)  # the commit point
         committed = True
         os.replace(tmp_config, folder / CONFIG_NAME)
@@ -174,7 +175,7 @@ def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor],
                 tmp.unlink()
         raise
     finally:
-        _fsync_dir(folder)
+        fsync_dir(folder)
     if not (folder / CARD_NAME).exists():
         _write_card(folder, config, peft_compatible)
 
@@ -195,38 +196,11 @@ def _write_card(folder: Path, config: dict, peft_compatible: bool, whole_model: 
             f"A {config['peft_type']} {what} written by deltatune; {readers}.\n")
     tmp = folder / f".{CARD_NAME}.{secrets.token_hex(6)}.tmp"
     try:
-        _write_new(tmp, lambda f: f.write(card.encode()))
+        write_new(tmp, lambda f: f.write(card.encode()))
         os.replace(tmp, folder / CARD_NAME)
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def _write_new(path: Path, write: Callable[[Any], Any]) -> None:
-    """Create `path` (it must not exist) with the usual permissions (0666 less the umask), write, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
-    finally:
-        os.close(fd)
 
 
 def _digest(data: bytes) -> str:

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import DeltaError
+from .files import fsync_dir, fsync_file, write_new
 
 MARKER = "deltatune_config.json"
 WEIGHTS = "model.safetensors"
@@ -85,13 +86,13 @@ def write(folder: Path, model: nn.Module, config: dict[str, Any], state_dict: di
         written = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in written:
             os.chmod(tmp / name, mode)  # safetensors creates its files 0600
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
         marker = {**config, FILES_KEY: {name: fingerprint(tmp / name) for name in written}}
-        _write_text(tmp / MARKER, json.dumps(marker, indent=2, sort_keys=True), mode)
+        write_new(tmp / MARKER, lambda f: f.write(json.dumps(marker, indent=2, sort_keys=True).encode()), mode)
         _commit(tmp, folder, written)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def save_pretrained(model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -148,35 +149,6 @@ def _usual_mode(folder: Path) -> int:
     mode = stat.S_IMODE(probe.stat().st_mode)
     probe.unlink()
     return mode
-
-
-def _write_text(path: Path, text: str, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------- reading
 
 
 def read_marker(folder: Path, verify: bool = True) -> dict[str, Any]:

@@ -294,6 +294,21 @@ class DeltaLayer(nn.Module):
                 groups.append((name, torch.tensor(rows, device=self.device_of())))
         return groups
 
+    def add_live(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` plus every live adapter's `add_delta`, or in a mixed batch each row's own adapter only.
+
+        For layers whose adapters add to the base output: the subclass supplies
+        ``add_delta(name, x, result) -> result``."""
+        groups = self.batch_groups(x.shape[0]) if self.model_state is not None and self.model_state.batch_adapters is not None else None
+        if groups is not None:
+            mixed = result
+            for name, rows in groups:
+                mixed = mixed.index_copy(0, rows, self.add_delta(name, x[rows], result[rows]))
+            return mixed
+        for name in self.live:
+            result = self.add_delta(name, x, result)
+        return result
+
     def device_of(self) -> torch.device:
         for p in self.base_layer.parameters():
             return p.device

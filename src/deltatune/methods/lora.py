@@ -246,16 +246,7 @@ class LoraLayer(DeltaLayer):
         return name in self.lora_magnitude_vector
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        groups = self.batch_groups(x.shape[0]) if self.model_state is not None and self.model_state.batch_adapters is not None else None
-        if groups is not None:
-            mixed = result
-            for name, rows in groups:
-                mixed = mixed.index_copy(0, rows, self.add_delta(name, x[rows], result[rows]))
-            return mixed
-        for name in self.live:
-            result = self.add_delta(name, x, result)
-        return result
+        return self.add_live(x, self.base_layer(x, *args, **kwargs))
 
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.is_embedding:

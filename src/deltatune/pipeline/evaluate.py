@@ -94,7 +94,9 @@ def generation_metrics(model: torch.nn.Module, prepared: Prepared, config: Any, 
         for i in range(0, len(pairs), config.eval.batch_size):
             prompts = [p for p, _ in pairs[i:i + config.eval.batch_size]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=config.model.task == "seq2seq").to(device)
-            generated = model.generate(**enc, max_new_tokens=config.eval.max_new_tokens, do_sample=False,
+            # Only ids and mask: older tokenizers add token_type_ids, which generate() refuses on decoders.
+            generated = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                       max_new_tokens=config.eval.max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)
             if config.model.task != "seq2seq":
                 generated = generated[:, enc["input_ids"].shape[1]:]
