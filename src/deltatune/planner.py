@@ -137,7 +137,8 @@ class Setting:
     accum: int = 1
     device: str = "cuda"
     attention: str | None = None  # None: the config's own (transformers picks sdpa where it can)
-    loss: str = "standard"  # "chunked": cross-entropy over 8 chunks of the logits (torchtune's CEWithChunkedOutputLoss)
+    loss: str = "standard"  # "chunked": cross-entropy over 8 chunks of the logits (torchtune's CEWithChunkedOutputLoss);
+    # "compiled": the same under torch.compile, each chunk's cross-entropy fused (no fp32 copies kept)
     target_seq: int | None = None  # seq2seq: the label length (None: seq)
 
     def check(self) -> None:
@@ -146,7 +147,7 @@ class Setting:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DeltaError(f"{name} must be a positive integer, got {value!r}")
         choices = {"dtype": DTYPES, "quant": [None, *QUANT_BITS], "device": ["cuda", "cpu"],
-                   "attention": [None, "sdpa", "eager", "flash_attention_2"], "loss": ["standard", "chunked"]}
+                   "attention": [None, "sdpa", "eager", "flash_attention_2"], "loss": ["standard", "chunked", "compiled"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise DeltaError(f"{name} = {getattr(self, name)!r} is not allowed: expected one of "
@@ -166,6 +167,8 @@ class Alternative:
     change: str
     total: int
     fits: bool
+    setting: Setting  # plan(model, delta or the same method, **dataclasses.asdict(setting)) gives this total again
+    delta: DeltaConfig | None = None  # another method's config, when the change is the method
 
 
 @dataclass
@@ -323,10 +326,21 @@ def _build(hf_config: Any, task: str, dtype: torch.dtype, attention: str | None,
     return model.to(dtype)
 
 
-def _method_config(method: str | DeltaConfig, fields: dict[str, Any]) -> DeltaConfig:
+def _method_configs(method: Any, fields: dict[str, Any]) -> list[tuple[str, DeltaConfig]]:
+    """(adapter name, config) pairs to attach in order; the last one is the delta that trains."""
+    if isinstance(method, dict):
+        if not method or fields or not all(isinstance(c, DeltaConfig) for c in method.values()):
+            raise DeltaError("method as a dict maps adapter names to deltatune configs, attached in order (the last "
+                             "trains), e.g. {'fa': AdapterConfig(), 'fb': AdapterConfig(), 'default': "
+                             "AdapterFusionConfig(adapters=['fa', 'fb'])}; no extra fields with it")
+        return list(method.items())
+    return [("default", _method_config(method, fields))]
+
+
+def _method_config(method: Any, fields: dict[str, Any]) -> DeltaConfig:
     if isinstance(method, DeltaConfig):
         return method.replace(**fields) if fields else method
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise DeltaError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
     cls = METHODS[method].config_cls
     known = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -355,7 +369,7 @@ class _Weights:
 
 def _weights(model: nn.Module, quant: str | None) -> _Weights:
     """Weights by role, after attach; a quantised base is counted as bitsandbytes stores it."""
-    from .surgery import get_state
+    from .surgery import DeltaLayer, get_state
 
     heads = head_module_names(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -402,6 +416,9 @@ def _weights(model: nn.Module, quant: str | None) -> _Weights:
             else:
                 kept_device += _element_bytes(t)
         kept_host += sum(_element_bytes(r.original) for r in delta.rewrites)  # PiSSA/OLoRA keep theirs on the CPU
+    if getattr(model, "_planner_rewrites", False):  # planned with the default init: the rewritten weights' originals
+        kept_host += sum(_element_bytes(m.base_layer.weight) for m in model.modules() if isinstance(m, DeltaLayer)
+                         and getattr(m, "lora_A", None) is not None)
     return _Weights(parameters=total, trainable=trainable, frozen_bytes=frozen_b, trainable_bytes=trainable_b,
                     kept_device=kept_device, kept_host=kept_host, largest_trainable=largest,
                     largest_quantised=largest_q, trainable_tensors=tensors)
@@ -549,9 +566,25 @@ def _inputs(model: nn.Module, task: str, batch: int, seq: int, target_seq: int) 
     return inputs
 
 
-def _chunked_loss(model: nn.Module, inputs: dict[str, torch.Tensor], ledger: _Ledger, chunks: int = 8) -> torch.Tensor:
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Memory of a fused (compiled) cross-entropy: keeps only its 16-bit logits, recomputes the softmax in
+    backward; the fp32 upcast lives only inside the kernel."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        return logits.new_empty((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        return torch.empty_like(logits)
+
+
+def _chunked_loss(model: nn.Module, inputs: dict[str, torch.Tensor], ledger: _Ledger, fused: bool,
+                  chunks: int = 8) -> torch.Tensor:
     """torchtune's CEWithChunkedOutputLoss: the output projection in chunks of the sequence, each chunk's
-    logits upcast to fp32 only inside its own cross-entropy."""
+    logits upcast to fp32 only inside its own cross-entropy (fused: not even there, as torch.compile makes it)."""
     labels = inputs.pop("labels")
     head = model.get_output_embeddings()
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -560,7 +593,10 @@ def _chunked_loss(model: nn.Module, inputs: dict[str, torch.Tensor], ledger: _Le
     logits = [head(part) for part in hidden.chunk(chunks, dim=1)]  # chunks of (B, T/c, V), kept for backward
     total = 0
     for part, lab in zip(logits, labels.chunk(chunks, dim=1)):
-        total = total + nn.functional.cross_entropy(part.float().flatten(0, 1), lab.flatten(), reduction="sum")
+        if fused:
+            total = total + _FusedCrossEntropy.apply(part)
+        else:
+            total = total + nn.functional.cross_entropy(part.float().flatten(0, 1), lab.flatten(), reduction="sum")
     return total / labels.numel()
 
 
@@ -617,8 +653,8 @@ def _simulate(model: nn.Module, task: str, s: Setting, marks: list[nn.Module] | 
                     p.grad = torch.zeros_like(p)
                     ledger.retag(p.grad, GRADS)
             inputs = _inputs(model, task, s.batch, s.seq, target)
-            if s.loss == "chunked" and task == "causal_lm" and head is not None:
-                loss = _chunked_loss(model, inputs, ledger)
+            if s.loss != "standard" and task == "causal_lm" and head is not None:
+                loss = _chunked_loss(model, inputs, ledger, fused=s.loss == "compiled")
             else:
                 loss = model(**inputs).loss
             ledger.forward = False
@@ -686,9 +722,10 @@ class _Subject:
     """A model config + a method: weights counted on the full-depth meta model, steps simulated on a
     three-block copy when the blocks are alike."""
 
-    def __init__(self, hf_config: Any, task: str, delta: DeltaConfig, trust_remote_code: bool = False,
+    def __init__(self, hf_config: Any, task: str, deltas: list[tuple[str, DeltaConfig]], trust_remote_code: bool = False,
                  extrapolate: bool = True):
-        self.hf_config, self.task, self.delta, self.remote = hf_config, task, delta, trust_remote_code
+        self.hf_config, self.task, self.deltas, self.remote = hf_config, task, deltas, trust_remote_code
+        self.delta = deltas[-1][1]
         self.extrapolate = extrapolate
         self._full: dict[tuple[str, str | None], tuple[nn.Module, DeltaConfig]] = {}
         self._sims: dict[Setting, _Peak] = {}
@@ -701,13 +738,20 @@ class _Subject:
                 raise DeltaError("no depth setting")
         model = _build(config, self.task, DTYPES[dtype], attention, self.remote)
         try:
-            resolved = api.attach(model, self.delta.replace())
+            for name, delta in self.deltas:  # the last one trains (AdapterFusion over frozen adapters)
+                if getattr(delta, "rewrites_base", False):
+                    # PiSSA / OLoRA decompose the base weight's values, which the meta device lacks: the same
+                    # tensors come from the default init, and _weights adds the originals they keep in host RAM
+                    default = next(f.default for f in dataclasses.fields(delta) if f.name == "init")
+                    delta = delta.replace(init=default)
+                    model._planner_rewrites = True
+                api.attach(model, delta.replace(), name=name)
+            resolved = api.attached(model)[self.deltas[-1][0]]
         except (DeltaError, TypeError, NotImplementedError) as err:
             if isinstance(err, DeltaError):
                 raise DeltaError(f"{self.delta.method} cannot attach to {type(model).__name__}: {err}") from None
             raise DeltaError(f"{self.delta.method} cannot attach to {type(model).__name__} on the meta device: {err}") from None
-        resolved_config = resolved if isinstance(resolved, DeltaConfig) else self.delta
-        return model, resolved_config
+        return model, resolved
 
     def full(self, dtype: str, attention: str | None) -> tuple[nn.Module, DeltaConfig]:
         key = (dtype, attention)
@@ -839,13 +883,13 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
 
 
 def _describe_method(config: DeltaConfig) -> str:
-    default = type(config)()
     shown = []
     for f in dataclasses.fields(config):
         if f.name in ("task_type", "base_model_name_or_path", "revision") or not f.metadata.get("serialise", True):
             continue
         value = getattr(config, f.name)
-        if value != getattr(default, f.name) or f.name in ("r", "target_modules", "num_virtual_tokens"):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value != default or f.name in ("r", "target_modules", "num_virtual_tokens"):
             if value is not None:
                 text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
                 shown.append(f"{f.name}={text[:60]}")
@@ -874,8 +918,7 @@ def plan(model: Any, method: str | DeltaConfig = "lora", *, batch: int = 8, seq:
     if task not in TASKS:
         raise DeltaError(f"task = {task!r} is not allowed: expected one of {', '.join(TASKS)}")
     name = model if isinstance(model, str) else type(model).__name__
-    delta = _method_config(method, fields)
-    subject = _Subject(hf_config, task, delta, trust_remote_code)
+    subject = _Subject(hf_config, task, _method_configs(method, fields), trust_remote_code)
     result = _compose(subject, setting, name, budget)
     result.activations_by_checkpointing = {
         on: _activations_only(subject, dataclasses.replace(setting, gradient_checkpointing=on)) for on in (False, True)
@@ -961,13 +1004,13 @@ def _search(subject: _Subject, plan: Plan, limit: int | None) -> None:
     for label, setting, other in alts:
         try:
             if other is not None:
-                alt_subject = _Subject(subject.hf_config, subject.task, other, subject.remote)
+                alt_subject = _Subject(subject.hf_config, subject.task, [("default", other)], subject.remote)
                 total = _total(alt_subject, setting, name)
             else:
                 total = _total(subject, setting, name)
         except DeltaError:
             continue
-        plan.alternatives.append(Alternative(label, total, total <= budget))
+        plan.alternatives.append(Alternative(label, total, total <= budget, setting, other))
 
 
 # ---------------------------------------------------------------- the pipeline's check

@@ -24,6 +24,7 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
+from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -193,6 +194,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = summary(model, print_table=False)
     say(f"{config.method}: {counts.trainable:,} trainable parameters of {counts.total:,} ({counts.percent:.3f}%)")
+    if main:  # the memory plan at the longest training example: advice, never a stop
+        check_run(config, model, max((len(e.input_ids) for e in prepared.train), default=1), say)
 
     world = accelerator.num_processes
     per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step
