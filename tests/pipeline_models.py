@@ -45,9 +45,12 @@ def tokenizer_folder(root: Path) -> Path:
     return folder
 
 
-def save_tiny(root: Path, arch: str, seed: int = 0, **overrides) -> Path:
-    """A tiny random model of `arch` with the shared BPE tokenizer, saved at root/arch."""
-    folder = root / f"{arch}-{seed}"
+def save_tiny(root: Path, arch: str, seed: int = 0, width: int = 32, **overrides) -> Path:
+    """A tiny random model of `arch` with the shared BPE tokenizer, saved at root/arch.
+
+    width: the hidden size (feed-forward twice that); 4-bit bases need 64 (bitsandbytes' CPU block)."""
+    folder = root / (f"{arch}-{seed}" if width == 32 else f"{arch}-{seed}-w{width}")
+    h, ffn = width, 2 * width
     if folder.exists():
         return folder
     tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_folder(root))
@@ -55,26 +58,26 @@ def save_tiny(root: Path, arch: str, seed: int = 0, **overrides) -> Path:
     common = dict(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     if arch == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=h, intermediate_size=ffn, num_hidden_layers=2,
                                                    num_attention_heads=4, num_key_value_heads=2,
                                                    max_position_embeddings=256, **common, **overrides))
     elif arch == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common, **overrides))
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=h, n_layer=2, n_head=4, n_positions=256, **common, **overrides))
     elif arch == "gpt_bigcode":
-        model = tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common,
+        model = tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(n_embd=h, n_layer=2, n_head=4, n_positions=256, **common,
                                                              **overrides))
     elif arch == "bert":
-        model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=h, intermediate_size=ffn, num_hidden_layers=2,
                                                                num_attention_heads=4, max_position_embeddings=256,
                                                                vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
                                                                **overrides))
     elif arch == "roberta":
-        model = tf.RobertaForSequenceClassification(tf.RobertaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        model = tf.RobertaForSequenceClassification(tf.RobertaConfig(hidden_size=h, intermediate_size=ffn, num_hidden_layers=2,
                                                                      num_attention_heads=4, max_position_embeddings=260,
                                                                      vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
                                                                      **overrides))
     elif arch == "t5":
-        model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=h, d_kv=h // 4, d_ff=ffn, num_layers=2, num_heads=4,
                                                           decoder_start_token_id=tokenizer.pad_token_id, **common, **overrides))
     else:
         raise ValueError(arch)

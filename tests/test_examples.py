@@ -12,7 +12,8 @@ from deltatune.pipeline.train import run
 from pipeline_models import save_tiny
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-TINY = {"lora_sft_starcoder.yaml": "gpt_bigcode", "ia3_mrpc_roberta.yaml": "roberta", "prefix_seq2seq_t5.yaml": "t5"}
+TINY = {"lora_sft_starcoder.yaml": "gpt_bigcode", "ia3_mrpc_roberta.yaml": "roberta", "prefix_seq2seq_t5.yaml": "t5",
+        "qlora_llama.yaml": "llama"}
 
 
 def test_every_example_is_covered():

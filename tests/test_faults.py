@@ -13,6 +13,8 @@ import json
 import os
 import re
 import stat
+import sys
+import warnings
 
 import pytest
 import torch
@@ -867,3 +869,80 @@ def test_planner_refuses_a_method_that_cannot_attach_to_the_architecture():
     llama = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
     with pytest.raises(dt.DeltaError, match=r"bitfit cannot attach to LlamaForCausalLM: .*has no bias terms"):
         dt.plan(llama, "bitfit")
+
+
+# ---------------------------------------------------------------- quantised bases (bitsandbytes)
+
+
+def test_quantisation_names_are_checked_where_they_are_written(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from deltatune.pipeline.config import ConfigError, load_run_config
+    from quant_models import checkpoint
+
+    with pytest.raises(dt.DeltaError, match="quant = 'nf5' is not a quantisation; choose one of nf4, fp4, int8"):
+        dt.load_base(checkpoint("llama"), quant="nf5")
+    with pytest.raises(ConfigError, match=r"model.quant.*nf5.*nf4"):
+        load_run_config(None, {"model.name": "x", "data.train": "y.jsonl", "model.quant": "nf5"})
+    with pytest.raises(ConfigError, match=r"model.int8_threshold"):
+        load_run_config(None, {"model.name": "x", "data.train": "y.jsonl", "model.quant": "int8", "model.int8_threshold": -1})
+
+
+def test_a_missing_bitsandbytes_says_how_to_install_it(monkeypatch):
+    from deltatune import quant
+    from deltatune.pipeline.train import make_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # any import of it fails
+    install = r"quantised bases need bitsandbytes: pip install 'deltatune\[quant\]' \(or pip install bitsandbytes\)"
+    with pytest.raises(dt.DeltaError, match=install):
+        dt.load_base("any/model", quant="nf4")
+    with pytest.raises(dt.DeltaError, match=install):
+        make_optimizer("paged_adamw8bit", [torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0)
+    model = build("llama")  # an unquantised model needs no bitsandbytes at all
+    dt.attach(model, dt.LoraConfig(r=2))
+    dt.merge(model)
+    assert not quant.is_quantized(model.model.layers[0].self_attn.q_proj.base_layer)
+
+
+def test_an_8bit_optimizer_named_wrong_gives_its_spelling():
+    from deltatune.pipeline.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for theirs, ours in [("paged_adamw_8bit", "paged_adamw8bit"), ("adamw_bnb_8bit", "adamw8bit"), ("AdamW-8bit", "adamw8bit")]:
+        with pytest.raises(dt.DeltaError, match=rf"train.optimizer = '{theirs}' .* spelled '{ours}' here: set train.optimizer: {ours}"):
+            make_optimizer(theirs, params, 1e-3, 0.0)
+    with pytest.raises(dt.DeltaError, match=r"'adamw4bit' is not a torch.optim optimizer; choose one of .*adamw8bit, adam8bit, paged_adamw8bit"):
+        make_optimizer("adamw4bit", params, 1e-3, 0.0)
+
+
+def test_loftq_on_an_unquantised_base_changes_nothing():
+    model = build("llama")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=r"init='loftq' .* no target is quantised .* load the base quantised first"):
+        dt.attach(model, dt.LoraConfig(init="loftq"))
+    assert_unchanged(model, before)
+
+
+def test_merging_into_a_quantised_base_warns_and_unmerge_restores_it(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from quant_models import quantized
+
+    model = quantized("llama")
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    perturb(model)
+    before = fingerprint(model)
+    with pytest.warns(UserWarning, match=r"merging \['default'\] into quantised \(bitsandbytes\) layers re-quantises .* "
+                                         r"`deltatune merge --dtype`"):
+        dt.merge(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dt.merge(model)  # merged already: nothing happens, no second warning
+    dt.unmerge(model)
+    assert_unchanged(model, before)
+    dt.prepare_kbit(model)
+    before = fingerprint(model)
+    dt.prepare_kbit(model)  # twice is once
+    assert_unchanged(model, before)
+    with pytest.raises(dt.DeltaError, match=r"q_proj.base_layer.weight is quantised \(bitsandbytes\).*cannot train it: load "
+                                            r"the base unquantised"):
+        dt.attach(model, dt.FullConfig(), name="full")
+    assert_unchanged(model, before)

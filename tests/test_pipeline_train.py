@@ -197,6 +197,44 @@ def test_the_merged_export_loads_without_deltatune(root, tmp_path):
     torch.testing.assert_close(torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])), expected, rtol=1e-4, atol=1e-4)
 
 
+# ---------------------------------------------------------------- a quantised base (QLoRA)
+
+
+def test_a_quantised_run_trains_resumes_and_exports_merged(root, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from deltatune import quant
+
+    prepared = []
+    real_prepare = quant.prepare_kbit
+    monkeypatch.setattr(quant, "prepare_kbit", lambda model, **kw: prepared.append(model) or real_prepare(model, **kw))
+    flags = {"model.quant": "nf4", "lora.target_modules": "all-linear", "lora.dropout": 0.0, "train.optimizer": "adamw8bit",
+             "train.scheduler": "constant", "train.lr": 5e-3, "train.log_every": 1}
+    whole = run(causal_config(root, "qlora_whole", **flags, **{"train.max_steps": 6, "output.merged": True}), echo=quiet)
+    assert len(prepared) == 1 and prepared[0].is_gradient_checkpointing  # the pipeline prepared the quantised base
+    losses = [r["loss"] for r in map(json.loads, (whole.output_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < losses[0]
+    optimizer_state = load_file(str(whole.output_dir / "checkpoints" / "step-000006" / "optimizer.safetensors"))
+    # bitsandbytes' Adam state (state1, state2; 32-bit here: tensors under 4096 elements stay 32-bit), checkpointed
+    assert any(k.endswith(".state1") for k in optimizer_state) and not any("exp_avg" in k for k in optimizer_state)
+    # stopped after 3 steps, then resumed from that checkpoint to 6: the same adapter as the whole run
+    run(causal_config(root, "qlora_resumed", **flags, **{"train.max_steps": 3}), echo=quiet)
+    said = []
+    resumed = run(causal_config(root, "qlora_resumed", **flags, **{"train.max_steps": 6, "train.resume": True}), echo=said.append)
+    assert any("resuming from" in line for line in said)
+    a, b = adapter_tensors(whole.adapter_dir), adapter_tensors(resumed.adapter_dir)
+    assert a.keys() == b.keys() and len(a) == 2 * 14  # A and B on the 14 linear layers of the tiny llama
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    # the merged export: the base dequantised and the adapter merged exactly, a plain fp32 model
+    merged = tf.AutoModelForCausalLM.from_pretrained(whole.output_dir / "merged").eval()
+    assert not quant.quantized_layers(merged) and merged.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert "quantization_config" not in json.loads((whole.output_dir / "merged" / "config.json").read_text())
+    model = dt.load(dt.load_base(str(save_tiny(root, "llama")), quant="nf4"), whole.adapter_dir).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- resume after kill -9
 
 

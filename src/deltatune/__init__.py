@@ -11,6 +11,7 @@ from .api import (active, attach, attached, delta_parameters, detach, disabled, 
                   regularization, set_active, set_trainable, step, unmerge)
 from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
 from .io import load, save
+from .quant import load_base, prepare_kbit
 from .methods import (AdaLoraConfig, AdapterConfig, AdapterFusionConfig, BitFitConfig, DiffPruningConfig, FreezeConfig,
                       FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                       PTuningConfig, PTuningV2Config, fusion_attention)
@@ -26,7 +27,7 @@ __all__ = [
     "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
     "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention",
-    "Summary", "plan", "Plan", "METHODS", "config_from_dict", "config_from_json",
+    "Summary", "plan", "Plan", "METHODS", "config_from_dict", "config_from_json", "load_base", "prepare_kbit",
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ the merged ones active beside it.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -310,6 +311,15 @@ def _merge(model: nn.Module, state: ModelState, names: list[str], untie: bool) -
                     "or keep the delta unmerged"
                 )
             plan.append((layer, n, tied))
+    quantized = [n for n in dict.fromkeys(n for layer, n, _ in plan if layer.quantized)]
+    if quantized:
+        warnings.warn(
+            f"deltatune: merging {quantized} into quantised (bitsandbytes) layers re-quantises the merged weights, so "
+            "the outputs move by the re-quantisation error (see README, Quantised bases); unmerge puts the original "
+            "quantised weights back exactly. For an exact merged model, dequantise first: "
+            "deltatune.pipeline.export.export_merged(model, tokenizer, folder, dtype=...) or `deltatune merge --dtype`",
+            stacklevel=3,
+        )
     done: list[tuple[Any, str]] = []
     untied_before = len(state.untied)
     try:

@@ -265,8 +265,9 @@ class Method:
     # The method's layers then apply each adapter to its rows only (DeltaLayer.batch_groups).
     per_row: bool = False
     # Config fields to replace when the weights come from a file: an init that the
-    # loaded weights overwrite anyway should not run (or need a tokenizer download).
-    load_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # loaded weights overwrite anyway should not run (or need a tokenizer download). A
+    # callable gets the file's config and returns them (when only some inits need it).
+    load_overrides: dict[str, Any] | Callable[[DeltaConfig], dict[str, Any]] = dataclasses.field(default_factory=dict)
     # Does the peft package read and write this method's files.
     peft_compatible: bool = False
     # What `save` writes: "adapter" (adapter_config.json + adapter_model.safetensors, peft's layout) or

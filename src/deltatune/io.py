@@ -319,7 +319,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
         raise DeltaError(f"load expects trainable=True or False, got {trainable!r}")
     config, tensors = read_adapter(path, verify=verify)
     method = method_of(config)
-    overrides = method.load_overrides
+    overrides = method.load_overrides(config) if callable(method.load_overrides) else method.load_overrides
     state = get_state(model)
     snapshot = api._Snapshot.take(model, state) if state is not None and state.deltas else None
     delta = api._attach(model, config.replace(**overrides), name, infer_task=False, activate=False)

@@ -20,7 +20,9 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from . import quant
 from .config import DeltaConfig, DeltaError, Method
 from .targets import name_matches
 
@@ -179,6 +181,17 @@ def drop_state(model: nn.Module) -> None:
 # ---------------------------------------------------------------- wrapping
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's: weight stored (in, out)
+
+
+def float_or_quantized(module: nn.Module) -> bool:
+    """Can a wrapping method take this layer: a floating-point weight, or a bitsandbytes quantised one?
+    (Other integer weights are packed in formats deltatune cannot read.)"""
+    weight = getattr(module, "weight", None)
+    return quant.is_quantized(module) or (torch.is_tensor(weight) and weight.is_floating_point())
+
+
 class DeltaLayer(nn.Module):
     """Base of every wrapping delta layer: bookkeeping only, no math.
 
@@ -199,6 +212,12 @@ class DeltaLayer(nn.Module):
         # date by set_active / merge / unmerge so forward does no bookkeeping.
         self.live: tuple[str, ...] = ()
         self.model_state: ModelState | None = None
+        # A bitsandbytes 4-bit / 8-bit base: its forward dequantises inside the kernel; merges re-quantise,
+        # and `premerge` keeps the stored tensors from before each merge so that unmerge puts them back exactly.
+        self.quantized = quant.is_quantized(base_layer)
+        self.premerge: dict[str, dict[str, Any]] = {}
+        if self.quantized:
+            quant.keep_trainable_layout(base_layer)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -221,9 +240,14 @@ class DeltaLayer(nn.Module):
     def remove(self, name: str, keep_merged: bool = False) -> None:
         """Drop an adapter; a merged one stays in the base weights when keep_merged."""
         if name in self.merged:
-            if not keep_merged:
+            if keep_merged:
+                self.merged.remove(name)
+                self.premerge.pop(name, None)
+            elif name in self.premerge:
+                self.unmerge(name)  # restores the tensors from before its merge, and re-merges later ones
+            else:
                 self.unmerge_delta(name)
-            self.merged.remove(name)
+                self.merged.remove(name)
         for container in self.containers:
             store = getattr(self, container)
             if name in store:
@@ -239,8 +263,7 @@ class DeltaLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged or name not in self.adapter_names():
             return
-        self.merge_delta(name)
-        self.merged.append(name)
+        self._merge_one(name)
         self.set_active(list(self.active))
 
     def unmerge(self, name: str) -> None:
@@ -249,12 +272,80 @@ class DeltaLayer(nn.Module):
         # Merges stack: take out the ones merged after `name` first, and put them back after.
         later = self.merged[self.merged.index(name) + 1 :]
         for other in reversed(later + [name]):
-            self.unmerge_delta(other)
+            if other in self.premerge:  # a quantised base: the tensors from before the merge, exactly
+                self._restore_premerge(self.premerge.pop(other))
+            else:
+                self.unmerge_delta(other)
             self.merged.remove(other)
         for other in later:
-            self.merge_delta(other)
-            self.merged.append(other)
+            self._merge_one(other)
         self.set_active(list(self.active))
+
+    def _merge_one(self, name: str) -> None:
+        saved = self._premerge_state() if self.quantized else None
+        self.merge_delta(name)
+        if saved is not None:
+            self.premerge[name] = saved
+        self.merged.append(name)
+
+    def _premerge_state(self) -> dict[str, Any]:
+        """What a merge into a quantised base changes: the weight's stored tensors (kept, not copied:
+        the merge replaces them) and copies of the other merged parameters (the bias)."""
+        saved: dict[str, Any] = {"weight": quant.snapshot(self.base_layer)}
+        for attribute in self.merged_parameters():
+            value = getattr(self.base_layer, attribute, None)
+            if attribute != "weight" and value is not None:
+                saved[attribute] = value.detach().clone()
+        return saved
+
+    def _restore_premerge(self, saved: dict[str, Any]) -> None:
+        quant.restore(self.base_layer, saved["weight"])
+        with torch.no_grad():
+            for attribute, value in saved.items():
+                if attribute != "weight":
+                    getattr(self.base_layer, attribute).copy_(value)
+
+    # -- the base weight as numbers (merge, DoRA's norm, inits), whatever the base stores
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in) (an embedding's as (vocab, dim), a conv's as stored): the parameter
+        itself, transposed for GPT-2's Conv1D (stored (in, out)); for a quantised base a dequantised fp32
+        copy made for this call and never kept."""
+        if self.quantized:
+            return quant.dequantize_weight(self.base_layer)
+        weight = self.base_layer.weight
+        return weight.T if _is_conv1d(self.base_layer) else weight
+
+    def base_weight_shape(self) -> tuple[int, ...]:
+        """base_weight()'s shape, without dequantising anything."""
+        if self.quantized:
+            return (self.base_layer.out_features, self.base_layer.in_features)
+        shape = tuple(self.base_layer.weight.shape)
+        return shape[::-1] if _is_conv1d(self.base_layer) else shape
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Write `weight` (base_weight()'s layout) into the base: in the parameter's own dtype, or
+        re-quantised in the layer's format for a quantised base (which rounds it to that format)."""
+        with torch.no_grad():
+            if self.quantized:
+                quant.quantize_weight_(self.base_layer, weight.detach())
+                return
+            param = self.base_layer.weight
+            param.data.copy_((weight.T if _is_conv1d(self.base_layer) else weight).to(param.dtype))
+
+    def premerge_weight(self) -> torch.Tensor | None:
+        """A quantised base with merges in it: the (out, in) weight from before the first merge, dequantised."""
+        if not (self.quantized and self.merged and self.merged[0] in self.premerge):
+            return None
+        return quant.dequantize_snapshot(self.base_layer, self.premerge[self.merged[0]]["weight"])
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """W x without the bias, computed by the base layer itself when it is quantised (its kernel
+        dequantises), else from the weight."""
+        if self.quantized:
+            result = self.base_layer(x)
+            bias = self.base_layer.bias
+            return result if bias is None else result - bias.to(result.dtype)
+        return F.linear(x, self.base_weight().to(x.dtype))
 
     def merge_delta(self, name: str) -> None:
         raise DeltaError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -329,7 +420,10 @@ class ModulesToSave(DeltaLayer):
         self.modules_to_save = nn.ModuleDict()
 
     def add(self, name: str, config: DeltaConfig, module_name: str) -> None:
-        trained = copy.deepcopy(self.base_layer)
+        if self.quantized:  # a quantised head: its trained copy is a plain fp32 layer with the dequantised weight
+            trained = quant.float_linear(self.base_layer, torch.float32)
+        else:
+            trained = quant.dequantize_model(copy.deepcopy(self.base_layer), torch.float32)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in trained.parameters()):
             trained = trained.float()
         self.modules_to_save[name] = trained
@@ -412,6 +506,18 @@ def wrap(model: nn.Module, names: list[str], layer_cls: type[DeltaLayer], adapte
             replace_module(model, name, module)
         module.add(adapter, config, name, **(per_module or {}).get(name, {}))
         module.train(module.base_layer.training)  # new layers join in the model's current mode
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace every quantised (bitsandbytes) layer of the model, wrapped ones included, by a plain
+    nn.Linear holding its dequantised weight in `dtype` (for an exact merge, and an export that any
+    transformers install loads). Deltas merged into a quantised layer must be unmerged first."""
+    merged = [n for n, layer in delta_layers(model) if layer.quantized and layer.merged]
+    if merged:
+        raise DeltaError(f"{merged[0]} has deltas merged into its quantised weight; dt.unmerge(model) first")
+    quant.dequantize_model(model, dtype)
+    for _, layer in delta_layers(model):
+        layer.quantized = quant.is_quantized(layer.base_layer)
 
 
 def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
@@ -505,6 +611,14 @@ def select_parameters(model: nn.Module, adapter: str, names: list[str], original
     """
     state = get_state(model, create=True)
     params = dict(model.named_parameters())
+    packed = [n for n in names if not params[n].is_floating_point()]
+    if packed:
+        kind = "quantised (bitsandbytes)" if quant.is_quantized_parameter(params[packed[0]]) else "not floating point"
+        raise DeltaError(
+            f"parameter {packed[0]} is {kind}{f' (and {len(packed) - 1} more)' if len(packed) > 1 else ''}, so a "
+            f"{method} delta cannot train it: load the base unquantised to train its own weights, or train a delta "
+            "on top of the quantised layers (LoRA and the other wrapping methods)"
+        )
     taken = {id(p): other for other, d in state.deltas.items() if other != adapter for p in d.selected.values()}
     overlap = [n for n in names if id(params[n]) in taken]
     if overlap:

@@ -74,33 +74,47 @@ LORA_EXTRA = {
     "velora_config": None,
 }  # fmt: skip
 
-def _pack_pissa_niter(ours: dict[str, Any]) -> dict[str, Any]:
-    """peft writes PiSSA's fast-SVD option inside the init: init="pissa", pissa_niter=4 is "pissa_niter_4"."""
+def _pack_lora(ours: dict[str, Any]) -> dict[str, Any]:
+    """peft packs two LoRA options: PiSSA's fast SVD goes inside the init (init="pissa", pissa_niter=4 is
+    "pissa_niter_4"), and LoftQ's settings in `loftq_config` ({} unless the init is LoftQ).
+
+    A LoftQ adapter is written as peft's own LoftQ recipe saves one: init_lora_weights=true and no
+    loftq_config. The file holds the initialised (and trained) A and B; with init "loftq" peft would run
+    LoftQ again when it loads the file, which needs CUDA and overwrites a quantised base layer's weight."""
     out = dict(ours)
     niter = out.pop("pissa_niter", None)
     if niter is not None:
         out["init"] = f"pissa_niter_{niter}"
+    out.pop("loftq_bits", None), out.pop("loftq_iter", None)
+    if out.get("init") == "loftq":
+        out["init"] = "kaiming"
+    out["loftq_config"] = {}
     return out
 
 
-def _unpack_pissa_niter(data: dict[str, Any]) -> dict[str, Any]:
+def _unpack_lora(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     init = out.get("init_lora_weights")
     found = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
     if found:
         out["init_lora_weights"], out["pissa_niter"] = "pissa", int(found.group(1))
+    loftq = out.pop("loftq_config", None) or {}
+    if init == "loftq":
+        if not isinstance(loftq, dict) or set(loftq) - {"loftq_bits", "loftq_iter"}:
+            raise DeltaError(f"loftq_config = {loftq!r} is not peft's LoftQ config (loftq_bits, loftq_iter)")
+        out.update({k: v for k, v in loftq.items()})
     return out
 
 
-LORA_INITS = {"kaiming": True, "gaussian": "gaussian", "none": False, "pissa": "pissa", "olora": "olora"}
+LORA_INITS = {"kaiming": True, "gaussian": "gaussian", "none": False, "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
 
 SCHEMAS: dict[str, Schema] = {
     "LORA": Schema(
         rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
         values={"init_lora_weights": LORA_INITS},
         extra=LORA_EXTRA,
-        pack=_pack_pissa_niter,
-        unpack=_unpack_pissa_niter,
+        pack=_pack_lora,
+        unpack=_unpack_lora,
     ),
     "ADALORA": Schema(
         rename={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
 from ..formats.peft import PREFIX
-from ..surgery import DeltaLayer, delta_layers, require_state, wrap
+from ..surgery import DeltaLayer, delta_layers, float_or_quantized, require_state, wrap
 from ..targets import default_targets, select_targets
 from .lora import add_low_rank
 
@@ -109,7 +109,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def supports(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) or _is_conv1d(module)) and module.weight.is_floating_point()
+    return (isinstance(module, nn.Linear) or _is_conv1d(module)) and float_or_quantized(module)
 
 
 class AdaLoraLayer(DeltaLayer):
@@ -132,14 +132,10 @@ class AdaLoraLayer(DeltaLayer):
         # Per adapter: the triplets within the budget (r,) bool, once allocated.
         self.kept: dict[str, torch.Tensor] = {}
 
-    def base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.is_conv1d else w  # (out, in)
-
     def add(self, name: str, config: AdaLoraConfig, module_name: str) -> None:
         pattern = (config.rank_pattern or {}).get(f"{module_name}.lora_E")
         r = config.init_r if pattern is None else sum(pattern)
-        out_f, in_f = self.base_weight().shape
+        out_f, in_f = self.base_weight_shape()
         kw = dict(device=self.base_layer.weight.device, dtype=torch.float32)  # fp32 whatever the base dtype
         self.lora_A[name] = nn.Parameter(torch.empty(r, in_f, **kw))
         self.lora_E[name] = nn.Parameter(torch.empty(r, 1, **kw))
@@ -181,16 +177,12 @@ class AdaLoraLayer(DeltaLayer):
         return add_low_rank(result, F.linear(h, QL), P, self.scaling[name])  # low: (..., r)
 
     def merge_delta(self, name: str) -> None:
-        weight = self.base_layer.weight
         with torch.no_grad():
-            new = self.base_weight().float() + self.delta_weight(name)  # (out, in)
-            weight.data.copy_((new.T if self.is_conv1d else new).to(weight.dtype))
+            self.set_base_weight(self.base_weight().float() + self.delta_weight(name))  # (out, in)
 
     def unmerge_delta(self, name: str) -> None:
-        weight = self.base_layer.weight
         with torch.no_grad():
-            old = self.base_weight().float() - self.delta_weight(name)
-            weight.data.copy_((old.T if self.is_conv1d else old).to(weight.dtype))
+            self.set_base_weight(self.base_weight().float() - self.delta_weight(name))
 
     # ------------------------------------------------------------ budget
     def orthogonality(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:

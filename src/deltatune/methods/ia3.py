@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
-from ..surgery import DeltaLayer, wrap
+from ..surgery import DeltaLayer, float_or_quantized, wrap
 from ..targets import IA3_FEEDFORWARD, default_targets, select_targets
 
 
@@ -90,8 +90,8 @@ def _kind(module: nn.Module) -> str | None:
 
 
 def supports(module: nn.Module) -> bool:
-    # A quantised layer subclasses nn.Linear but holds packed integer weights that cannot take a merge.
-    return _kind(module) is not None and module.weight.is_floating_point()
+    # bitsandbytes' quantised layers subclass nn.Linear; other integer weights are refused
+    return _kind(module) is not None and float_or_quantized(module)
 
 
 class IA3Layer(DeltaLayer):
@@ -207,6 +207,9 @@ class IA3Layer(DeltaLayer):
     def merge_delta(self, name: str) -> None:
         with torch.no_grad():
             for attribute, factor in self.multipliers(name):
+                if attribute == "weight" and self.quantized:  # (out, in): dequantised, scaled, re-quantised
+                    self.set_base_weight(self.base_weight() * factor)  # unmerge restores the stored tensors
+                    continue
                 param = getattr(self.base_layer, attribute)
                 factor = factor.expand_as(param)
                 erased = (factor == 0).nonzero(as_tuple=True)
@@ -217,6 +220,9 @@ class IA3Layer(DeltaLayer):
     def unmerge_delta(self, name: str) -> None:
         with torch.no_grad():
             for attribute, factor in self.multipliers(name):
+                if attribute == "weight" and self.quantized:
+                    self.set_base_weight(self.base_weight() / torch.where(factor == 0, 1.0, factor))
+                    continue
                 param = getattr(self.base_layer, attribute)
                 factor = factor.expand_as(param)
                 param.copy_((param.float() / torch.where(factor == 0, 1.0, factor)).to(param.dtype))

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
-from ..surgery import DeltaLayer, wrap
+from ..surgery import DeltaLayer, float_or_quantized, wrap
 from ..targets import default_targets, pattern_value, select_targets
 
 
@@ -121,8 +121,8 @@ def _kind(module: nn.Module) -> str | None:
 
 
 def supports(module: nn.Module) -> bool:
-    # A quantised layer subclasses nn.Linear but holds packed integer weights that cannot take a merge.
-    return _kind(module) is not None and module.weight.is_floating_point()
+    # bitsandbytes' quantised layers subclass nn.Linear; other integer weights are refused
+    return _kind(module) is not None and float_or_quantized(module)
 
 
 def _kaiming(t: torch.Tensor) -> None:
@@ -167,8 +167,7 @@ class _WeightDeltaLayer(DeltaLayer):
     # ------------------------------------------------------------ shapes
     def weight_shape(self) -> tuple[int, ...]:
         """(out, in) for Linear and Conv1D, (out, in / groups, kh, kw) for Conv2d."""
-        shape = tuple(self.base_layer.weight.shape)
-        return shape[::-1] if self.kind == "conv1d" else shape
+        return self.base_weight_shape()
 
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.base_layer.kernel_size) if self.kind == "conv2d" else ()
@@ -237,7 +236,7 @@ class _WeightDeltaLayer(DeltaLayer):
         if self.model_state is not None and self.model_state.batch_adapters is not None:
             return self.mixed_forward(x, *args, **kwargs)
         live = [n for n in self.live if not self.skipped(n)]
-        if not live or args or kwargs:
+        if not live or args or kwargs or self.quantized:  # a quantised base computes its own part
             result = self.base_layer(x, *args, **kwargs)
             for name in live:
                 result = result + self.delta_output(name, x)
@@ -273,10 +272,8 @@ class _WeightDeltaLayer(DeltaLayer):
         self._add_to_weight(-self.delta_weight(name))
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
-        weight = self.base_layer.weight
         with torch.no_grad():
-            delta = delta.detach().T if self.kind == "conv1d" else delta.detach()
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            self.set_base_weight(self.base_weight().float() + delta.detach())
 
 
 # ---------------------------------------------------------------- LoHa

@@ -42,6 +42,17 @@ with the norm treated as a constant in the backward pass (paper section 4.3).
 Written on top of the base output y0 = W0 x (bias removed):
 
     h = y0 + (m/n - 1) * y0 + (m/n) * s * B A x + bias,   n = ||W0 + s B A||_row
+
+On a quantised base (bitsandbytes 4-bit or 8-bit, see deltatune.quant) the base layer
+computes W0 x itself, dequantising inside its kernel; only merges and DoRA's norm see W0
+as numbers, dequantised for the call. LoftQ (Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware
+Quantization") starts the adapter on the quantisation error instead of at zero: with Q the
+dequantised base and W the unquantised weight (read from the model's checkpoint),
+
+    s B A = the best rank-r approximation of W - Q,   so  Q + s B A ~ W at attach.
+
+(LoftQ's alternating steps re-quantise W - s B A; on a base that is already quantised Q is
+fixed, and one step is the optimum.)
 """
 
 from __future__ import annotations
@@ -56,7 +67,8 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
 from ..formats.peft import PREFIX
-from ..surgery import DeltaLayer, rewrite_base, wrap
+from .. import quant
+from ..surgery import DeltaLayer, float_or_quantized, rewrite_base, wrap
 from ..targets import default_targets, pattern_value, select_targets
 
 
@@ -68,8 +80,10 @@ class LoraConfig(DeltaConfig):
     architecture's default. rank_pattern / alpha_pattern: {regex on the end of a
     module name: value} overrides. init: "kaiming" or "gaussian" for A (B zero);
     "pissa" or "olora" from the base weight (which becomes the residual; pissa_niter
-    takes a randomized SVD with that many iterations instead of the full one); "none"
-    leaves B random too, so outputs change at attach (for tests).
+    takes a randomized SVD with that many iterations instead of the full one); "loftq"
+    from the quantisation error of a quantised base (loftq_bits: the base's bits, 4 or 8;
+    loftq_iter: 1, the base being quantised already); "none" leaves B random too, so
+    outputs change at attach (for tests).
     """
 
     method = "lora"
@@ -84,8 +98,10 @@ class LoraConfig(DeltaConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = check(default_factory=dict, gt=0, regex=True)
     alpha_pattern: dict[str, float] = check(default_factory=dict, regex=True)
-    init: Literal["kaiming", "gaussian", "none", "pissa", "olora"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "none", "pissa", "olora", "loftq"] = "kaiming"
     pissa_niter: int | None = check(None, gt=0)
+    loftq_bits: Literal[4, 8] = 4
+    loftq_iter: int = check(1, gt=0)
     use_rslora: bool = False
     use_dora: bool = False
     # Set at attach, not by hand: True when the targets are GPT-2 Conv1D ([in, out] weights); peft reads it.
@@ -110,10 +126,10 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def supports(module: nn.Module) -> bool:
-    # A quantised layer (bitsandbytes Linear8bitLt / Linear4bit) subclasses nn.Linear but holds a
-    # packed integer weight: its shape is not (out, in) and it cannot take a merge; refuse it here.
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; any other integer weight is packed in a
+    # format deltatune cannot read, so such a layer is refused by name.
     kinds = isinstance(module, (nn.Linear, nn.Embedding)) or _is_conv1d(module)
-    return kinds and module.weight.is_floating_point()
+    return kinds and float_or_quantized(module)
 
 
 class LoraLayer(DeltaLayer):
@@ -137,19 +153,15 @@ class LoraLayer(DeltaLayer):
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------ shapes
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever the module stores."""
-        w = self.base_layer.weight
-        return w.T if self.is_conv1d else w
-
     def dims(self) -> tuple[int, int]:
         if self.is_embedding:
             return self.base_layer.num_embeddings, self.base_layer.embedding_dim
-        out_f, in_f = self.base_weight().shape
+        out_f, in_f = self.base_weight_shape()
         return in_f, out_f
 
     # ------------------------------------------------------------ adapters
-    def add(self, name: str, config: LoraConfig, module_name: str) -> None:
+    def add(self, name: str, config: LoraConfig, module_name: str, original: torch.Tensor | None = None) -> None:
+        """original: LoftQ's unquantised (out, in) weight for this module."""
         r = pattern_value(module_name, config.rank_pattern, config.r)
         alpha = pattern_value(module_name, config.alpha_pattern, config.alpha)
         in_f, out_f = self.dims()
@@ -179,6 +191,11 @@ class LoraLayer(DeltaLayer):
             if self.is_embedding:
                 raise DeltaError(f"init={config.init!r} on an embedding ({module_name}) is not supported; exclude it")
             self.init_from_weight(name, config, module_name)
+        if config.init == "loftq" and original is not None:
+            A, B = quant.loftq_factors(original, self.base_weight(), r, self.scaling[name])
+            with torch.no_grad():
+                self.lora_A[name].weight.copy_(A)
+                self.lora_B[name].weight.copy_(B)
         if config.use_dora:
             with torch.no_grad():
                 norm = self.dora_norm(name, self.base_weight().float())
@@ -187,6 +204,10 @@ class LoraLayer(DeltaLayer):
     def init_from_weight(self, name: str, config: LoraConfig, module_name: str) -> None:
         """PiSSA / OLoRA: A and B from the base weight, which becomes W0 - s B A (the core keeps W0)."""
         weight = self.base_layer.weight
+        if self.quantized:
+            raise DeltaError(f"init={config.init!r} rewrites {module_name}'s base weight, which is quantised "
+                             f"({quant.quant_kind(self.base_layer)}); use init='loftq' on a quantised base, or "
+                             "start from the unquantised model")
         if weight.is_meta:
             raise DeltaError(f"init={config.init!r} needs the values of {module_name}'s weight, which is on the meta device; "
                              "load the model's weights first")
@@ -235,6 +256,9 @@ class LoraLayer(DeltaLayer):
         weight = self.base_weight()
         if not self.merged:
             return weight
+        premerge = self.premerge_weight()
+        if premerge is not None:  # a quantised base keeps its tensors from before the merges
+            return premerge
         weight = weight.float()
         for name in reversed(self.merged):
             if name in self.merged_factors:
@@ -266,7 +290,6 @@ class LoraLayer(DeltaLayer):
         return add_low_rank(result, low, B, self.scaling[name])
 
     def dora(self, name: str, h: torch.Tensor, x: torch.Tensor, result: torch.Tensor, low: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        weight = self.base_weight()
         with torch.no_grad():
             norm = self.dora_norm(name, self.original_weight())  # (out,), a constant in the backward pass
         factor = (self.lora_magnitude_vector[name] / norm).to(result.dtype)  # (out,)
@@ -274,7 +297,7 @@ class LoraLayer(DeltaLayer):
         if h is x:
             base = result if bias is None else result - bias
         else:  # dropout is on: the direction term sees the same dropped input as the LoRA path
-            base = F.linear(h, weight.to(h.dtype))
+            base = self.base_output(h)
         return result + (factor - 1) * base + factor * self.scaling[name] * F.linear(low, B)
 
     # ------------------------------------------------------------ merge
@@ -282,23 +305,20 @@ class LoraLayer(DeltaLayer):
     # LoRA  W <- W + s B A;   DoRA  W <- f (W + s B A),  f = m / ||W0 + s B A||_row.
     # Unmerging inverts the last one applied.
     def merge_delta(self, name: str) -> None:
-        weight = self.base_layer.weight
         with torch.no_grad():
             new = self.base_weight().float() + self.delta_weight(name)  # (out, in), a new tensor
             if self.is_dora(name):
                 factor = self.lora_magnitude_vector[name] / self.dora_norm(name, self.original_weight())  # (out,)
                 new = new * factor.unsqueeze(1)
                 self.merged_factors[name] = factor
-            weight.data.copy_((new.T if self.is_conv1d else new).to(weight.dtype))
+            self.set_base_weight(new)
 
     def unmerge_delta(self, name: str) -> None:
-        weight = self.base_layer.weight
         with torch.no_grad():
             w_out_in = self.base_weight().float()
             if name in self.merged_factors:
                 w_out_in = w_out_in / self.merged_factors.pop(name).unsqueeze(1)
-            old = w_out_in - self.delta_weight(name)
-            weight.data.copy_((old.T if self.is_conv1d else old).to(weight.dtype))
+            self.set_base_weight(w_out_in - self.delta_weight(name))
 
     def merge_problem(self, name: str, earlier: Sequence[str] = ()) -> str | None:
         # Adapters apply in the active order, merged ones first. LoRA steps commute; a DoRA step
@@ -364,9 +384,38 @@ def attach(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
     )
     if config.rewrites_base:
         _refuse_tied_targets(model, names, config)
-    wrap(model, names, LoraLayer, name, config)
+    per_module = _loftq_weights(model, names, config) if config.init == "loftq" else None
+    wrap(model, names, LoraLayer, name, config, per_module=per_module)
     conv1d = any(_is_conv1d(model.get_submodule(n).base_layer) for n in names)
     return config.replace(target_modules=targets, fan_in_fan_out=conv1d)
+
+
+def _loftq_weights(model: nn.Module, names: list[str], config: LoraConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """LoftQ's unquantised weight for each quantised target. A target the model keeps in full precision
+    (T5's wo) has no quantisation error to start from: it gets the plain init (A random, B zero)."""
+    kinds = {}
+    for n in names:
+        module = model.get_submodule(n)
+        kinds[n] = quant.quant_kind(module.base_layer if isinstance(module, DeltaLayer) else module)
+    quantised = [n for n in names if kinds[n] is not None]
+    if not quantised:
+        raise DeltaError(
+            f"init='loftq' starts the adapter on a quantised base's quantisation error, but no target is quantised "
+            f"({names[0]} is a {type(model.get_submodule(names[0])).__name__}); load the base quantised first "
+            "(deltatune.load_base(name, quant='nf4'), or from_pretrained(..., quantization_config=...))"
+        )
+    for n in quantised:
+        bits = 8 if kinds[n] == "int8" else 4
+        if config.loftq_bits != bits:
+            raise DeltaError(f"init='loftq' with loftq_bits={config.loftq_bits}, but {n} is quantised in {bits} bits "
+                             f"({kinds[n]}); LoftQ works against the base's own quantisation: set loftq_bits={bits}")
+    if config.loftq_iter != 1:
+        raise DeltaError(
+            f"LoraConfig.loftq_iter = {config.loftq_iter}: LoftQ's further steps re-quantise W - s B A, but this base "
+            "is quantised already and stays as it is, so one step is the optimum; set loftq_iter=1"
+        )
+    originals = quant.checkpoint_weights(model, quantised)
+    return {n: {"original": w} for n, w in originals.items()}
 
 
 def _refuse_tied_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:
@@ -407,7 +456,12 @@ def to_original_base(model: nn.Module, name: str, config: LoraConfig, tensors: d
     return plain, out
 
 
+def _load_overrides(config: LoraConfig) -> dict[str, Any]:
+    # A LoftQ adapter's file holds its trained A and B: nothing to initialise (nor a checkpoint to read).
+    return {"init": "kaiming"} if config.init == "loftq" else {}
+
+
 LORA = register(
     Method(name="lora", config_cls=LoraConfig, kind="wrap", attach=attach, containers=LoraLayer.containers, per_row=True,
-           peft_compatible=True, to_original_base=to_original_base)
+           peft_compatible=True, to_original_base=to_original_base, load_overrides=_load_overrides)
 )

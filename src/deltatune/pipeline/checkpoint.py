@@ -97,21 +97,31 @@ def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tens
     tensors: dict[str, torch.Tensor] = {}
     skeleton: dict[str, Any] = {"param_groups": state_dict["param_groups"], "state": {}}
     for index, values in state_dict["state"].items():
-        entry = {}
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-                entry[key] = {"tensor": f"{index}.{key}"}
-            else:
-                entry[key] = value
-        skeleton["state"][str(index)] = entry
+        skeleton["state"][str(index)] = {key: _flatten_value(f"{index}.{key}", value, tensors) for key, value in values.items()}
     return tensors, skeleton
 
 
+def _flatten_value(name: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A tensor becomes {"tensor": name}; a dict of them (bitsandbytes' 8-bit states) {"nested": {...}}."""
+    if torch.is_tensor(value):
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict) and any(torch.is_tensor(v) or isinstance(v, dict) for v in value.values()):
+        return {"nested": {k: _flatten_value(f"{name}.{k}", v, tensors) for k, v in value.items()}}
+    return value
+
+
+def _unflatten_value(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and "tensor" in value:
+        return tensors[value["tensor"]]
+    if isinstance(value, dict) and "nested" in value:
+        return {k: _unflatten_value(v, tensors) for k, v in value["nested"].items()}
+    return value
+
+
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any]) -> dict[str, Any]:
-    state = {}
-    for index, values in skeleton["state"].items():
-        state[int(index)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in values.items()}
+    state = {int(index): {k: _unflatten_value(v, tensors) for k, v in values.items()}
+             for index, values in skeleton["state"].items()}
     return {"state": state, "param_groups": skeleton["param_groups"]}
 
 

@@ -39,7 +39,9 @@ class ModelSection:
     trust_remote_code: bool = False
     revision: str | None = None
     num_labels: int | None = check(None, gt=1)  # seq_cls: the data's label count when None
-    quant: Literal["nf4", "fp4", "int8"] | None = None  # a quantised frozen base (bitsandbytes)
+    quant: Literal["nf4", "fp4", "int8"] | None = None  # a quantised frozen base (bitsandbytes); dtype: its compute dtype
+    double_quant: bool = True  # nf4/fp4: 8-bit absmax scales (4.127 bits per weight instead of 4.5)
+    int8_threshold: float = check(6.0, ge=0)  # int8: LLM.int8()'s outlier threshold (0: no 16-bit columns)
 
 
 @dataclass(kw_only=True)
@@ -69,7 +71,7 @@ class TrainSection:
     grad_accum: int = check(1, gt=0)
     lr: float = check(2e-4, gt=0)
     head_lr: float | None = check(None, gt=0)  # modules trained whole (a classifier head); None: lr
-    optimizer: str = "adamw"  # any torch.optim class name, lower case (adamw, adam, sgd, ...)
+    optimizer: str = "adamw"  # a torch.optim class name, lower case (adamw, sgd, ...), or adamw8bit, paged_adamw8bit, paged_adamw (bitsandbytes)
     weight_decay: float = check(0.0, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = check(0, ge=0)

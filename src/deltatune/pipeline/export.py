@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from .. import api
+from .. import api, quant
 from ..config import DeltaError
+from ..surgery import dequantize_base
 
 
 def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -22,9 +23,19 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathL
 
     The model is left as it was, at the cost of a copy, unless in_place=True (then its
     deltas are merged and detached: what `deltatune merge` does with a model it loaded).
+
+    A quantised base (bitsandbytes) is dequantised first, to `dtype` (default: the dtype the
+    model was loaded in), and the deltas merged into those full-precision weights: the export
+    computes what base + delta computed, with no re-quantisation error, and loads as a plain model.
     """
     folder = Path(folder)
     merged = model if in_place else copy.deepcopy(model)
+    if quant.quantized_layers(merged):
+        state = api.get_state(merged)
+        if state is not None and state.merged():
+            api.unmerge(merged)  # the quantised tensors from before the merge come back exactly
+        dtype = dtype or _loaded_dtype(merged)
+        dequantize_base(merged, dtype)
     state = api.get_state(merged)
     if state is not None and state.deltas:
         not_mergeable = [n for n in state.active if not state.deltas[n].method.mergeable]
@@ -49,3 +60,11 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathL
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _loaded_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model was loaded in (transformers records it in the config), else fp32."""
+    value = getattr(getattr(model, "config", None), "dtype", None) or getattr(getattr(model, "config", None), "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32

@@ -79,9 +79,12 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
         if labels and len(labels) == count:
             kwargs.update(id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
     if config.model.quant is not None:
-        from ..quant import quantization_config  # noqa: F401 - the quantisation work provides it
+        from ..quant import CLASSIFIER_HEADS, quantization_config
 
-        kwargs["quantization_config"] = quantization_config(config.model.quant, DTYPES[config.model.dtype])
+        heads = ["lm_head", *CLASSIFIER_HEADS] if config.model.task == "seq_cls" else None  # a head trained whole stays full precision
+        kwargs["quantization_config"] = quantization_config(config.model.quant, DTYPES[config.model.dtype],
+                                                            double_quant=config.model.double_quant,
+                                                            int8_threshold=config.model.int8_threshold, skip_modules=heads)
     try:
         model = classes[config.model.task].from_pretrained(config.model.name, **kwargs)
     except (OSError, ValueError) as err:
@@ -113,16 +116,21 @@ def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -
 
 def make_optimizer(name: str, params: list[Any], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`params`: parameters or parameter groups (each group may carry its own lr)."""
-    if name.lower() in ("adamw8bit", "paged_adamw8bit", "paged_adamw", "adam8bit"):
-        from ..quant import bnb_optimizer
+    from ..quant import OPTIMIZERS, bnb_optimizer
 
+    if name.lower() in OPTIMIZERS:
         return bnb_optimizer(name.lower(), params, lr, weight_decay)
     by_lower = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
                 if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
                 and n != "Optimizer"}
     if name.lower() not in by_lower:
+        squeezed = {n.replace("_", ""): n for n in OPTIMIZERS}
+        close = squeezed.get(name.lower().replace("_", "").replace("-", "").replace("bnb", ""))
+        if close is not None:  # transformers' spellings: adamw_bnb_8bit, paged_adamw_8bit, ...
+            raise DeltaError(f"train.optimizer = {name!r} is not a name deltatune knows; the bitsandbytes optimizer "
+                             f"it looks like is spelled {close!r} here: set train.optimizer: {close}")
         raise DeltaError(f"train.optimizer = {name!r} is not a torch.optim optimizer; choose one of "
-                         f"{', '.join(sorted(by_lower))}, adamw8bit or paged_adamw8bit")
+                         f"{', '.join(sorted(by_lower))}, or from bitsandbytes {', '.join(OPTIMIZERS)}")
     return by_lower[name.lower()](params, lr=lr, weight_decay=weight_decay)
 
 
