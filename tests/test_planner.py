@@ -340,3 +340,22 @@ def test_torchtune_llama_3_1_8b_lora_and_qlora_fit_one_24gb_gpu_at_their_reporte
     assert plan.fits
     allocated = (plan.total - plan.overhead) / 2**30  # what torch's allocator reports: no CUDA context, no cache
     assert abs(allocated - published_gib) <= 0.10 * published_gib, allocated
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantised_base_weighs_what_bitsandbytes_stores(kind, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from deltatune.quant import is_quantized, weight_bytes
+
+    config = llama_config()
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = dt.load_base(str(tmp_path), kind, dtype="fp32")
+    dt.attach(model, dt.LoraConfig(r=8))
+    stored = sum(weight_bytes(m) for m in model.modules() if is_quantized(m))
+    quantised = {id(m.weight) for m in model.modules() if is_quantized(m)}
+    others = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad and id(p) not in quantised)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    plan = dt.plan(config, "lora", r=8, dtype="fp32", quant=kind, device="cpu", search=False)
+    assert plan.frozen_weights == stored + others + buffers
+    assert plan.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -61,6 +61,7 @@ import torch.nn as nn
 
 from . import api
 from .config import METHODS, DeltaConfig, DeltaError
+from .quant import weight_bytes_formula
 from .targets import block_stacks, head_module_names
 
 GiB = 1 << 30
@@ -110,7 +111,7 @@ def format_size(n: float) -> str:
 # ---------------------------------------------------------------- settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANT_BITS = {"nf4": 4.127, "fp4": 4.127, "int8": 8.0}  # bits per quantised weight (see the module docstring)
+QUANT_BITS = {"nf4": 4.127, "fp4": 4.127, "int8": 8.0}  # bits per weight, roughly; exact bytes: quant.weight_bytes_formula
 
 # Optimizer states: (states per element in the parameter's dtype, or None) / bitsandbytes (bytes per element).
 TORCH_STATES = {"adam": 2, "adamw": 2, "adamax": 2, "nadam": 2, "radam": 2, "adadelta": 2, "rprop": 2,
@@ -381,12 +382,9 @@ def _weights(model: nn.Module, quant: str | None) -> _Weights:
             if not is_linear or name in heads or module is out_emb or module.weight.requires_grad:
                 continue
             w = module.weight
-            if quant == "int8":
-                rows = w.shape[0] if isinstance(module, nn.Linear) else w.shape[1]
-                stored = w.numel() + 4 * rows  # int8 values + an fp32 scale per output row
-            else:
-                stored = math.ceil(w.numel() * QUANT_BITS[quant] / 8)
-            quantised[id(w)] = stored
+            out_f, in_f = w.shape if isinstance(module, nn.Linear) else w.shape[::-1]  # Conv1D stores (in, out)
+            # as load_base stores it: 4-bit with double quantisation, or int8 with a row scale
+            quantised[id(w)] = weight_bytes_formula(out_f, in_f, quant, double_quant=True)
             largest_q = max(largest_q, w.numel())
     total = trainable = frozen_b = trainable_b = 0
     largest = 0
