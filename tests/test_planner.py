@@ -359,3 +359,13 @@ def test_a_quantised_base_weighs_what_bitsandbytes_stores(kind, tmp_path):
     plan = dt.plan(config, "lora", r=8, dtype="fp32", quant=kind, device="cpu", search=False)
     assert plan.frozen_weights == stored + others + buffers
     assert plan.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_deltatune_train_prints_the_plan_of_its_run(tmp_path):
+    from deltatune.pipeline.train import run
+    from test_pipeline_train import causal_config
+
+    lines: list[str] = []
+    run(causal_config(tmp_path, "planned", **{"train.max_steps": 1}), echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    text = "\n".join(lines)
+    assert "total (peak" in text and "lora (r=4" in text and "batch 4 x seq" in text and "unavailable" not in text

@@ -894,7 +894,7 @@ def _describe_method(config: DeltaConfig) -> str:
     return config.method + (f" ({', '.join(shown)})" if shown else "")
 
 
-def plan(model: Any, method: str | DeltaConfig = "lora", *, batch: int = 8, seq: int = 1024, dtype: str = "bf16",
+def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora", *, batch: int = 8, seq: int = 1024, dtype: str = "bf16",
          quant: str | None = None, gradient_checkpointing: bool = False, optimizer: str = "adamw", accum: int = 1,
          memory: str | int | None = None, device: str = "cuda", task: str | None = None, attention: str | None = None,
          loss: str = "standard", target_seq: int | None = None, search: bool = True, trust_remote_code: bool = False,
@@ -902,10 +902,12 @@ def plan(model: Any, method: str | DeltaConfig = "lora", *, batch: int = 8, seq:
     """The peak memory of training `model` with `method` in one setting, by what holds it.
 
     model: a hub id, a model folder, a config.json path or a transformers config (only the config is read).
-    method: a method name with its config fields as keywords (`r=16, target_modules="all-linear"`), or a
-    DeltaConfig. memory: what the device has ("24GB", "80GiB", bytes); with it the plan says whether the run
-    fits and, with `search`, which changes would make it fit and the largest batch and max_length that fit.
-    loss: "standard" is transformers' loss (the logits upcast to fp32 whole); "chunked" is torchtune's."""
+    method: a method name with its config fields as keywords (`r=16, target_modules="all-linear"`), a
+    DeltaConfig, or {adapter name: DeltaConfig} attached in order, the last one training (AdapterFusion).
+    memory: what the device has ("24GB", "80GiB", bytes); with it the plan says whether the run fits and, with
+    `search`, which changes would make it fit and the largest batch and max_length that fit.
+    loss: "standard" is transformers' loss (the logits upcast to fp32 whole); "chunked" is torchtune's chunked
+    cross-entropy; "compiled" the same under torch.compile (only the 16-bit logits kept)."""
     setting = Setting(batch=batch, seq=seq, dtype=dtype, quant=quant, gradient_checkpointing=gradient_checkpointing,
                       optimizer=optimizer.lower() if isinstance(optimizer, str) else optimizer, accum=accum,
                       device=device, attention=attention, loss=loss, target_seq=target_seq)
@@ -1029,23 +1031,26 @@ def visible_memory(device: str) -> int | None:
         return None
 
 
-def plan_run(config: Any, model: nn.Module, seq: int) -> Plan:
-    """The plan of a `deltatune train` run: its model config, method, batch, data length and optimizer."""
+def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None) -> Plan:
+    """The plan of a `deltatune train` run: its model config, method, batch, data length and optimizer
+    (a quantised base trains with checkpointing on, as prepare_kbit sets it)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     optimizer = config.train.optimizer.lower()
     if optimizer not in TORCH_STATES and optimizer not in BNB_STATES:
         optimizer = "adamw"
     return plan(model.config, config.delta, batch=config.train.batch_size, seq=max(1, seq),
                 dtype=config.model.dtype, quant=config.model.quant,
-                gradient_checkpointing=config.train.gradient_checkpointing, optimizer=optimizer,
-                accum=config.train.grad_accum, memory=visible_memory(device), device=device, task=config.model.task,
-                search=False, trust_remote_code=config.model.trust_remote_code)
+                gradient_checkpointing=config.train.gradient_checkpointing or config.model.quant is not None,
+                optimizer=optimizer, accum=config.train.grad_accum, memory=visible_memory(device), device=device,
+                task=config.model.task, target_seq=target_seq, search=False,
+                trust_remote_code=config.model.trust_remote_code)
 
 
-def check_run(config: Any, model: nn.Module, seq: int, say: Callable[[str], Any]) -> Plan | None:
+def check_run(config: Any, model: nn.Module, seq: int, say: Callable[[str], Any],
+              target_seq: int | None = None) -> Plan | None:
     """Print the run's memory plan; warn when its total exceeds what this machine can give."""
     try:
-        result = plan_run(config, model, seq)
+        result = plan_run(config, model, seq, target_seq)
     except Exception as err:  # a plan is advice: it never stops a run
         say(f"memory plan unavailable: {str(err).splitlines()[0][:200]}")
         return None
