@@ -11,9 +11,9 @@ per-method arithmetic here; a method whose trainable set differs between trainin
 and saving (prefix tuning's projection, P-tuning's encoder) is counted as it trains.
 
     model states   frozen weights: numel x bytes of the dtype; a quantised base stores
-                   the Linear weights of its blocks in 4.127 bits (NF4 or FP4 with double
-                   quantisation: 4 bits, an 8-bit absmax per 64, an fp32 absmax per 256
-                   absmaxes) or 8 bits plus an fp32 scale per row (int8), heads unquantised.
+                   the Linear weights of its blocks as deltatune.quant.load_base does
+                   (quant.weight_bytes_formula: NF4/FP4 with double quantisation, about 4.127
+                   bits a weight; int8 plus an fp32 scale per row), the output head unquantised.
                    Trainable weights and their gradients: numel x their dtype (fp32 for
                    added deltas, the base's dtype for selected parameters). Optimizer states
                    per trainable element: Adam(W) 2 states in the parameter's dtype, SGD
@@ -198,8 +198,9 @@ class Plan:
     host_copies: int = 0  # originals kept in host RAM (not device memory) on a CUDA plan
     memory: int | None = None
     alternatives: list[Alternative] = field(default_factory=list)
-    max_batch: int | None = None
+    max_batch: int | None = None  # None with `searched`: not even batch 1 fits
     max_seq: int | None = None
+    searched: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -256,10 +257,10 @@ class Plan:
             lines.append("  changes and their totals:")
             for alt in self.alternatives:
                 lines.append(f"    {alt.change:<52}{format_size(alt.total):>12}   {'fits' if alt.fits else 'too big'}")
-        if self.max_batch is not None or self.max_seq is not None:
+        if self.searched:
             lines.append("")
-            lines.append(f"  largest batch that fits at seq {s.seq}: {self.max_batch or 'none'}")
-            lines.append(f"  longest max_length that fits at batch {s.batch}: {self.max_seq or 'none'}")
+            lines.append(f"  largest batch that fits at seq {s.seq}: {self.max_batch or 'none (not even 1)'}")
+            lines.append(f"  longest max_length that fits at batch {s.batch}: {self.max_seq or 'none (not even 1)'}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -976,6 +977,7 @@ def _search(subject: _Subject, plan: Plan, limit: int | None) -> None:
     def fits(setting: Setting) -> bool:
         return _total(subject, setting, name) <= budget
 
+    plan.searched = True
     plan.max_batch = _largest(lambda b: fits(dataclasses.replace(s, batch=b)), 1, 1 << 16)
     plan.max_seq = _largest(lambda n: fits(dataclasses.replace(s, seq=n)), 1, limit or (1 << 20))
     if plan.fits:
@@ -1010,7 +1012,8 @@ def _search(subject: _Subject, plan: Plan, limit: int | None) -> None:
                 total = _total(subject, setting, name)
         except DeltaError:
             continue
-        plan.alternatives.append(Alternative(label, total, total <= budget, setting, other))
+        if total < plan.total:  # a change that saves nothing here (a 4-bit base under full fine-tuning) is no advice
+            plan.alternatives.append(Alternative(label, total, total <= budget, setting, other))
 
 
 # ---------------------------------------------------------------- the pipeline's check
