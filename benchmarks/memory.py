@@ -34,9 +34,7 @@ import argparse
 import ctypes
 import gc
 import multiprocessing as mp
-import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -249,6 +247,23 @@ def main() -> None:
         print(f"wrote {out}")
 
 
+def gaps(rows) -> list[str]:
+    """Where the errors come from, from the numbers."""
+    done = [(p, pred, meas) for p, pred, meas in rows if isinstance(meas, int)]
+    if not done:
+        return []
+    under = sum(pred < meas for _, pred, meas in done)
+    diffs = sorted(meas - pred for _, pred, meas in done)
+    big = max(done, key=lambda r: r[2] - r[1])[0]
+    worst = max(done, key=lambda r: abs(r[1] - r[2]) / r[2])[0]
+    return [f"The plan is below the measurement at {under} of {len(done)} points, by {diffs[len(diffs) // 2] / 2**20:.1f} "
+            f"MiB (median) and {diffs[-1] / 2**20:.1f} MiB at most ({big.method}, {big.size}, batch {big.batch} x {big.seq}"
+            f"{', checkpointing' if big.checkpointing else ''}): what the planner does not count (autograd's graph "
+            "nodes, Python objects, small heap allocations, page rounding) is small and weighs most where the step "
+            f"is smallest; the worst relative error is at {worst.method}, {worst.size}, batch {worst.batch} x {worst.seq}"
+            f"{', checkpointing' if worst.checkpointing else ''}."]
+
+
 def write_markdown(path: Path, rows, summary: str, args) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     command = f"OMP_NUM_THREADS={args.threads} PYTHONPATH=src python benchmarks/memory.py --threads {args.threads}" + (
@@ -261,6 +276,8 @@ def write_markdown(path: Path, rows, summary: str, args) -> None:
         f"`{command}` on {cpu}, torch {torch.__version__}, transformers {tf.__version__}, {args.device}.",
         "",
         f"**{summary}.**",
+        "",
+        *gaps(rows),
         "",
         "Each point trains in a fresh process (forked before any torch op). *Measured*: the peak resident-set growth",
         "(VmHWM, reset through /proc/self/clear_refs) of two AdamW training steps over the process after the model,",

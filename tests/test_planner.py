@@ -135,14 +135,14 @@ def test_a_bf16_base_halves_the_frozen_weights_and_nf4_quarters_the_blocks():
 @pytest.mark.parametrize("make_config", [llama_config, gpt2_config], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("method,fields", [("lora", dict(r=8)), ("full", {}), ("prompt_tuning", dict(num_virtual_tokens=8))])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_the_predicted_step_peak_is_within_5_percent_of_a_real_step(make_config, method, fields, checkpointing):
+def test_the_predicted_step_peak_is_within_1_percent_of_a_real_step(make_config, method, fields, checkpointing):
     config = make_config()
     measured = measured_step_peak(real_model(config, method, **fields), 4, 64, checkpointing)
     # SGD keeps no states, so the plan's step growth is the forward/backward peak alone
     plan = dt.plan(config, method, batch=4, seq=64, dtype="fp32", device="cpu", optimizer="sgd",
                    gradient_checkpointing=checkpointing, search=False, **fields)
     predicted = plan.total - plan.static
-    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)  # measured: equal, or 2 KiB under
 
 
 # ---------------------------------------------------------------- monotone, search, suggestions

@@ -1020,12 +1020,13 @@ def _search(subject: _Subject, plan: Plan, limit: int | None) -> None:
 
 
 def visible_memory(device: str) -> int | None:
-    """What this machine can give a run: free CUDA memory, or available RAM plus what this process holds."""
+    """What this machine can give a run: free CUDA memory or available RAM, plus what this process already
+    holds (the plan counts the weights loaded before it is made)."""
     if device == "cuda":
         if not torch.cuda.is_available():
             return None
         free, _ = torch.cuda.mem_get_info()
-        return int(free)
+        return int(free) + torch.cuda.memory_reserved() + CUDA_CONTEXT  # the context exists already; the plan counts it
     try:
         info = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
         status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
