@@ -133,7 +133,8 @@ def test_a_bf16_base_halves_the_frozen_weights_and_nf4_quarters_the_blocks():
 
 
 @pytest.mark.parametrize("make_config", [llama_config, gpt2_config], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("method,fields", [("lora", dict(r=8)), ("full", {}), ("prompt_tuning", dict(num_virtual_tokens=8))])
+@pytest.mark.parametrize("method,fields", [("lora", dict(r=8)), ("full", {}), ("prompt_tuning", dict(num_virtual_tokens=8)),
+                                           ("prefix_tuning", dict(num_virtual_tokens=8))])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_the_predicted_step_peak_is_within_1_percent_of_a_real_step(make_config, method, fields, checkpointing):
     config = make_config()

@@ -503,19 +503,20 @@ class _FusedAttention(torch.autograd.Function):
     16-bit inputs, an fp32 accumulator the size of q (FlashAttention-2's dq_accum)."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, accumulator: bool) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                accumulator: bool) -> torch.Tensor:
         B, H, T, _ = q.shape
         out = q.new_empty(B, T, H, v.shape[-1]).transpose(1, 2)  # (B, H, T, Dv), laid out (B, T, H, Dv) as kernels write it
         lse = q.new_empty(B, H, T, dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, mask)  # a mask (a prefix's, a padded batch's) is kept too
         ctx.accumulator = accumulator and q.element_size() < 4
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        q, k, v, _, _ = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors[:3]
         scratch = q.new_empty(q.shape, dtype=torch.float32) if ctx.accumulator else None
-        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None)
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None)
         del scratch
         return grads
 
@@ -527,7 +528,10 @@ def _attention(device: str, original: Callable[..., torch.Tensor]) -> Callable[.
         if math_path:
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
-        return _FusedAttention.apply(query, key, value, device == "cuda")
+        mask = attn_mask
+        if mask is not None and mask.dtype == torch.bool:  # torch turns a boolean mask into an additive one first
+            mask = torch.where(mask, query.new_zeros(()), query.new_full((), float("-inf")))  # (B, 1, T, S)
+        return _FusedAttention.apply(query, key, value, mask, device == "cuda")
 
     return sdpa
 
