@@ -370,3 +370,19 @@ def test_deltatune_train_prints_the_plan_of_its_run(tmp_path):
     run(causal_config(tmp_path, "planned", **{"train.max_steps": 1}), echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
     text = "\n".join(lines)
     assert "total (peak" in text and "lora (r=4" in text and "batch 4 x seq" in text and "unavailable" not in text
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_eager_attention_keeps_the_scores_and_the_plan_says_so(checkpointing):
+    config = llama_config()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    dt.attach(model, dt.LoraConfig(r=8))
+    measured = measured_step_peak(model, 4, 64, checkpointing)
+    eager = dt.plan(config, "lora", r=8, batch=4, seq=64, dtype="fp32", device="cpu", optimizer="sgd",
+                    attention="eager", gradient_checkpointing=checkpointing, search=False)
+    # a fresh config: from_config(attn_implementation="eager") wrote the choice into `config`, which the plan follows
+    fused = dt.plan(llama_config(), "lora", r=8, batch=4, seq=64, dtype="fp32", device="cpu", optimizer="sgd",
+                    gradient_checkpointing=checkpointing, search=False)
+    assert abs(eager.step_growth - measured) <= 0.01 * measured, (eager.step_growth, measured)
+    assert eager.step_growth > fused.step_growth  # the (B, heads, T, T) scores and probabilities

@@ -1041,14 +1041,15 @@ def visible_memory(device: str) -> int | None:
 
 def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None) -> Plan:
     """The plan of a `deltatune train` run: its model config, method, batch, data length and optimizer
-    (a quantised base trains with checkpointing on, as prepare_kbit sets it)."""
+    (a quantised base trains with checkpointing on where the model supports it, as the pipeline sets it)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     optimizer = config.train.optimizer.lower()
     if optimizer not in TORCH_STATES and optimizer not in BNB_STATES:
         optimizer = "adamw"
     return plan(model.config, config.delta, batch=config.train.batch_size, seq=max(1, seq),
                 dtype=config.model.dtype, quant=config.model.quant,
-                gradient_checkpointing=config.train.gradient_checkpointing or config.model.quant is not None,
+                gradient_checkpointing=config.train.gradient_checkpointing or (
+                    config.model.quant is not None and bool(getattr(model, "supports_gradient_checkpointing", False))),
                 optimizer=optimizer, accum=config.train.grad_accum, memory=visible_memory(device), device=device,
                 task=config.model.task, target_seq=target_seq, search=False,
                 trust_remote_code=config.model.trust_remote_code)
