@@ -97,7 +97,10 @@ def predicted(p: Point, device: str) -> int:
     name, fields, quant = METHODS[p.method]
     result = plan(model_config(p.size), delta_config(p.method), batch=p.batch, seq=p.seq, dtype="fp32", quant=quant,
                   gradient_checkpointing=p.checkpointing, optimizer="adamw", device=device, search=False)
-    return result.step_growth if device == "cpu" else result.step_growth - result.overhead
+    if device == "cpu":
+        return result.step_growth
+    # torch's allocator: no CUDA context, no cuBLAS workspace, no fragmentation allowance
+    return result.total - result.overhead - (result.frozen_weights + result.trainable_weights + result.kept_copies)
 
 
 # ---------------------------------------------------------------- the measured process
