@@ -203,6 +203,7 @@ class Plan:
     peak_phase: str  # "backward" (forward/backward peak) or "optimizer step"
     activations_by_checkpointing: dict[bool, int] = field(default_factory=dict)  # the fwd/bwd peak's activations, off/on
     host_copies: int = 0  # originals kept in host RAM (not device memory) on a CUDA plan
+    attention: str = "sdpa"  # the attention implementation the model runs (the config's own unless set)
     memory: int | None = None
     alternatives: list[Alternative] = field(default_factory=list)
     max_batch: int | None = None  # None with `searched`: not even batch 1 fits
@@ -231,7 +232,7 @@ class Plan:
         base = f"{s.quant} base ({s.dtype} compute)" if s.quant else f"{s.dtype} base"
         run = (f"batch {s.batch} x seq {s.seq}" + (f" x accum {s.accum}" if s.accum > 1 else "")
                + f", {base}, {s.optimizer}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
-               f"{s.attention or 'sdpa'} attention, {s.device}")
+               f"{self.attention} attention, {s.device}")
         ckpt = self.activations_by_checkpointing
         rows = [
             ("frozen base weights", self.frozen_weights, ""),
@@ -888,7 +889,8 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
                 setting=s, parameters=w.parameters, trainable=w.trainable, frozen_weights=w.frozen_bytes,
                 trainable_weights=w.trainable_bytes, kept_copies=kept_here, gradients=grads, optimizer_states=states,
                 optimizer_temporaries=temporaries, activations=activations, logits=logits, overhead=overhead,
-                total=total, peak_phase=phase, host_copies=host, memory=memory)
+                total=total, peak_phase=phase, host_copies=host, memory=memory,
+                attention=str(getattr(full.config, "_attn_implementation", None) or s.attention or "sdpa"))
     return plan
 
 
