@@ -149,11 +149,12 @@ def test_the_predicted_step_peak_is_within_1_percent_of_a_real_step(make_config,
 # ---------------------------------------------------------------- monotone, search, suggestions
 
 
-def test_more_batch_longer_sequences_and_no_checkpointing_never_predict_less():
+@pytest.mark.parametrize("method", ["lora", "full", "prefix_tuning"])
+def test_more_batch_longer_sequences_and_no_checkpointing_never_predict_less(method):
     config = llama_config()
 
     def total(**kw):
-        return dt.plan(config, "lora", dtype="fp32", device="cpu", search=False, **{"batch": 2, "seq": 64, **kw}).total
+        return dt.plan(config, method, dtype="fp32", device="cpu", search=False, **{"batch": 2, "seq": 64, **kw}).total
 
     base = total()
     assert total(batch=4) > base and total(seq=128) > base
