@@ -949,3 +949,21 @@ def test_merging_into_a_quantised_base_warns_and_unmerge_restores_it(tmp_path):
                                             r"the base unquantised"):
         dt.attach(model, dt.FullConfig(), name="full")
     assert_unchanged(model, before)
+
+
+def test_what_cannot_train_a_quantised_weight_names_it():
+    pytest.importorskip("bitsandbytes")
+    from quant_models import quantized
+
+    model = quantized("llama")
+    before = fingerprint(model)
+    with pytest.raises(dt.DeltaError, match=r"diff pruning .* model.layers.0.self_attn.q_proj \(and 13 more\) is quantised "
+                                            r"\(bitsandbytes\) and cannot take one: load the base unquantised"):
+        dt.attach(model, dt.DiffPruningConfig())
+    with pytest.raises(dt.DeltaError, match=r"q_proj.weight is quantised \(bitsandbytes\) \(and 6 more\), so a freeze delta"):
+        dt.attach(model, dt.FreezeConfig(trainable_layers=1))
+    with pytest.raises(dt.DeltaError, match=r"init='olora' rewrites .*q_proj's base weight, which is quantised \(nf4\); use "
+                                            r"init='loftq'"):
+        dt.attach(model, dt.LoraConfig(init="olora"))
+    assert_unchanged(model, before)
+    dt.attach(model, dt.DiffPruningConfig(target_modules=["input_layernorm"]))  # full-precision targets: fine

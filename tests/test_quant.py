@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import deltatune as dt  # noqa: E402
 from deltatune import quant  # noqa: E402
-from deltatune.surgery import DeltaLayer  # noqa: E402
+from deltatune.surgery import DeltaLayer, dequantize_base  # noqa: E402
 from deltatune.targets import DEFAULT_TARGETS  # noqa: E402
 from quant_models import WIDE, checkpoint, quantized, wide  # noqa: E402
 from test_contract import train  # noqa: E402
@@ -59,6 +60,21 @@ def relative(x: torch.Tensor, reference: torch.Tensor) -> float:
     return ((x - reference).norm() / reference.norm()).item()
 
 
+def assert_matches_the_dequantised_model(model: torch.nn.Module, kind: str, data: dict) -> torch.Tensor:
+    """The model with its delta against a copy whose quantised layers hold their dequantised weights as plain
+    fp32 nn.Linear (the delta on top unchanged): the kernels compute x W^T with W dequantised. A 4-bit
+    kernel does exactly that; LLM.int8()'s also rounds its inputs to int8 per row (about 0.7% per layer)."""
+    reference = copy.deepcopy(model)
+    dequantize_base(reference, torch.float32)
+    assert not quant.quantized_layers(reference)
+    expected = logits(reference, data)
+    if kind == "int8":
+        assert relative(logits(model, data), expected) < 0.03
+    else:
+        torch.testing.assert_close(logits(model, data), expected, rtol=1e-4, atol=1e-4)
+    return expected
+
+
 @functools.lru_cache(maxsize=None)
 def base_error(arch: str, kind: str) -> float:
     """The quantised base's own relative logits error against the fp32 base."""
@@ -76,6 +92,15 @@ def _trained(arch: str, kind: str, make=qlora):
     losses = train(model, batch(arch), lr=5e-3)  # 1e-2 overshoots roberta's two rows at the last steps
     model.eval()
     return model, losses, before
+
+
+@functools.lru_cache(maxsize=None)
+def on_the_fp32_base(arch: str, kind: str) -> torch.nn.Module:
+    """The adapter trained on the quantised base, loaded from its files onto the fp32 base (read-only)."""
+    model, _, _ = _trained(arch, kind)
+    with tempfile.TemporaryDirectory() as folder:
+        dt.save(model, folder)
+        return dt.load(wide(arch), folder).eval()
 
 
 def trained(arch: str, kind: str, make=qlora):
@@ -96,6 +121,7 @@ def test_qlora_step_lowers_the_loss_and_trains_only_the_delta(arch, kind):
     assert set(trainable) == set(dt.delta_parameters(model, "default"))
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert_stored_equal(stored(model), before)  # the quantised weights never moved
+    assert_matches_the_dequantised_model(model, kind, batch(arch))
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
@@ -107,8 +133,7 @@ def test_files_load_onto_the_quantised_and_the_full_precision_base(arch, kind, t
     dt.load(again, tmp_path)
     torch.testing.assert_close(logits(again, data), logits(model, data), rtol=0, atol=0)
     # onto the unquantised base: the same adapter, the base's quantisation error the only difference
-    full = wide(arch)
-    dt.load(full, tmp_path)
+    full = on_the_fp32_base(arch, kind)
     with dt.disabled(model):
         base_error = relative(logits(model, data), logits(wide(arch), data))
     error = relative(logits(full, data), logits(model, data))
@@ -119,11 +144,10 @@ def test_files_load_onto_the_quantised_and_the_full_precision_base(arch, kind, t
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
-def test_merge_requantises_and_unmerge_is_exact(arch, kind, tmp_path):
+def test_merge_requantises_and_unmerge_is_exact(arch, kind):
     model, _, before = trained(arch, kind)
     data = batch(arch)
     unmerged = logits(model, data)
-    dt.save(model, tmp_path)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DeltaLayer) and m.quantized}
     exact = {n: (m.base_weight() + m.delta_weight("default")).detach() for n, m in layers.items()}  # Q + s B A
     with pytest.warns(UserWarning, match="re-quantises the merged weights"):
@@ -140,9 +164,7 @@ def test_merge_requantises_and_unmerge_is_exact(arch, kind, tmp_path):
     # training changes (tiny BLOOM and RoBERTa start at init std 0.02 and barely use their bodies; their
     # trained deltas are as large as W). So the bound is the quantisation error measured on the trained
     # model: its adapter on the fp32 base against on the quantised base (or on the untrained base, if larger).
-    full = wide(arch)
-    dt.load(full, tmp_path)
-    trained_error = relative(logits(full, data), unmerged)
+    trained_error = relative(logits(on_the_fp32_base(arch, kind), data), unmerged)
     bound = 3 * max(base_error(arch, kind), trained_error)
     assert 0 < relative(merged, unmerged) < bound, (relative(merged, unmerged), base_error(arch, kind), trained_error)
     dt.unmerge(model)
@@ -154,6 +176,24 @@ def test_merge_requantises_and_unmerge_is_exact(arch, kind, tmp_path):
     assert not any(isinstance(m, DeltaLayer) for m in model.modules())
     assert_stored_equal(stored(model), before)
     torch.testing.assert_close(logits(model, data), logits(quantized(arch, kind), data), rtol=0, atol=1e-5)
+
+
+def test_save_pretrained_writes_the_quantised_base_or_the_requantised_merged_model(tmp_path):
+    model, _, _ = trained("llama", "nf4")
+    data = batch("llama")
+    with pytest.warns(UserWarning, match="without the unmerged delta"):
+        model.save_pretrained(tmp_path / "base")  # the base model's own keys, still quantised
+    again = WIDE["llama"][1].from_pretrained(tmp_path / "base").eval()
+    quant.keep_trainable_layouts(again)
+    assert len(quant.quantized_layers(again)) == 14
+    with dt.disabled(model):
+        torch.testing.assert_close(logits(again, data), logits(model, data), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="re-quantises"):
+        dt.merge(model)
+    model.save_pretrained(tmp_path / "merged")
+    merged = WIDE["llama"][1].from_pretrained(tmp_path / "merged").eval()
+    quant.keep_trainable_layouts(merged)
+    torch.testing.assert_close(logits(merged, data), logits(model, data), rtol=0, atol=0)
 
 
 def _targets(arch: str) -> list[str]:
@@ -174,8 +214,9 @@ def _peft_model(arch: str, kind: str):
     return pm.eval()
 
 
-# peft's causal-LM wrapper needs generation methods the ChatGLM stand-in does not have
-PEFT_CASES = [c for c in CASES if c.values[0] != "chatglm"]
+# peft's causal-LM wrapper needs generation methods the ChatGLM stand-in does not have; int8 on one
+# architecture per layout (Linear, Conv1D, encoder, encoder-decoder) keeps the file's time down
+PEFT_CASES = [c for c in CASES if c.values[0] != "chatglm" and (c.values[1] == "nf4" or c.values[0] in ("llama", "gpt2", "bert", "t5"))]
 
 
 @pytest.mark.parametrize("arch,kind", PEFT_CASES)
@@ -237,6 +278,8 @@ def test_every_wrapping_method_trains_saves_and_merges_on_a_quantised_base(metho
     if not method.startswith("adapter"):  # adapters wrap blocks and norms as well as linear layers
         assert any(isinstance(m, DeltaLayer) and m.quantized for m in model.modules())
     assert_stored_equal(stored(model), before)
+    # (a parallel adapter taps the quantised layer itself, which the dequantised copy replaces)
+    expected = assert_matches_the_dequantised_model(model, kind, data) if method != "adapter_parallel" else None
     unmerged = logits(model, data)
     dt.save(model, tmp_path)
     again = quantized(arch, kind)
@@ -244,6 +287,12 @@ def test_every_wrapping_method_trains_saves_and_merges_on_a_quantised_base(metho
     torch.testing.assert_close(logits(again, data), unmerged, rtol=0, atol=1e-6)
     if not dt.METHODS[WRAPPING[method]().method].mergeable or method.startswith("adapter"):
         return
+    if arch == "gpt2":  # the exact merged export: GPT-2's Conv1D comes back from the quantised layers
+        from deltatune.pipeline.export import export_merged
+
+        export_merged(model, None, tmp_path / "merged", dtype=torch.float32)
+        plain = WIDE[arch][1].from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(logits(plain, data), expected, rtol=1e-4, atol=1e-4)
     with pytest.warns(UserWarning, match="re-quantises"):
         dt.merge(model)
     print(f"CAL2 {method} {arch} {kind} ratio={relative(logits(model, data), unmerged)/base_error(arch, kind):.2f}")
@@ -369,6 +418,28 @@ def test_prepare_kbit_puts_norms_and_head_in_fp32_and_checkpoints_non_reentrant(
     assert losses[-1] < losses[0] - 0.3
     grads = [p.grad for p in dt.delta_parameters(model, "default").values()]
     assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_fp16_compute_trains_fp32_deltas_and_keeps_no_dequantised_weight():
+    model = dt.load_base(checkpoint("llama"), quant="nf4", dtype="fp16", double_quant=False)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.compute_dtype == torch.float16 and model.model.norm.weight.dtype == torch.float16
+
+    def frozen_bytes() -> int:  # everything the model stores but the delta (quantised weights with their scales)
+        delta = {id(p) for p in dt.delta_parameters(model, "default").values()} if dt.active(model) else set()
+        tensors = [t for t in model.state_dict(keep_vars=True).values() if torch.is_tensor(t) and id(t) not in delta]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    dt.prepare_kbit(model)
+    before = frozen_bytes()
+    dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    model.train()
+    losses = train(model, batch("llama"), lr=5e-3)
+    assert losses[-1] < losses[0] - 0.3
+    assert {p.dtype for p in dt.delta_parameters(model, "default").values()} == {torch.float32}
+    assert frozen_bytes() == before  # the base stays packed: no dequantised copy was kept anywhere
+    wrapped = model.model.layers[0].mlp.down_proj
+    assert not [n for n, t in vars(wrapped).items() if torch.is_tensor(t)] and not wrapped.premerge
 
 
 def test_prepare_kbit_with_reentrant_checkpointing_reaches_the_first_block():
@@ -627,3 +698,11 @@ def test_merge_command_folds_a_qlora_adapter_into_the_unquantised_base(tmp_path)
     dt.load(reference, tmp_path / "adapter")
     # the original weights + the adapter, rounded to bf16: no quantisation error at all
     assert relative(logits(plain.float().eval(), data), logits(reference, data)) < 0.01
+    # a pre-quantised checkpoint as the base (like the hub's *-bnb-4bit models): dequantised, then merged
+    quantized("llama").save_pretrained(tmp_path / "nf4-base")
+    assert cli(["merge", "--model", str(tmp_path / "nf4-base"), "--adapter", str(tmp_path / "adapter"),
+                "--out", str(tmp_path / "merged-from-nf4"), "--dtype", "fp32"]) == 0
+    plain = WIDE["llama"][1].from_pretrained(tmp_path / "merged-from-nf4").eval()
+    assert not quant.quantized_layers(plain)
+    expected = assert_matches_the_dequantised_model(model, "nf4", data)  # the adapter on the dequantised NF4 base
+    torch.testing.assert_close(logits(plain, data), expected, rtol=1e-4, atol=1e-4)

@@ -141,7 +141,21 @@ class SavePretrained:
                     "dt.merge(model) first to include them, or dt.save(model, path) to save the delta alone",
                     stacklevel=2,
                 )
-        return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if state_dict is None or quantizer is None:
+            return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+        # A quantised model (bitsandbytes): transformers replaces the state_dict argument by its quantizer's
+        # (None: model.state_dict(), the wrapped keys), so the quantizer hands out ours, with its own metadata.
+        before = vars(quantizer).get("get_state_dict_and_metadata")
+        own = quantizer.get_state_dict_and_metadata
+        quantizer.get_state_dict_and_metadata = lambda m: (state_dict, own(m)[1])
+        try:
+            return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            if before is None:
+                del quantizer.get_state_dict_and_metadata
+            else:
+                quantizer.get_state_dict_and_metadata = before
 
 
 def _encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

@@ -289,7 +289,20 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             for attribute in ("quantization_config", "_is_quantized"):
                 if attribute in vars(config):
                     delattr(config, attribute)
+        # a model read from a quantised checkpoint records how its quantised tensors were read, which
+        # save_pretrained would undo (and cannot): the weights are plain now
+        conversions = module.__dict__.get("_weight_conversions")
+        if conversions:
+            module._weight_conversions = [c for c in conversions if _reversible(c)]
     return model
+
+
+def _reversible(conversion: Any) -> bool:
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:  # bitsandbytes' deserialisation has no reverse
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- loading

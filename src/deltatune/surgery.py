@@ -347,6 +347,12 @@ class DeltaLayer(nn.Module):
             return result if bias is None else result - bias.to(result.dtype)
         return F.linear(x, self.base_weight().to(x.dtype))
 
+    def base_replaced(self) -> None:
+        """The base layer was swapped for a module of another class computing the same thing (a quantised
+        layer for its dequantised float layer: an nn.Linear, or the GPT-2 Conv1D it was made from); a
+        subclass refreshes here what it derived from the base's type (call super() first)."""
+        self.quantized = quant.is_quantized(self.base_layer)
+
     def merge_delta(self, name: str) -> None:
         raise DeltaError(f"{type(self).__name__} cannot be merged into the base weights")
 
@@ -517,7 +523,7 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype) -> None:
         raise DeltaError(f"{merged[0]} has deltas merged into its quantised weight; dt.unmerge(model) first")
     quant.dequantize_model(model, dtype)
     for _, layer in delta_layers(model):
-        layer.quantized = quant.is_quantized(layer.base_layer)
+        layer.base_replaced()
 
 
 def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:

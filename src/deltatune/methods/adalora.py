@@ -132,6 +132,10 @@ class AdaLoraLayer(DeltaLayer):
         # Per adapter: the triplets within the budget (r,) bool, once allocated.
         self.kept: dict[str, torch.Tensor] = {}
 
+    def base_replaced(self) -> None:
+        super().base_replaced()
+        self.is_conv1d = _is_conv1d(self.base_layer)
+
     def add(self, name: str, config: AdaLoraConfig, module_name: str) -> None:
         pattern = (config.rank_pattern or {}).get(f"{module_name}.lora_E")
         r = config.init_r if pattern is None else sum(pattern)

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from .. import quant
 from ..config import DeltaConfig, DeltaError, Method, check, register
 from ..formats.peft import saved_key
 from ..surgery import DeltaLayer, ModulesToSave, delta_layers, get_state, wrap
@@ -210,6 +211,18 @@ def default_targets(model: nn.Module) -> list[str]:
     return chosen
 
 
+def _refuse_quantized(model: nn.Module) -> None:
+    """A quantised (bitsandbytes) weight is packed integers: it cannot take a diff. The default targets would
+    quietly leave those layers out and train the embeddings and norms only; say so instead."""
+    layers = quant.quantized_layers(model)
+    if layers:
+        raise DeltaError(
+            f"diff pruning trains a sparse diff of each target's weights, but {layers[0][0]} (and {len(layers) - 1} more) "
+            "is quantised (bitsandbytes) and cannot take one: load the base unquantised, train a wrapping delta "
+            "(LoRA) on the quantised layers, or name full-precision targets in target_modules"
+        )
+
+
 def _restrict(model: nn.Module, names: list[str], config: DiffPruningConfig) -> list[str]:
     layers = config.layers_to_transform
     layers = {layers} if isinstance(layers, int) else set(layers or ())
@@ -227,6 +240,7 @@ def _restrict(model: nn.Module, names: list[str], config: DiffPruningConfig) -> 
 
 def attach(model: nn.Module, config: DiffPruningConfig, name: str) -> DiffPruningConfig:
     if config.target_modules is None:
+        _refuse_quantized(model)
         names = _restrict(model, default_targets(model), config)
     else:
         names = select_targets(model, config.target_modules, supported=_has_own_parameters, method="diff pruning",

@@ -107,6 +107,10 @@ class IA3Layer(DeltaLayer):
         # Weight and bias values that a zero vector entry erased at merge: (adapter, attribute) -> (where, values).
         self.erased: dict[tuple[str, str], tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
+    def base_replaced(self) -> None:
+        super().base_replaced()
+        self.kind = _kind(self.base_layer)
+
     # ------------------------------------------------------------ shapes
     def features(self, feedforward: bool) -> int:
         base = self.base_layer

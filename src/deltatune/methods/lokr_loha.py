@@ -164,6 +164,10 @@ class _WeightDeltaLayer(DeltaLayer):
         self.rank_dropout_scale: dict[str, bool] = {}
         self.module_dropout: dict[str, float] = {}
 
+    def base_replaced(self) -> None:
+        super().base_replaced()
+        self.kind = _kind(self.base_layer)
+
     # ------------------------------------------------------------ shapes
     def weight_shape(self) -> tuple[int, ...]:
         """(out, in) for Linear and Conv1D, (out, in / groups, kh, kw) for Conv2d."""

@@ -152,6 +152,10 @@ class LoraLayer(DeltaLayer):
         # PiSSA / OLoRA: the initial (A0, B0), on the CPU, for writing the adapter relative to the original weight
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def base_replaced(self) -> None:
+        super().base_replaced()
+        self.is_conv1d = _is_conv1d(self.base_layer)
+
     # ------------------------------------------------------------ shapes
     def dims(self) -> tuple[int, int]:
         if self.is_embedding:

@@ -197,7 +197,10 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     if config.model.quant is not None:
         from ..quant import prepare_kbit
 
-        prepare_kbit(model)
+        checkpointing = bool(getattr(model, "supports_gradient_checkpointing", False))
+        prepare_kbit(model, gradient_checkpointing=checkpointing)  # QLoRA's recipe: fp32 norms and head, checkpointing
+        if not checkpointing:
+            say(f"{type(model).__name__} does not support gradient checkpointing: training the quantised base without it")
     elif config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = summary(model, print_table=False)
