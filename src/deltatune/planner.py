@@ -447,6 +447,10 @@ class _Ledger:
         self.category = ACT
         self.marks: dict[str, int] = {}
         self.forward = True
+        self.window: set[int] | None = None  # storages block 1's forward creates (between marks f1s and f1e)
+        self.window_open = False
+        self.window_sizes: dict[int, tuple[int, int]] = {}
+        self.gone = (0, 0, 0)  # of those alive at f1e, the bytes freed by the time the forward has ended (mark fe)
 
     def track(self, t: torch.Tensor, category: int | None = None) -> None:
         storage = t.untyped_storage()
@@ -456,6 +460,8 @@ class _Ledger:
         size, cat = storage.nbytes(), self.category if category is None else category
         self.sizes[key] = (size, cat)
         self.live[cat] += size
+        if self.window_open and self.window is not None:
+            self.window.add(key)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -481,6 +487,17 @@ class _Ledger:
         if name not in self.marks:
             self.record()
             self.marks[name] = len(self.timeline) - 1
+            if name == "f1s":
+                self.window, self.window_open = set(), True
+            elif name == "f1e" and self.window is not None:
+                self.window_open = False
+                self.window_sizes = {k: self.sizes[k] for k in self.window if k in self.sizes}  # alive at f1e
+            elif name == "fe" and self.window is not None:  # e.g. a KV cache dies with the model's output
+                gone = [0, 0, 0]
+                for key, (size, cat) in self.window_sizes.items():
+                    if key not in self.sizes:
+                        gone[cat] += size
+                self.gone = (gone[0], gone[1], gone[2])
 
 
 def _dispatch_mode(ledger: _Ledger) -> Any:
@@ -669,6 +686,7 @@ def _simulate(model: nn.Module, task: str, s: Setting, marks: list[nn.Module] | 
             else:
                 loss = model(**inputs).loss
             ledger.forward = False
+            ledger.mark("fe")  # the forward's outputs other than the loss are gone
             ledger.category = LOGITS if head is not None else ACT
             del inputs
             ran = loss.requires_grad
@@ -721,7 +739,14 @@ def _extrapolate(ledger: _Ledger, depth: int) -> _Peak | None:
     if has_backward:
         b1, b0 = m["b1"], m["b0"]
         d_bwd = add(T[b0], T[b1], -1)  # what one block's backward leaves behind (negative: it frees)
-        candidates.append(top(T[f1e + 1:b1 + 1], after_fwd))
+        fe = m.get("fe")
+        if fe is not None and f1e <= fe <= b1:
+            # once the forward has ended, a block holds only what survives it (its KV cache entry, say, is gone)
+            candidates.append(top(T[f1e + 1:fe + 1], after_fwd))
+            after_fwd = add(zero, add(d_fwd, ledger.gone, -1), reps - 1)
+            candidates.append(top(T[fe + 1:b1 + 1], after_fwd))
+        else:
+            candidates.append(top(T[f1e + 1:b1 + 1], after_fwd))
         candidates.append(top(T[b1 + 1:b0 + 1], add(after_fwd, d_bwd, (reps - 1) if sum(d_bwd) > 0 else 0)))
         candidates.append(top(T[b0 + 1:], add(after_fwd, d_bwd, reps - 1)))
     else:
