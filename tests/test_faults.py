@@ -841,6 +841,39 @@ def test_soft_prompt_from_a_model_with_other_dimensions_is_refused(make, tmp_pat
     assert_unchanged(model, before)
 
 
+# ---------------------------------------------------------------- the memory planner's bad inputs
+
+
+@pytest.mark.parametrize("model,kwargs,message", [
+    ("gpt2-config", dict(method="lorra"), r"unknown method 'lorra'; known methods: .*lora"),
+    ("gpt2-config", dict(memory="24 GBs"), r"cannot read the memory size '24 GBs': write a number and a unit"),
+    ("gpt2-config", dict(memory=0), r"the memory size 0 must be positive"),
+    ("gpt2-config", dict(memory=float("nan")), r"the memory size nan must be a finite number of bytes"),
+    ("gpt2-config", dict(method={}), r"method as a dict maps adapter names to deltatune configs"),
+    ("gpt2-config", dict(method="lora", target_modules=["nope_proj"]), r"lora cannot attach to GPT2LMHeadModel: .*nope_proj"),
+    ("gpt2-config", dict(batch=0), r"batch must be a positive integer, got 0"),
+    ("gpt2-config", dict(seq=2.5), r"seq must be a positive integer, got 2.5"),
+    ("gpt2-config", dict(accum=True), r"accum must be a positive integer, got True"),
+    ("gpt2-config", dict(optimizer="adamw9bit"), r"optimizer = 'adamw9bit' is not one the planner knows: choose one of"),
+    ("gpt2-config", dict(quant="nf2"), r"quant = 'nf2' is not allowed: expected one of None, 'nf4'"),
+    ("gpt2-config", dict(method="lora", alpha_typo=3), r"LoraConfig has no field 'alpha_typo'"),
+    ("gpt2-config", dict(task="qa"), r"task = 'qa' is not allowed"),
+    ("/no/such/model-folder", {}, r"cannot read the config of '/no/such/model-folder'"),
+    (12, {}, r"model must be a model id, a folder or a config.json path, got 12"),
+])
+def test_planner_bad_inputs_name_the_problem(model, kwargs, message):
+    if model == "gpt2-config":
+        model = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96)
+    with pytest.raises(dt.DeltaError, match=message):
+        dt.plan(model, **kwargs)
+
+
+def test_planner_refuses_a_method_that_cannot_attach_to_the_architecture():
+    llama = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
+    with pytest.raises(dt.DeltaError, match=r"bitfit cannot attach to LlamaForCausalLM: .*has no bias terms"):
+        dt.plan(llama, "bitfit")
+
+
 # ---------------------------------------------------------------- quantised bases (bitsandbytes)
 
 

@@ -6,6 +6,7 @@
     deltatune generate --model M [--adapter DIR] (--prompt TEXT | --file FILE | --chat)
     deltatune data CONFIG.yaml                               rendered examples, trained tokens marked
     deltatune info MODEL                                     architecture, targets, counts per method
+    deltatune plan --model M --method lora --batch 8 --seq 1024 [--memory 24GB]   peak training memory, from the config
     deltatune demo [--quick]                                 the offline demo (pretrained MiniLM)
 """
 
@@ -52,6 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("info", help="what deltatune can do with a model: architecture, targets, counts per method")
     p.add_argument("model")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = commands.add_parser("plan", help="a training run's peak memory from the model's config alone (nothing downloaded)",
+                            description="Peak memory of one training setting, by what holds it; with --memory, whether "
+                            "it fits, changes that would, and the largest batch and max_length that fit.")
+    p.add_argument("--model", required=True, help="model id, model folder or config.json path (only the config is read)")
+    p.add_argument("--method", default="lora", help="a deltatune method name (default lora)")
+    p.add_argument("--r", type=int, default=None, help="rank, for the methods that have one")
+    p.add_argument("--target-modules", default=None, help="comma-separated module names, or all-linear")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other field of the method's config (repeatable), e.g. --set num_virtual_tokens=20")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024, help="max_length: tokens per example")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="dtype of the frozen base")
+    p.add_argument("--quant", choices=["nf4", "fp4", "int8"], default=None, help="a quantised base (bitsandbytes)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, paged_adamw8bit, paged_adamw, sgd, ...")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--memory", default=None, help="what the device has: 24GB (10^9 bytes) or 24GiB (2^30)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--task", choices=["causal_lm", "seq_cls", "seq2seq"], default=None)
+    p.add_argument("--attention", choices=["sdpa", "eager"], default=None, help="default: the config's own (sdpa)")
+    p.add_argument("--loss", choices=["standard", "chunked", "compiled"], default="standard",
+                   help="standard: transformers' loss; chunked: torchtune's chunked cross-entropy; compiled: "
+                   "chunked and fused by torch.compile")
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("demo", help="the offline demo: fine-tune the pretrained MiniLM on a task built from the stdlib")
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
@@ -270,6 +295,33 @@ def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
+    import json
+
+    from .planner import plan
+
+    fields: dict[str, Any] = {}
+    for item in args.set:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise DeltaError(f"--set {item!r}: write FIELD=VALUE, e.g. --set alpha=32")
+        try:
+            fields[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            fields[key.strip()] = text
+    if args.r is not None:
+        fields["r"] = args.r
+    if args.target_modules is not None:
+        names = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+        fields["target_modules"] = "all-linear" if names == ["all-linear"] else names
+    result = plan(args.model, args.method, batch=args.batch, seq=args.seq, dtype=args.dtype, quant=args.quant,
+                  gradient_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, accum=args.accum,
+                  memory=args.memory, device=args.device, task=args.task, attention=args.attention, loss=args.loss,
+                  trust_remote_code=args.trust_remote_code, **fields)
+    print(result.table())
+    return 0 if result.fits is not False else 1
+
+
 def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     from .pipeline.demo import run_demo
 
@@ -277,7 +329,7 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge, "generate": cmd_generate,
-            "info": cmd_info, "demo": cmd_demo}
+            "info": cmd_info, "plan": cmd_plan, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
+from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -204,6 +205,10 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = summary(model, print_table=False)
     say(f"{config.method}: {counts.trainable:,} trainable parameters of {counts.total:,} ({counts.percent:.3f}%)")
+    if main:  # the memory plan at the longest training example: advice, never a stop
+        targets = [len(e.decoder_labels) for e in prepared.train if e.decoder_labels is not None]
+        check_run(config, model, max((len(e.input_ids) for e in prepared.train), default=1), say,
+                  max(targets) if targets else None)
 
     world = accelerator.num_processes
     per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step
