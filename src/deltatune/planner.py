@@ -386,10 +386,19 @@ def _weights(model: nn.Module, quant: str | None) -> _Weights:
     quantised: dict[int, int] = {}  # id(weight) -> bytes stored
     largest_q = 0
     if quant is not None:
+        state = get_state(model)
+        selects = state is not None and any(d.method.kind == "select" for d in state.deltas.values())
         for name, module in model.named_modules():
             is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-            if not is_linear or name in heads or module is out_emb or module.weight.requires_grad:
+            if not is_linear or name in heads or module is out_emb:
                 continue
+            if module.weight.requires_grad:
+                if not selects:  # an added delta's own layer (lora_A, an adapter's projection): never quantised
+                    continue
+                # a selected base weight (full fine-tuning, freezing): attach refuses it on a real quantised base
+                raise DeltaError(f"{name}.weight would be quantised ({quant}), but the method trains it, and "
+                                 "bitsandbytes cannot train a quantised weight; on a quantised base train an added "
+                                 "delta (LoRA, say), or plan without quant")
             w = module.weight
             out_f, in_f = w.shape if isinstance(module, nn.Linear) else w.shape[::-1]  # Conv1D stores (in, out)
             # as load_base stores it: 4-bit with double quantisation, or int8 with a row scale
@@ -628,12 +637,22 @@ def _chunked_loss(model: nn.Module, inputs: dict[str, torch.Tensor], ledger: _Le
     return total / labels.numel()
 
 
+class _MetaSafeAutocast(torch.autocast):
+    """torch.autocast for the simulation: transformers 4.x rotary embeddings open
+    autocast(device_type=x.device.type, enabled=False), and torch has no autocast for "meta"."""
+
+    def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
 def _simulate(model: nn.Module, task: str, s: Setting, marks: list[nn.Module] | None) -> tuple[_Ledger, bool]:
     """Run one training micro-step on the meta model; the ledger holds its memory timeline.
 
     marks: blocks 0 and 1 of the stack, to record where block 1's forward and backward begin and end."""
-    known = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    ledger = _Ledger(known)
+    # Held, not just their addresses: a buffer the step replaces (a rotary cache) would free its storage
+    # and the address could come back for an activation that would then go uncounted.
+    existing = [t.untyped_storage() for t in [*model.parameters(), *model.buffers()]]
+    ledger = _Ledger({storage._cdata for storage in existing})
     trainable = [p for p in model.parameters() if p.requires_grad]
     hooks: list[Any] = []
     for p in trainable:
@@ -670,8 +689,9 @@ def _simulate(model: nn.Module, task: str, s: Setting, marks: list[nn.Module] | 
         for i, block in enumerate(marks):
             block_hooks(i, block)
 
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa, autocast = torch.nn.functional.scaled_dot_product_attention, torch.autocast
     torch.nn.functional.scaled_dot_product_attention = _attention(s.device, sdpa)
+    torch.autocast = _MetaSafeAutocast
     target = s.target_seq or s.seq
     try:
         with _dispatch_mode(ledger), warnings.catch_warnings():
@@ -696,7 +716,7 @@ def _simulate(model: nn.Module, task: str, s: Setting, marks: list[nn.Module] | 
             ledger.category = ACT
             ledger.record()
     finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
+        torch.nn.functional.scaled_dot_product_attention, torch.autocast = sdpa, autocast
         for h in hooks:
             h.remove()
         for p in trainable:
@@ -991,6 +1011,14 @@ def _total(subject: _Subject, s: Setting, name: str) -> int:
     return _compose(subject, s, name, None).total
 
 
+def _accepts(subject: _Subject, s: Setting, name: str) -> bool:
+    try:
+        _total(subject, s, name)
+    except DeltaError:
+        return False
+    return True
+
+
 def _largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
     """The largest n in [low, high] with fits(n), for a monotone fits; None if not even low fits."""
     if not fits(low):
@@ -1028,9 +1056,10 @@ def _search(subject: _Subject, plan: Plan, limit: int | None) -> None:
                      dataclasses.replace(s, batch=b, accum=accum), None))
     if not s.gradient_checkpointing and _supports_checkpointing(subject, s):
         alts.append(("gradient checkpointing", dataclasses.replace(s, gradient_checkpointing=True), None))
-    if s.quant is None:
-        alts.append(("a 4-bit (nf4) base", dataclasses.replace(s, quant="nf4", dtype="bf16" if s.dtype == "fp32"
-                                                                 else s.dtype), None))
+    four_bit = dataclasses.replace(s, quant="nf4", dtype="bf16" if s.dtype == "fp32" else s.dtype)
+    quantisable = s.quant is None and _accepts(subject, four_bit, name)  # full fine-tuning trains the weights: no
+    if quantisable:
+        alts.append(("a 4-bit (nf4) base", four_bit, None))
     if s.optimizer in ("adam", "adamw") and plan.optimizer_states > GiB // 4:
         alts.append(("an 8-bit optimizer (adamw8bit)", dataclasses.replace(s, optimizer="adamw8bit"), None))
     if plan.max_seq is not None and plan.max_seq < s.seq:
@@ -1038,9 +1067,11 @@ def _search(subject: _Subject, plan: Plan, limit: int | None) -> None:
     if subject.delta.method != "lora":
         alts.append(("LoRA r=16 on the default targets instead", s, METHODS["lora"].config_cls(r=16)))
     combined = dataclasses.replace(s, batch=1, accum=s.batch * s.accum,
-                                   gradient_checkpointing=_supports_checkpointing(subject, s),
-                                   quant=s.quant or "nf4", dtype="bf16" if s.dtype == "fp32" else s.dtype)
-    alts.append(("all of: batch 1 with accumulation, checkpointing, a 4-bit base", combined, None))
+                                   gradient_checkpointing=_supports_checkpointing(subject, s))
+    if quantisable:
+        combined = dataclasses.replace(combined, quant="nf4", dtype="bf16" if s.dtype == "fp32" else s.dtype)
+    alts.append(("all of: batch 1 with accumulation, checkpointing" + (", a 4-bit base" if quantisable else ""),
+                 combined, None))
     for label, setting, other in alts:
         try:
             if other is not None:
@@ -1050,7 +1081,7 @@ def _search(subject: _Subject, plan: Plan, limit: int | None) -> None:
                 total = _total(subject, setting, name)
         except DeltaError:
             continue
-        if total < plan.total:  # a change that saves nothing here (a 4-bit base under full fine-tuning) is no advice
+        if total < plan.total:  # a change that saves nothing here is no advice
             plan.alternatives.append(Alternative(label, total, total <= budget, setting, other))
 
 
