@@ -198,15 +198,14 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
-    import torch
-
     from . import io as dt_io
     from .pipeline.export import export_merged
+    from .quant import DTYPES
 
     config, _ = dt_io.read_adapter(args.adapter)
     model, tokenizer = _load_for_adapter(args.model, config.task_type, args.trust_remote_code)
     dt_io.load(model, args.adapter)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    dtype = DTYPES.get(args.dtype)
     folder = export_merged(model, tokenizer, args.out, dtype=dtype, in_place=True)
     print(f"merged {args.adapter} into {args.model}: {folder} (loads with transformers alone)")
     return 0

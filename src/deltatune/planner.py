@@ -66,7 +66,7 @@ import torch.nn as nn
 
 from . import api
 from .config import METHODS, DeltaConfig, DeltaError
-from .quant import weight_bytes_formula
+from .quant import DTYPES, weight_bytes_formula
 from .targets import block_stacks, head_module_names
 
 GiB = 1 << 30
@@ -117,7 +117,6 @@ def format_size(n: float) -> str:
 
 # ---------------------------------------------------------------- settings
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT_BITS = {"nf4": 4.127, "fp4": 4.127, "int8": 8.0}  # bits per weight, roughly; exact bytes: quant.weight_bytes_formula
 
 # Optimizer states: (states per element in the parameter's dtype, or None) / bitsandbytes (bytes per element).

@@ -334,6 +334,7 @@ def quantization_config(name: str, compute_dtype: torch.dtype | str = torch.floa
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 
 
+# the dtype names configs and commands use (the pipeline, the planner, `deltatune merge --dtype`)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = ("causal_lm", "seq_cls", "seq2seq")
 

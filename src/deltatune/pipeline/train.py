@@ -24,6 +24,7 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
+from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
@@ -63,7 +64,6 @@ def load_tokenizer(config: RunConfig) -> Any:
     return tokenizer
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None) -> torch.nn.Module:
