@@ -18,7 +18,7 @@ import torch.nn as nn
 from . import api
 from .config import METHODS, DeltaError
 from .summary import summary
-from .targets import DEFAULT_TARGETS
+from .targets import DEFAULT_TARGETS, is_linear_like
 
 
 def build_on_meta(name: str, trust_remote_code: bool = False) -> nn.Module:
@@ -45,7 +45,7 @@ def describe(name: str, trust_remote_code: bool = False) -> str:
     kinds: dict[str, Counter] = {"linear": Counter(), "embedding": Counter(), "layer norm": Counter()}
     for module_name, module in model.named_modules():
         leaf = module_name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        if is_linear_like(module):
             kinds["linear"][leaf] += 1
         elif isinstance(module, nn.Embedding):
             kinds["embedding"][leaf] += 1

@@ -67,7 +67,7 @@ import torch.nn as nn
 from . import api
 from .config import METHODS, DeltaConfig, DeltaError
 from .quant import DTYPES, weight_bytes_formula
-from .targets import block_stacks, head_module_names
+from .targets import block_stacks, head_module_names, is_linear_like
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -388,8 +388,7 @@ def _weights(model: nn.Module, quant: str | None) -> _Weights:
         state = get_state(model)
         selects = state is not None and any(d.method.kind == "select" for d in state.deltas.values())
         for name, module in model.named_modules():
-            is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-            if not is_linear or name in heads or module is out_emb:
+            if not is_linear_like(module) or name in heads or module is out_emb:
                 continue
             if module.weight.requires_grad:
                 if not selects:  # an added delta's own layer (lora_A, an adapter's projection): never quantised

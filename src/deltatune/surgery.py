@@ -181,7 +181,7 @@ def drop_state(model: nn.Module) -> None:
 # ---------------------------------------------------------------- wrapping
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"  # GPT-2's: weight stored (in, out)
 
 
@@ -313,14 +313,14 @@ class DeltaLayer(nn.Module):
         if self.quantized:
             return quant.dequantize_weight(self.base_layer)
         weight = self.base_layer.weight
-        return weight.T if _is_conv1d(self.base_layer) else weight
+        return weight.T if is_conv1d(self.base_layer) else weight
 
     def base_weight_shape(self) -> tuple[int, ...]:
         """base_weight()'s shape, without dequantising anything."""
         if self.quantized:
             return (self.base_layer.out_features, self.base_layer.in_features)
         shape = tuple(self.base_layer.weight.shape)
-        return shape[::-1] if _is_conv1d(self.base_layer) else shape
+        return shape[::-1] if is_conv1d(self.base_layer) else shape
 
     def set_base_weight(self, weight: torch.Tensor) -> None:
         """Write `weight` (base_weight()'s layout) into the base: in the parameter's own dtype, or
@@ -330,7 +330,7 @@ class DeltaLayer(nn.Module):
                 quant.quantize_weight_(self.base_layer, weight.detach())
                 return
             param = self.base_layer.weight
-            param.data.copy_((weight.T if _is_conv1d(self.base_layer) else weight).to(param.dtype))
+            param.data.copy_((weight.T if is_conv1d(self.base_layer) else weight).to(param.dtype))
 
     def premerge_weight(self) -> torch.Tensor | None:
         """A quantised base with merges in it: the (out, in) weight from before the first merge, dequantised."""

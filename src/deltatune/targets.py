@@ -110,11 +110,12 @@ def default_targets(method: str, model: nn.Module) -> list[str]:
         return list(table[model_type])
     raise DeltaError(
         f"no default target modules for {method} on model_type {model_type!r}; pass target_modules=[...] "
-        f"(or 'all-linear'). Linear modules in this model: {_leaf_summary(model, _is_linear_like)}"
+        f"(or 'all-linear'). Linear modules in this model: {_leaf_summary(model, is_linear_like)}"
     )
 
 
-def _is_linear_like(module: nn.Module) -> bool:
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D (a linear layer storing its weight (in, out))."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -197,7 +198,7 @@ def select_targets(
             continue
         module = module.base_layer if _is_wrapper(module) else module
         if all_linear:
-            if not _is_linear_like(module) or any(name == h or name.startswith(h + ".") for h in heads):
+            if not is_linear_like(module) or any(name == h or name.startswith(h + ".") for h in heads):
                 continue
         elif not name_matches(name, target_modules):
             continue
@@ -313,7 +314,7 @@ def adapter_sites(model: nn.Module) -> AdapterSites:
             f"no bottleneck adapter sites are known for model_type {model_type!r} ({type(model).__name__}), and its "
             f"module names fit none of the known block layouts ({', '.join(ADAPTER_LAYOUTS)}); add an entry to "
             "deltatune.targets.ADAPTER_SITES naming its attention output, FFN input and output projections and FFN "
-            f"layer norm. Linear modules in this model: {_leaf_summary(model, _is_linear_like)}"
+            f"layer norm. Linear modules in this model: {_leaf_summary(model, is_linear_like)}"
         )
     if getattr(config, "do_layer_norm_before", None) is not None:  # OPT: 350m is post-LN, the others pre-LN
         sites = dataclasses.replace(sites, post_ln=not config.do_layer_norm_before)

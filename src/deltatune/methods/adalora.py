@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
 from ..formats.peft import PREFIX
-from ..surgery import DeltaLayer, delta_layers, float_or_quantized, require_state, wrap
+from ..surgery import DeltaLayer, delta_layers, float_or_quantized, is_conv1d, require_state, wrap
 from ..targets import default_targets, select_targets
 from .lora import add_low_rank
 
@@ -104,12 +104,8 @@ class AdaLoraConfig(DeltaConfig):
                                  f"initial triplet (init_r = {self.init_r})")
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
 def supports(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) or _is_conv1d(module)) and float_or_quantized(module)
+    return (isinstance(module, nn.Linear) or is_conv1d(module)) and float_or_quantized(module)
 
 
 class AdaLoraLayer(DeltaLayer):
@@ -119,7 +115,7 @@ class AdaLoraLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.is_conv1d = _is_conv1d(base_layer)
+        self.is_conv1d = is_conv1d(base_layer)
         self.lora_A = nn.ParameterDict()  # Q (r, in)
         self.lora_E = nn.ParameterDict()  # lambda (r, 1)
         self.lora_B = nn.ParameterDict()  # P (out, r)
@@ -134,7 +130,7 @@ class AdaLoraLayer(DeltaLayer):
 
     def base_replaced(self) -> None:
         super().base_replaced()
-        self.is_conv1d = _is_conv1d(self.base_layer)
+        self.is_conv1d = is_conv1d(self.base_layer)
 
     def add(self, name: str, config: AdaLoraConfig, module_name: str) -> None:
         pattern = (config.rank_pattern or {}).get(f"{module_name}.lora_E")
@@ -246,7 +242,7 @@ def attach(model: nn.Module, config: AdaLoraConfig, name: str) -> AdaLoraConfig:
         raise DeltaError(f"AdaLoraConfig.rank_pattern names {strays[0]!r}, which is not one of the targeted modules "
                          f"(e.g. {names[0]}.lora_E); was it saved for another model?")
     wrap(model, names, AdaLoraLayer, name, config)
-    conv1d = any(_is_conv1d(model.get_submodule(n).base_layer) for n in names)
+    conv1d = any(is_conv1d(model.get_submodule(n).base_layer) for n in names)
     return config.replace(target_modules=targets, fan_in_fan_out=conv1d)
 
 

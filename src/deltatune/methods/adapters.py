@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
-from ..surgery import DeltaLayer, delta_layers, get_state, select_parameters, wrap
+from ..surgery import DeltaLayer, delta_layers, get_state, is_conv1d, select_parameters, wrap
 from ..targets import adapter_sites, block_of, layer_index
 
 NONLINEARITIES = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
@@ -207,7 +207,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return weight.shape[0], weight.shape[1]
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
         return weight.shape[0], weight.shape[0]

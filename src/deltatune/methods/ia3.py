@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
-from ..surgery import DeltaLayer, float_or_quantized, wrap
+from ..surgery import DeltaLayer, float_or_quantized, is_conv1d, wrap
 from ..targets import IA3_FEEDFORWARD, default_targets, select_targets
 
 
@@ -82,7 +82,7 @@ def is_feedforward(module_name: str, feedforward: list[str] | str | None) -> boo
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
-    if type(module).__name__ == "Conv1D":  # GPT-2's: weight stored (in, out)
+    if is_conv1d(module):  # GPT-2's: weight stored (in, out)
         return "conv1d"
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         return "conv"

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DeltaConfig, DeltaError, Method, check, register
-from ..surgery import DeltaLayer, float_or_quantized, wrap
+from ..surgery import DeltaLayer, float_or_quantized, is_conv1d, wrap
 from ..targets import default_targets, pattern_value, select_targets
 
 
@@ -113,7 +113,7 @@ def kron_factors(dim: int, factor: int = -1) -> tuple[int, int]:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
-    if type(module).__name__ == "Conv1D":  # GPT-2's: weight stored (in, out)
+    if is_conv1d(module):  # GPT-2's: weight stored (in, out)
         return "conv1d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from ..config import DeltaConfig, DeltaError, Method, check, register
 from ..formats.peft import PREFIX
 from .. import quant
-from ..surgery import DeltaLayer, float_or_quantized, rewrite_base, wrap
+from ..surgery import DeltaLayer, float_or_quantized, is_conv1d, rewrite_base, wrap
 from ..targets import default_targets, pattern_value, select_targets
 
 
@@ -121,14 +121,10 @@ class LoraConfig(DeltaConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
 def supports(module: nn.Module) -> bool:
     # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; any other integer weight is packed in a
     # format deltatune cannot read, so such a layer is refused by name.
-    kinds = isinstance(module, (nn.Linear, nn.Embedding)) or _is_conv1d(module)
+    kinds = isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
     return kinds and float_or_quantized(module)
 
 
@@ -140,7 +136,7 @@ class LoraLayer(DeltaLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.is_embedding = isinstance(base_layer, nn.Embedding)
-        self.is_conv1d = _is_conv1d(base_layer)
+        self.is_conv1d = is_conv1d(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -154,7 +150,7 @@ class LoraLayer(DeltaLayer):
 
     def base_replaced(self) -> None:
         super().base_replaced()
-        self.is_conv1d = _is_conv1d(self.base_layer)
+        self.is_conv1d = is_conv1d(self.base_layer)
 
     # ------------------------------------------------------------ shapes
     def dims(self) -> tuple[int, int]:
@@ -390,7 +386,7 @@ def attach(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
         _refuse_tied_targets(model, names, config)
     per_module = _loftq_weights(model, names, config) if config.init == "loftq" else None
     wrap(model, names, LoraLayer, name, config, per_module=per_module)
-    conv1d = any(_is_conv1d(model.get_submodule(n).base_layer) for n in names)
+    conv1d = any(is_conv1d(model.get_submodule(n).base_layer) for n in names)
     return config.replace(target_modules=targets, fan_in_fan_out=conv1d)
 
 
