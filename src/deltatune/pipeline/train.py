@@ -29,7 +29,7 @@ from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
 from .config import RunConfig
-from .data import Collator, Prepared, global_batch, prepare
+from .data import IGNORE, Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
 from .report import RunLog, write_report
 
@@ -239,23 +239,38 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     tokens_seen, t_loop, skipped, last_loss = 0, time.perf_counter(), 0, float("nan")
     model.train()
     while step < total:
-        step_loss, step_tokens, bad = 0.0, 0, None
-        for micro in range(config.train.grad_accum):
-            indices = global_batch(len(prepared.train), config.train.seed, offset, config.train.batch_size * world)
-            offset += len(indices)
-            mine = indices[accelerator.process_index * config.train.batch_size:(accelerator.process_index + 1) * config.train.batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate([prepared.train[i] for i in mine]).items()}
+        # The step's micro-batches, and the loss items (label tokens; examples for a classifier) of the
+        # whole step on every process, counted before any forward: each token then weighs the same
+        # however the step is split into micro-batches and processes (what transformers calls num_items_in_batch).
+        size = config.train.batch_size
+        micro_batches = []
+        for _ in range(config.train.grad_accum):
+            micro_batches.append(global_batch(len(prepared.train), config.train.seed, offset, size * world))
+            offset += size * world
+        step_items = sum(loss_items(prepared.train[i], config.model.task) for indices in micro_batches for i in indices)
+        step_loss_sum, step_tokens, bad = 0.0, 0, None
+        for micro, indices in enumerate(micro_batches):
+            mine = [prepared.train[i] for i in indices[accelerator.process_index * size:(accelerator.process_index + 1) * size]]
+            batch = {k: v.to(accelerator.device) for k, v in collate(mine).items()}
+            items = sum(loss_items(e, config.model.task) for e in mine)
             syncing = micro == config.train.grad_accum - 1
             with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
-                    loss = model(**batch).loss
-                    loss = loss + api.regularization(inner)
+                    output = model(**batch)
+                    # the model's loss is the mean over this micro-batch's items; times items: their sum
+                    token_sum = output.loss * items if items else output.logits.sum() * 0.0
+                    regularization = api.regularization(inner)
+                    # processes average their gradients, hence x world; the regulariser counts once per step
+                    loss = token_sum * (world / max(1, step_items)) + regularization / config.train.grad_accum
                 if not torch.isfinite(loss.detach()):
                     bad = loss.item()
                     break
-                accelerator.backward(loss / config.train.grad_accum)
-            step_loss += loss.item() / config.train.grad_accum
+                accelerator.backward(loss)
+            step_loss_sum += token_sum.item() + float(regularization) * max(1, step_items) / world / config.train.grad_accum
             step_tokens += int(batch["attention_mask"].sum()) * world
+        if bad is None and world > 1:  # the step's loss over every process's items
+            step_loss_sum = float(accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum"))
+        step_loss = step_loss_sum / max(1, step_items)
         if bad is not None:
             if config.train.on_nan == "stop":
                 good = ckpt.latest(out)
@@ -315,6 +330,16 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                                       tokens_per_s=tokens_seen / max(1e-9, time.perf_counter() - t_loop), skipped=skipped,
                                       echo=say)
     return result
+
+
+def loss_items(example: Any, task: str) -> int:
+    """What the model's mean loss averages over, for one example: its label tokens (after the
+    causal LM's one-token shift), or 1 for a classifier."""
+    if task == "seq_cls":
+        return 1
+    if task == "seq2seq":
+        return sum(t != IGNORE for t in example.decoder_labels)
+    return sum(t != IGNORE for t in example.labels[1:])
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
