@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="dtype of the saved weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("generate", help="generate text with a base model and optionally an adapter")
     p.add_argument("--model", required=True)
@@ -200,8 +201,11 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
     from . import io as dt_io
     from .pipeline.export import export_merged
+    from .files import check_output_folder
     from .quant import DTYPES
 
+    inputs = {"adapter": Path(args.adapter)} | ({"base model": Path(args.model)} if Path(args.model).exists() else {})
+    check_output_folder(Path(args.out), inputs, args.overwrite)  # before the slow part, and before anything is written
     config, _ = dt_io.read_adapter(args.adapter)
     model, tokenizer = _load_for_adapter(args.model, config.task_type, args.trust_remote_code)
     dt_io.load(model, args.adapter)

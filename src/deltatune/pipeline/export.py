@@ -14,6 +14,7 @@ import torch
 
 from .. import api, quant
 from ..config import DeltaError
+from ..files import replace_tree
 from ..surgery import dequantize_base
 
 
@@ -53,9 +54,7 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathL
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
+        replace_tree(tmp, folder)  # the caller decided that `folder` may be replaced (check_output_folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
