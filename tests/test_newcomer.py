@@ -1,0 +1,70 @@
+"""What a newcomer meets: `deltatune tiny`, the run report's figures, `deltatune info`'s lines, `deltatune plan`'s
+default task and its warnings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from deltatune.cli import main
+from deltatune.config import DeltaError
+from deltatune.tiny import ARCHITECTURES, build_model, build_tokenizer, write_tiny
+
+
+# ---------------------------------------------------------------- deltatune tiny
+
+
+def test_every_tiny_architecture_builds_and_runs_a_forward():
+    tokenizer = build_tokenizer()
+    ids = torch.tensor([tokenizer("Return the number of items.")["input_ids"]])
+    for model_type in ARCHITECTURES:
+        model = build_model(model_type, tokenizer)
+        assert model.config.model_type == model_type and model.config.vocab_size == len(tokenizer)
+        extra = {"decoder_input_ids": ids[:, :2]} if model.config.is_encoder_decoder else {}
+        with torch.no_grad():
+            out = model(input_ids=ids, **extra)
+        assert torch.isfinite(out.logits).all(), model_type
+
+
+def test_deltatune_tiny_writes_a_model_and_tokenizer_that_transformers_loads(tmp_path, capsys):
+    folder = tmp_path / "models" / "tiny-llama"
+    assert main(["tiny", "llama", str(folder)]) == 0
+    assert str(folder) in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.joinpath("models").iterdir()) == ["tiny-llama"]  # no temporary left
+    model = tf.AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder)
+    assert isinstance(model, tf.LlamaForCausalLM) and model.config.hidden_size == 32
+    assert tokenizer.decode(tokenizer("def f(x): return x")["input_ids"]) == "def f(x): return x"  # byte-level: any text
+    assert tokenizer.pad_token == "<pad>" and model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_deltatune_tiny_is_deterministic_and_fills_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    write_tiny("bert", tmp_path / "empty", seed=3)
+    write_tiny("bert", tmp_path / "again", seed=3)
+    a, b = (tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / n) for n in ("empty", "again"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_deltatune_tiny_refuses_a_folder_with_files_and_touches_nothing(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert main(["tiny", "gpt2", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "not empty" in err and "choose a new folder" in err
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_deltatune_tiny_lists_the_known_types_for_an_unknown_one(tmp_path, capsys):
+    assert main(["tiny", "falcon", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "'falcon'" in err and all(name in err for name in ("llama", "gpt2", "bert", "roberta", "t5", "gpt_bigcode"))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(DeltaError, match="multiple of 4"):
+        write_tiny("llama", tmp_path / "y", width=30)
+    assert not (tmp_path / "y").exists()
