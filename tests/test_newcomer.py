@@ -4,6 +4,7 @@ default task and its warnings."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,73 @@ def test_deltatune_tiny_lists_the_known_types_for_an_unknown_one(tmp_path, capsy
     with pytest.raises(DeltaError, match="multiple of 4"):
         write_tiny("llama", tmp_path / "y", width=30)
     assert not (tmp_path / "y").exists()
+
+
+# ---------------------------------------------------------------- deltatune plan: the default task, each warning once
+
+BERT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+
+
+@pytest.mark.parametrize("config, task, noted", [
+    (tf.BertConfig(architectures=["BertForSequenceClassification"], **BERT), "seq_cls", False),
+    (tf.BertConfig(**BERT), "seq_cls", True),  # an encoder without a head
+    (tf.BertConfig(architectures=["BertForMaskedLM"], **BERT), "seq_cls", True),
+    (tf.BertConfig(architectures=["BertLMHeadModel"], is_decoder=True, **BERT), "causal_lm", False),
+    (tf.T5Config(architectures=["T5ForConditionalGeneration"]), "seq2seq", False),
+    (tf.T5Config(), "seq2seq", False),
+    (tf.LlamaConfig(architectures=["LlamaForCausalLM"]), "causal_lm", False),
+    (tf.LlamaConfig(), "causal_lm", False),
+    (tf.GPT2Config(architectures=["GPT2LMHeadModel"]), "causal_lm", False),
+    (tf.LlamaConfig(architectures=["LlamaForSequenceClassification"]), "seq_cls", False),
+])
+def test_the_planned_task_comes_from_the_architecture(config, task, noted):
+    from deltatune.planner import default_task
+
+    found, note = default_task(config)
+    assert found == task and bool(note) == noted
+    if note:
+        assert "bert" in note and "sequence classification" in note and "--task" in note
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings():
+    """What transformers logs at WARNING and above, seen by a handler on its logger (as a user's terminal sees it)."""
+    logger, level = tf.utils.logging.get_logger(), tf.utils.logging.get_verbosity()
+    handler = Records()
+    logger.addHandler(handler)
+    tf.utils.logging.set_verbosity_warning()
+    yield handler.messages
+    logger.removeHandler(handler)
+    tf.utils.logging.set_verbosity(level)
+
+
+def test_plan_on_an_encoder_plans_classification_and_says_so(tmp_path, capsys):
+    tf.BertConfig(**BERT).save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--batch", "2", "--seq", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "BertForSequenceClassification" in out and "note: bert is an encoder" in out
+
+
+def test_plan_shows_each_transformers_warning_once(tmp_path, transformers_warnings):
+    from deltatune.planner import plan
+
+    # BertLMHeadModel warns "add is_decoder=True" each time it is built; the search builds it many times
+    config = tf.BertConfig(**BERT)
+    result = plan(config, "lora", batch=2, seq=32, task="causal_lm", memory="1GB")
+    assert result.searched and result.max_batch
+    repeated = [m for m in transformers_warnings if "is_decoder" in m]
+    assert len(repeated) == 1, transformers_warnings
+    assert len(transformers_warnings) == len(set(transformers_warnings))
+    plan(config, "lora", batch=2, seq=32, task="causal_lm")  # the next plan shows it again (its first time there)
+    assert len([m for m in transformers_warnings if "is_decoder" in m]) == 2
+    assert not any(isinstance(f, logging.Filter) and type(f).__name__ == "_FirstOfEach"
+                   for h in tf.utils.logging.get_logger().handlers for f in h.filters)  # the filter is removed after
