@@ -139,3 +139,50 @@ def test_plan_shows_each_transformers_warning_once(tmp_path, transformers_warnin
     assert len([m for m in transformers_warnings if "is_decoder" in m]) == 2
     assert not any(isinstance(f, logging.Filter) and type(f).__name__ == "_FirstOfEach"
                    for h in tf.utils.logging.get_logger().handlers for f in h.filters)  # the filter is removed after
+
+
+# ---------------------------------------------------------------- deltatune info
+
+
+def _rows(text: str) -> dict[str, str]:
+    """method -> its row with the continuation lines joined (the reason column wraps)."""
+    rows: dict[str, str] = {}
+    last = None
+    for line in text.split("trainable parameters with each method's defaults")[1].splitlines()[1:]:
+        if line.startswith("    ") and line[4] != " ":
+            last = line.split()[0]
+            rows[last] = line[4 + len(last):].strip()
+        elif last:
+            rows[last] += " " + line.strip()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return write_tiny("llama", tmp_path_factory.mktemp("info") / "llama")
+
+
+def test_info_gives_whole_reasons_wrapped_at_spaces(tiny_llama):
+    import deltatune as dt
+    from deltatune.info import LINE_WIDTH, describe
+
+    text = describe(str(tiny_llama))
+    rows = _rows(text)
+    assert set(rows) == set(dt.METHODS)
+    with pytest.raises(DeltaError) as adalora:
+        dt.METHODS["adalora"].config_cls()
+    assert rows["adalora"] == "n/a  " + str(adalora.value)  # all of it, and the words rejoin exactly
+    assert rows["bitfit"].startswith("n/a  LlamaForCausalLM has no bias terms") and "use a method" in rows["bitfit"]
+    assert all(len(line) <= LINE_WIDTH for line in text.splitlines()[5:])
+
+
+def test_info_reports_what_diff_pruning_stores(tiny_llama):
+    from deltatune.info import describe
+
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    total = sum(p.numel() for p in model.parameters())
+    targeted = sum(p.numel() for n, p in model.named_parameters() if n != "lm_head.weight")  # not the output head
+    row = _rows(describe(str(tiny_llama)))["diff_pruning"]
+    stored = round(0.005 * targeted)
+    assert row.startswith(f"{stored:,}  ({100 * stored / total:.4f}%)  stored: 0.5% (target_sparsity) of the {targeted:,}")
+    assert f"({2 * targeted:,})" in row  # what training holds, said once, not as the headline
