@@ -186,3 +186,88 @@ def test_info_reports_what_diff_pruning_stores(tiny_llama):
     stored = round(0.005 * targeted)
     assert row.startswith(f"{stored:,}  ({100 * stored / total:.4f}%)  stored: 0.5% (target_sparsity) of the {targeted:,}")
     assert f"({2 * targeted:,})" in row  # what training holds, said once, not as the headline
+
+
+# ---------------------------------------------------------------- the run report's curves
+
+
+def fake_log(steps: int = 60, log_every: int = 5, eval_every: int = 20, accuracy: float = 0.6, seed: int = 0) -> list[dict]:
+    """What train.run logs: a noisy falling loss every log_every steps, eval points every eval_every and at the end."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for step in range(1, steps + 1):
+        if step % log_every == 0:
+            records.append({"step": step, "loss": 2.0 * 0.97**step + 0.3 * float(torch.rand(1, generator=g)), "lr": 1e-3})
+        if step % eval_every == 0:
+            records.append({"step": step, "eval_loss": 2.0 * 0.97**step, "eval_accuracy": accuracy + step / 1000,
+                            "eval_macro_f1": accuracy})
+    return records
+
+
+def lines(ax) -> dict[str, object]:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_smooth_is_a_debiased_moving_average():
+    from deltatune.pipeline.report import smooth
+
+    assert smooth([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])  # no pull toward 0 at the start
+    noisy = [1.0 + (0.5 if i % 2 else -0.5) for i in range(40)]
+    assert max(smooth(noisy)[10:]) - min(smooth(noisy)[10:]) < 0.5 * (max(noisy) - min(noisy))
+
+
+def test_the_report_draws_raw_and_smoothed_loss_the_eval_points_and_a_title(tmp_path):
+    from types import SimpleNamespace
+
+    from deltatune.pipeline.report import RunLog, curves_figure, smooth, write_report
+
+    log = RunLog(tmp_path, enabled=True)
+    for record in fake_log():
+        log.write(record)
+    config = SimpleNamespace(method="lora", model=SimpleNamespace(name="tiny/llama"), output=SimpleNamespace(dir="out/run1"))
+    counts = SimpleNamespace(trainable=10, total=1000, percent=1.0)
+    summary = write_report(tmp_path, config, counts, log, {"accuracy": 0.66}, wall=1.0, tokens_per_s=1.0, echo=lambda *a: None)
+    assert summary["eval_accuracy"] == 0.66 and (tmp_path / "curves.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp.png"))
+
+    fig = curves_figure({"run": log.records()}, "lora on tiny/llama  (out/run1)")
+    loss_ax, metric_ax = fig.axes
+    assert fig._suptitle.get_text() == "lora on tiny/llama  (out/run1)"
+    loss = lines(loss_ax)
+    assert sorted(loss) == ["eval loss", "train loss (logged steps)", "train loss (moving average)"]
+    raw, smoothed, evals = loss["train loss (logged steps)"], loss["train loss (moving average)"], loss["eval loss"]
+    assert len(raw.get_xdata()) == len(smoothed.get_xdata()) == 12
+    assert raw.get_alpha() < 0.5 and smoothed.get_alpha() in (None, 1)  # the raw faint, the average over it
+    assert list(smoothed.get_ydata()) == pytest.approx(smooth(list(raw.get_ydata())))
+    assert list(evals.get_xdata()) == [20, 40, 60] and evals.get_marker() == "o"
+    assert len(metric_ax.get_lines()) == 1 and list(metric_ax.get_lines()[0].get_xdata()) == [20, 40, 60]
+    assert metric_ax.get_ylim() == (0, 1.02) and metric_ax.get_title() == "eval accuracy"
+    assert loss_ax.get_xlim()[0] == 0  # the run from its start, not a window around the points
+
+
+def test_a_single_eval_point_gets_a_sensible_range():
+    from deltatune.pipeline.report import curves_figure
+
+    records = [{"step": s, "loss": 2.0 - s / 400} for s in range(25, 301, 25)] + [{"step": 300, "eval_accuracy": 0.71}]
+    _, metric_ax = curves_figure({"run": records}, "t").axes
+    assert metric_ax.get_ylim() == (0, 1.02) and metric_ax.get_xlim()[0] == 0 and metric_ax.get_xlim()[1] >= 300
+    records[-1] = {"step": 300, "eval_perplexity": 12.0}  # unbounded: +-10% around the point
+    _, metric_ax = curves_figure({"run": records}, "t").axes
+    assert metric_ax.get_ylim() == pytest.approx((10.8, 13.2))
+
+
+def test_the_demo_draws_its_three_runs_in_one_figure(tmp_path):
+    from deltatune.pipeline.demo import demo_figure
+
+    fig = demo_figure({"head only": fake_log(accuracy=0.5), "LoRA": fake_log(accuracy=0.8, seed=1)},
+                      {"accuracy": 0.49, "macro_f1": 0.4, "loss": 0.7}, tmp_path)
+    loss_ax, metric_ax = fig.axes
+    assert "head only and LoRA" in fig._suptitle.get_text() and str(tmp_path) in fig._suptitle.get_text()
+    assert len(loss_ax.get_lines()) == 6  # per run: raw, smoothed, eval
+    assert {t.get_text() for t in loss_ax.get_legend().get_texts()} == {
+        f"{run}: {what}" for run in ("head only", "LoRA") for what in ("train loss (moving average)", "eval loss")}
+    accuracy = lines(metric_ax)
+    assert sorted(accuracy) == ["LoRA", "head only", "untuned"]
+    assert list(accuracy["untuned"].get_ydata()) == [0.49, 0.49]  # a dashed level: the untuned model has no steps
+    assert accuracy["LoRA"].get_color() != accuracy["head only"].get_color()
+    assert {t.get_text() for t in metric_ax.get_legend().get_texts()} == {"LoRA", "head only", "untuned"}
