@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("tiny", help="write a tiny random-init model with a tokenizer, to try the examples offline",
                             description="A tiny random model of MODEL_TYPE (hidden size 32, two layers) and a small BPE "
                             "tokenizer, written to DIR; pass DIR as --model.name to try a config offline.")
-    p.add_argument("model_type", metavar="MODEL_TYPE", help="llama, gpt2, gpt_bigcode, bert, roberta, t5, ... "
-                   "(an unknown one lists them all)")
+    from .tiny import ARCHITECTURES  # transformers is imported only when a model is built
+
+    p.add_argument("model_type", metavar="MODEL_TYPE", help=", ".join(sorted(ARCHITECTURES)))
     p.add_argument("dir", metavar="DIR", help="a new or empty folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=32, help="hidden size (64 for a 4-bit base on a CPU)")

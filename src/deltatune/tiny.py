@@ -123,7 +123,8 @@ def write_tiny(model_type: str, folder: str | Path, seed: int = 0, width: int = 
     if model_type not in ARCHITECTURES:  # before any work, and before touching the disk
         raise _unknown(model_type)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise DeltaError(f"{folder} already exists and is not empty: choose a new folder (nothing was written)")
+        what = "is not empty" if folder.is_dir() else "is a file"
+        raise DeltaError(f"{folder} already exists and {what}: choose a new folder (nothing was written)")
     tokenizer = build_tokenizer() if tokenizer is None else tokenizer
     model = build_model(model_type, tokenizer, seed=seed, width=width, **overrides)
     folder.parent.mkdir(parents=True, exist_ok=True)
