@@ -219,7 +219,7 @@ def test_smooth_is_a_debiased_moving_average():
 def test_the_report_draws_raw_and_smoothed_loss_the_eval_points_and_a_title(tmp_path):
     from types import SimpleNamespace
 
-    from deltatune.pipeline.report import RunLog, curves_figure, smooth, write_report
+    from deltatune.pipeline.report import RunLog, curves_figure, run_title, smooth, write_report
 
     log = RunLog(tmp_path, enabled=True)
     for record in fake_log():
@@ -230,7 +230,11 @@ def test_the_report_draws_raw_and_smoothed_loss_the_eval_points_and_a_title(tmp_
     assert summary["eval_accuracy"] == 0.66 and (tmp_path / "curves.png").stat().st_size > 1000
     assert not list(tmp_path.glob("*.tmp.png"))
 
-    fig = curves_figure({"run": log.records()}, "lora on tiny/llama  (out/run1)")
+    assert run_title(config) == "lora on tiny/llama  (out/run1)"  # what write_report titles curves.png with
+    long = SimpleNamespace(method="ia3", model=SimpleNamespace(name="/very/long/site-packages/path/to/some/model/folder"),
+                           output=config.output)
+    assert run_title(long) == "ia3 on .../model/folder  (out/run1)"
+    fig = curves_figure({"run": log.records()}, run_title(config))
     loss_ax, metric_ax = fig.axes
     assert fig._suptitle.get_text() == "lora on tiny/llama  (out/run1)"
     loss = lines(loss_ax)

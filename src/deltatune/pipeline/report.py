@@ -85,7 +85,13 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
 
 
 def run_title(config: Any) -> str:
-    return f"{config.method} on {config.model.name}  ({config.output.dir})"
+    return f"{config.method} on {_short(str(config.model.name))}  ({_short(str(config.output.dir))})"
+
+
+def _short(name: str, limit: int = 48) -> str:
+    """A long local path keeps its last two parts (the figure's title has one line)."""
+    parts = Path(name).parts
+    return name if len(name) <= limit or len(parts) <= 2 else str(Path("...", *parts[-2:]))
 
 
 def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str, baselines: dict[str, dict[str, float]] | None = None) -> Any:
