@@ -275,3 +275,11 @@ def test_the_demo_draws_its_three_runs_in_one_figure(tmp_path):
     assert list(accuracy["untuned"].get_ydata()) == [0.49, 0.49]  # a dashed level: the untuned model has no steps
     assert accuracy["LoRA"].get_color() != accuracy["head only"].get_color()
     assert {t.get_text() for t in metric_ax.get_legend().get_texts()} == {"LoRA", "head only", "untuned"}
+
+
+def test_a_run_that_logged_nothing_still_gets_a_titled_figure(recwarn):
+    from deltatune.pipeline.report import curves_figure
+
+    fig = curves_figure({"run": []}, "freeze on m  (out)")
+    assert len(fig.axes) == 1 and not fig.axes[0].get_lines() and fig._suptitle.get_text() == "freeze on m  (out)"
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]

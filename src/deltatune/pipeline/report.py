@@ -69,7 +69,7 @@ def peak_memory_bytes() -> int:
 # The metric panel shows the first of these the run logged; the fractions are drawn on 0..1 whatever their values,
 # so one point, or a flat line, sits where it belongs instead of in a window a few thousandths wide.
 METRICS = ("eval_accuracy", "eval_rouge_l", "eval_exact_match", "eval_perplexity")
-FRACTIONS = {"eval_accuracy", "eval_macro_f1", "eval_rouge_l", "eval_exact_match"}
+FRACTIONS = {"eval_accuracy", "eval_rouge_l", "eval_exact_match"}
 
 
 def smooth(values: list[float], weight: float | None = None) -> list[float]:
@@ -94,7 +94,8 @@ def _short(name: str, limit: int = 48) -> str:
     return name if len(name) <= limit or len(parts) <= 2 else str(Path("...", *parts[-2:]))
 
 
-def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str, baselines: dict[str, dict[str, float]] | None = None) -> Any:
+def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str,
+                  baselines: dict[str, dict[str, float]] | None = None) -> Any:
     """The loss (raw training loss faint, its moving average over it, eval loss as points) and the eval metric
     of one or more runs, each run in its own colour; `baselines` are runs without a log (an untuned model),
     drawn as dashed levels of the metric. Returns the matplotlib figure; the caller saves and closes it."""
@@ -130,7 +131,8 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str, baselines: 
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss")
     loss_ax.set_title("loss", fontsize=9)
-    loss_ax.legend(fontsize=7)
+    if loss_ax.get_lines():  # a run that logged nothing draws empty axes, without legend's warning
+        loss_ax.legend(fontsize=7)
     last = max((r.get("step", 0) for r in every), default=0)
     loss_ax.set_xlim(0, max(1, last) * 1.03)  # the whole run, from its start, in both panels
     if metric:
