@@ -8,6 +8,7 @@
     deltatune info MODEL                                     architecture, targets, counts per method
     deltatune plan --model M --method lora --batch 8 --seq 1024 [--memory 24GB]   peak training memory, from the config
     deltatune demo [--quick]                                 the offline demo (pretrained MiniLM)
+    deltatune tiny MODEL_TYPE DIR                            a tiny random model + tokenizer, to try an example offline
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("demo", help="the offline demo: fine-tune the pretrained MiniLM on a task built from the stdlib")
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     p.add_argument("--out", default="out/demo")
+    p = commands.add_parser("tiny", help="write a tiny random-init model with a tokenizer, to try the examples offline",
+                            description="A tiny random model of MODEL_TYPE (hidden size 32, two layers) and a small BPE "
+                            "tokenizer, written to DIR; pass DIR as --model.name to try a config offline.")
+    from .tiny import ARCHITECTURES  # transformers is imported only when a model is built
+
+    p.add_argument("model_type", metavar="MODEL_TYPE", help=", ".join(sorted(ARCHITECTURES)))
+    p.add_argument("dir", metavar="DIR", help="a new or empty folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=32, help="hidden size (64 for a 4-bit base on a CPU)")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
@@ -331,8 +341,20 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     return run_demo(quick=args.quick, out=args.out)
 
 
+def cmd_tiny(args: argparse.Namespace, rest: list[str]) -> int:
+    import transformers
+
+    from .tiny import ARCHITECTURES, write_tiny
+
+    transformers.utils.logging.disable_progress_bar()  # a bar for one small file is noise
+    folder = write_tiny(args.model_type, args.dir, seed=args.seed, width=args.width)
+    kind = ARCHITECTURES[args.model_type].model
+    print(f"wrote a tiny random {kind} with its tokenizer to {folder}; try it with --model.name {folder}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge, "generate": cmd_generate,
-            "info": cmd_info, "plan": cmd_plan, "demo": cmd_demo}
+            "info": cmd_info, "plan": cmd_plan, "demo": cmd_demo, "tiny": cmd_tiny}
 
 
 if __name__ == "__main__":

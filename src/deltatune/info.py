@@ -9,8 +9,10 @@ with its default settings.
 from __future__ import annotations
 
 import copy
+import textwrap
 import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,8 @@ from . import api
 from .config import METHODS, DeltaError
 from .summary import summary
 from .targets import DEFAULT_TARGETS, is_linear_like
+
+LINE_WIDTH = 110  # the reasons wrap here, at a space
 
 
 def build_on_meta(name: str, trust_remote_code: bool = False) -> nn.Module:
@@ -57,15 +61,42 @@ def describe(name: str, trust_remote_code: bool = False) -> str:
     for method, table in DEFAULT_TARGETS.items():
         if model_type in table:
             lines.append(f"  default {method} targets: {', '.join(table[model_type])}")
-    lines.append("  trainable parameters with each method's defaults:")
+    lines.append("  trainable parameters with each method's defaults (diff pruning: what it stores):")
     width = max(len(m) for m in METHODS)
     for method_name, method in METHODS.items():
         trial = copy.deepcopy(model)
+        head = f"    {method_name.ljust(width)}  "
         try:
-            api.attach(trial, method.config_cls())
+            config = method.config_cls()
+            api.attach(trial, config)
             counts = summary(trial, print_table=False)
-            text = f"{counts.trainable:>15,}  ({counts.percent:.4f}%)"
         except (DeltaError, TypeError, NotImplementedError) as err:
-            text = f"{'n/a':>15}  ({str(err).split(';')[0][:90]})"
-        lines.append(f"    {method_name.ljust(width)}  {text}")
+            lines += _wrap(head + f"{'n/a':>15}  ", str(err))
+            continue
+        if method_name == "diff_pruning":
+            stored, note = _diff_pruning_storage(trial, config, counts.trainable)
+            lines += _wrap(head + f"{stored:>15,}  ({100 * stored / total:.4f}%)  ", note)
+        else:
+            lines.append(head + f"{counts.trainable:>15,}  ({counts.percent:.4f}%)")
     return "\n".join(lines)
+
+
+def _diff_pruning_storage(model: nn.Module, config: Any, trainable: int) -> tuple[int, str]:
+    """Diff pruning trains a dense diff and a gate per targeted entry, but finalize keeps only the
+    target_sparsity share of the diff, and only that (with any head trained whole) is saved: its cost."""
+    from .methods.diff_pruning import kept_entries
+
+    targeted = sum(p.numel() for n, p in model.named_parameters() if ".diff_w." in n)
+    gates = sum(p.numel() for n, p in model.named_parameters() if ".diff_log_alpha." in n)
+    heads = trainable - targeted - gates  # heads trained whole (a classifier) are saved whole
+    stored = kept_entries(model) + heads
+    note = (f"stored: {100 * config.target_sparsity:g}% (target_sparsity) of the {targeted:,} targeted entries"
+            + (f", plus {heads:,} in heads trained whole" if heads else "")
+            + f"; training holds a diff and a gate per entry ({trainable:,})")
+    return stored, note
+
+
+def _wrap(head: str, text: str) -> list[str]:
+    """`head` then `text`, wrapped at word boundaries (never cut), continuation lines under the text's start."""
+    body = textwrap.wrap(text, width=max(40, LINE_WIDTH - len(head)), break_long_words=False, break_on_hyphens=False)
+    return [head + body[0]] + [" " * len(head) + line for line in body[1:]] if body else [head.rstrip()]

@@ -51,8 +51,11 @@ steps over a grid of sizes, methods, batches, lengths; see BENCHMARKS.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
+import logging
 import math
 import re
 import warnings
@@ -306,12 +309,34 @@ TASKS = ("causal_lm", "seq_cls", "seq2seq")
 
 
 def infer_task(hf_config: Any) -> str:
-    names = " ".join(getattr(hf_config, "architectures", None) or [])
-    if "SequenceClassification" in names:
-        return "seq_cls"
-    if getattr(hf_config, "is_encoder_decoder", False):
-        return "seq2seq"
-    return "causal_lm"
+    return default_task(hf_config)[0]
+
+
+def default_task(hf_config: Any) -> tuple[str, str | None]:
+    """The task to plan when none is given, from the head config.architectures names, and a note when it is a guess.
+
+    An encoder saved without a task head (BertModel, BertForMaskedLM) is planned as sequence classification,
+    what it is fine-tuned for; planning it as a causal LM would add a decoder's head it never trains with."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    seq2seq = bool(getattr(hf_config, "is_encoder_decoder", False))
+    for name in architectures:
+        if name.endswith("ForSequenceClassification"):
+            return "seq_cls", None
+        if seq2seq and name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")):
+            return "seq2seq", None
+        if name.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal_lm", None
+    if seq2seq:
+        return "seq2seq", None
+    model_type = getattr(hf_config, "model_type", "")
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if encoder and not getattr(hf_config, "is_decoder", False):
+        head = ", ".join(architectures) or "no architectures"
+        return "seq_cls", (f"{model_type} is an encoder and its config names no task head ({head}): planned as "
+                           "sequence classification; pass --task to plan another")
+    return "causal_lm", None
 
 
 def _model_class(task: str) -> Any:
@@ -951,6 +976,53 @@ def _describe_method(config: DeltaConfig) -> str:
     return config.method + (f" ({', '.join(shown)})" if shown else "")
 
 
+class _FirstOfEach(logging.Filter):
+    """Passes the first record of each (logger, level, message), drops its repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextlib.contextmanager
+def _each_message_once():
+    """transformers logs some warnings from every model it builds (BertLMHeadModel's "add is_decoder=True"), and
+    one plan builds dozens (a model per method, the depth extrapolation, the search): show each once. The filter
+    sits on the handlers transformers' records reach (its own, or the root's when it propagates)."""
+    import transformers  # its logger's handler is installed on first use: look for it after
+
+    handlers, logger = [], transformers.utils.logging.get_logger()
+    while logger is not None:
+        handlers += logger.handlers
+        logger = logger.parent if logger.propagate else None
+    handlers = handlers or [logging.lastResort]  # no handler configured: Python's last resort prints them
+    # one filter per handler: a record passes every handler, and each shows it once
+    filters = [(handler, _FirstOfEach()) for handler in handlers if handler is not None]
+    for handler, once in filters:
+        handler.addFilter(once)
+    try:
+        yield
+    finally:
+        for handler, once in filters:
+            handler.removeFilter(once)
+
+
+def _messages_once(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _each_message_once():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_messages_once
 def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora", *, batch: int = 8, seq: int = 1024, dtype: str = "bf16",
          quant: str | None = None, gradient_checkpointing: bool = False, optimizer: str = "adamw", accum: int = 1,
          memory: str | int | None = None, device: str = "cuda", task: str | None = None, attention: str | None = None,
@@ -971,12 +1043,14 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     setting.check()
     budget = parse_size(memory) if memory is not None else None
     hf_config = load_model_config(model, trust_remote_code)
-    task = task or infer_task(hf_config)
+    task, task_note = (task, None) if task else default_task(hf_config)
     if task not in TASKS:
         raise DeltaError(f"task = {task!r} is not allowed: expected one of {', '.join(TASKS)}")
     name = model if isinstance(model, str) else type(model).__name__
     subject = _Subject(hf_config, task, _method_configs(method, fields), trust_remote_code)
     result = _compose(subject, setting, name, budget)
+    if task_note:
+        result.notes.append(task_note)
     result.activations_by_checkpointing = {
         on: _activations_only(subject, dataclasses.replace(setting, gradient_checkpointing=on)) for on in (False, True)
         if _supports_checkpointing(subject, setting) or not on}

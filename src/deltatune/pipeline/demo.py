@@ -190,6 +190,7 @@ def run_demo(quick: bool = False, out: str = "out/demo") -> int:
     spec["model"]["name"] = minilm_path()
     spec["data"].update(train=str(train_file), eval=str(eval_file))
     spec["train"]["max_steps"] = mode["max_steps"]
+    spec["train"]["eval_every"] = mode["eval_every"]
 
     def config_for(name: str, changes: dict[str, Any]) -> Any:
         data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items()}
@@ -223,14 +224,40 @@ def run_demo(quick: bool = False, out: str = "out/demo") -> int:
     results["LoRA"] = run(lora).metrics | {"trainable": _trainable(root / "lora")}
 
     print("\n" + _table(results))
+    figure = _save_demo_figure(root, results["untuned"])
     gain_head = results["LoRA"]["accuracy"] - results["head only"]["accuracy"]
     gain_base = results["LoRA"]["accuracy"] - results["untuned"]["accuracy"]
     print(f"\nLoRA beats head-only training by {100 * gain_head:+.1f} points and the untuned model by {100 * gain_base:+.1f}.")
     print(f"adapter: {root / 'lora' / 'adapter'}  (dt.load it onto the same MiniLM, or `deltatune eval ... --adapter`)")
     print(f"merged model: {root / 'lora' / 'merged'}  (AutoModelForSequenceClassification.from_pretrained reads it, "
           "no deltatune needed)")
+    if figure:
+        print(f"curves of the three runs: {figure}")
     print(f"wall time {time.perf_counter() - start:.0f} s")
     return 0 if gain_head > 0 and gain_base > 0 else 1
+
+
+RUNS = {"head only": "head_only", "LoRA": "lora"}  # the trained runs: name in the figure -> their folder under out
+
+
+def demo_figure(logs: dict[str, list[dict[str, Any]]], untuned: dict[str, float], out: Path) -> Any:
+    """The demo's runs in one figure: each trained run's loss and eval accuracy over the steps, in its own colour,
+    and the untuned model's accuracy as a dashed level (it has no steps)."""
+    from .report import curves_figure
+
+    return curves_figure(logs, f"deltatune demo: head only and LoRA on MiniLM ({out})", baselines={"untuned": untuned})
+
+
+def _save_demo_figure(root: Path, untuned: dict[str, float]) -> Path | None:
+    try:
+        import matplotlib  # noqa: F401 - optional: without it the demo draws no figure
+    except ImportError:
+        return None
+    from .report import read_log, save_figure
+
+    path = root / "curves.png"
+    save_figure(demo_figure({name: read_log(root / folder) for name, folder in RUNS.items()}, untuned, root), path)
+    return path
 
 
 def _trainable(folder: Path) -> float:

@@ -41,9 +41,7 @@ class RunLog:
             self.writer.flush()
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_log(self.path.parent)
 
     def truncate_after(self, step: int) -> None:
         """A resumed run drops what the killed run logged after its checkpoint."""
@@ -53,6 +51,14 @@ class RunLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def read_log(output_dir: Path) -> list[dict[str, Any]]:
+    """The records a run wrote to output_dir/log.jsonl (none when it wrote no log)."""
+    path = Path(output_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
@@ -60,36 +66,122 @@ def peak_memory_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
+# The metric panel shows the first of these the run logged; the fractions are drawn on 0..1 whatever their values,
+# so one point, or a flat line, sits where it belongs instead of in a window a few thousandths wide.
+METRICS = ("eval_accuracy", "eval_rouge_l", "eval_exact_match", "eval_perplexity")
+FRACTIONS = {"eval_accuracy", "eval_rouge_l", "eval_exact_match"}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """An exponential moving average, debiased (as TensorBoard's smoothing): the first points are not pulled
+    toward 0. weight None: heavier for longer curves (0.58 for a dozen points, up to 0.98 past 250)."""
+    if weight is None:
+        weight = 1 - 1 / max(2.4, min(50.0, len(values) / 5))
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def run_title(config: Any) -> str:
+    return f"{config.method} on {_short(str(config.model.name))}  ({_short(str(config.output.dir))})"
+
+
+def _short(name: str, limit: int = 48) -> str:
+    """A long local path keeps its last two parts (the figure's title has one line)."""
+    parts = Path(name).parts
+    return name if len(name) <= limit or len(parts) <= 2 else str(Path("...", *parts[-2:]))
+
+
+def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str,
+                  baselines: dict[str, dict[str, float]] | None = None) -> Any:
+    """The loss (raw training loss faint, its moving average over it, eval loss as points) and the eval metric
+    of one or more runs, each run in its own colour; `baselines` are runs without a log (an untuned model),
+    drawn as dashed levels of the metric. Returns the matplotlib figure; the caller saves and closes it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every = [r for records in runs.values() for r in records]
+    metric = next((k for k in METRICS if any(k in r for r in every)
+                   or any(k.removeprefix("eval_") in b for b in (baselines or {}).values())), None)
+    fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(10.5 if metric else 5.8, 3.9), squeeze=False, sharex=True)
+    fig.suptitle(title, fontsize=9)
+    loss_ax = axes[0][0]
+    several = len(runs) > 1
+    for n, (name, records) in enumerate(runs.items()):
+        colour = f"C{n}"
+        prefix = f"{name}: " if several else ""
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if train:
+            steps, losses = zip(*train)
+            # with several runs the faint lines stay out of the legend (a leading "_" hides a label)
+            raw = f"_{name}: train loss (logged steps)" if several else "train loss (logged steps)"
+            loss_ax.plot(steps, losses, color=colour, alpha=0.25, linewidth=1, label=raw)
+            loss_ax.plot(steps, smooth(list(losses)), color=colour, linewidth=2, label=f"{prefix}train loss (moving average)")
+        if evals:
+            loss_ax.plot(*zip(*evals), "o--", color=colour, markersize=5, label=f"{prefix}eval loss")
+        if metric:
+            points = [(r["step"], r[metric]) for r in records if metric in r]
+            if points:
+                axes[0][1].plot(*zip(*points), "o-", color=colour, markersize=5, label=name)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("loss", fontsize=9)
+    if loss_ax.get_lines():  # a run that logged nothing draws empty axes, without legend's warning
+        loss_ax.legend(fontsize=7)
+    last = max((r.get("step", 0) for r in every), default=0)
+    loss_ax.set_xlim(0, max(1, last) * 1.03)  # the whole run, from its start, in both panels
+    if metric:
+        ax = axes[0][1]
+        label = metric.removeprefix("eval_")
+        for n, (name, values) in enumerate((baselines or {}).items(), len(runs)):
+            if label in values:
+                ax.axhline(values[label], color=f"C{n}", linestyle="--", linewidth=1.5, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_title(f"eval {label}", fontsize=9)
+        if metric in FRACTIONS:
+            ax.set_ylim(0, 1.02)
+        else:
+            _pad_flat(ax)
+        if several or baselines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _pad_flat(ax: Any) -> None:
+    """A single point or a flat line: a window of +-10% around it, not matplotlib's +-0.5%."""
+    values = [float(y) for line in ax.get_lines() for y in line.get_ydata()]
+    if values and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values))):
+        half = max(0.1 * abs(values[0]), 0.05)
+        ax.set_ylim(values[0] - half, values[0] + half)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write the figure atomically (a temporary file renamed into place) and free it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_suffix(".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    try:
+        import matplotlib  # noqa: F401 - optional: without it the run writes no figure
     except ImportError:
         return False
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    metric = next((k for k in ("eval_accuracy", "eval_rouge_l", "eval_perplexity") if any(k in r for r in records)), None)
-    fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(10 if metric else 5.5, 3.6), squeeze=False)
-    ax = axes[0][0]
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    if metric:
-        points = [(r["step"], r[metric]) for r in records if metric in r]
-        axes[0][1].plot(*zip(*points), "o-", color="tab:green")
-        axes[0][1].set_xlabel("step")
-        axes[0][1].set_ylabel(metric.removeprefix("eval_"))
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(curves_figure({"run": records}, title), path)
     return True
 
 
@@ -110,7 +202,7 @@ def write_report(output_dir: Path, config: Any, counts: Any, log: RunLog, metric
     rows = [(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value)) for key, value in summary.items()]
     width = max(len(k) for k, _ in rows)
     table = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-    plotted = plot_curves(log.records(), output_dir / "curves.png")
+    plotted = plot_curves(log.records(), output_dir / "curves.png", title=run_title(config))
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (output_dir / "summary.md").write_text("| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows))
     echo("\n" + table)
