@@ -231,8 +231,8 @@ def read_utf8(path: Path, error: type[DeltaError] = DeltaError) -> str:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise error(f"{path}: line {line}, byte {column} (offset {err.start} in the file) is not UTF-8 "
-                    f"(byte 0x{data[err.start]:02x}); save the file as UTF-8 (in an editor: 'save with encoding', "
-                    f"or: iconv -f latin1 -t utf-8 {path.name} > fixed_{path.name})") from None
+                    f"(byte 0x{data[err.start]:02x}); save the file as UTF-8 (in an editor: 'save with encoding'; "
+                    f"from Latin-1: iconv -f latin1 -t utf-8 {path.name} > fixed_{path.name})") from None
 
 
 def parse_flags(args: list[str]) -> list[tuple[str, Any]]:
