@@ -214,10 +214,13 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
 def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     import transformers as tf
 
+    from .model_files import check_base_model
+
     classes = {"CAUSAL_LM": tf.AutoModelForCausalLM, "SEQ_CLS": tf.AutoModelForSequenceClassification,
                "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM, "TOKEN_CLS": tf.AutoModelForTokenClassification,
                "QUESTION_ANS": tf.AutoModelForQuestionAnswering}
     cls = classes.get(task_type or "", tf.AutoModel)
+    check_base_model(name, "--model")
     try:
         # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
         model = cls.from_pretrained(name, trust_remote_code=trust_remote_code, dtype="auto")

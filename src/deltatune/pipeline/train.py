@@ -24,6 +24,7 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
+from ..model_files import check_base_model, check_model_path
 from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
@@ -54,6 +55,7 @@ class RunResult:
 def load_tokenizer(config: RunConfig) -> Any:
     from transformers import AutoTokenizer
 
+    check_model_path(config.model.name)  # a mistyped folder would come back as "Repo id must be in the form ..."
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
                                                   revision=config.model.revision)
@@ -68,6 +70,8 @@ def load_tokenizer(config: RunConfig) -> Any:
 
 def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None) -> torch.nn.Module:
     import transformers as tf
+
+    check_base_model(config.model.name)  # safetensors weights only: a pickle could run code
 
     classes = {"causal_lm": tf.AutoModelForCausalLM, "seq_cls": tf.AutoModelForSequenceClassification,
                "seq2seq": tf.AutoModelForSeq2SeqLM}
