@@ -330,6 +330,10 @@ def _method_config(method: str, values: Any, source: str) -> DeltaConfig:
 
 
 SEED_MAX = 2**32 - 1
+# torch.optim classes the loop cannot drive, and why: it calls step() with no closure, on dense gradients
+UNUSABLE_OPTIMIZERS = {"lbfgs": "LBFGS needs a closure that re-evaluates the loss at every step(), which this loop "
+                                "does not give (it is a full-batch method)",
+                       "sparseadam": "SparseAdam takes sparse gradients only, and a delta's gradients are dense"}
 
 
 def _cross_checks(config: RunConfig) -> None:
@@ -343,6 +347,10 @@ def _cross_checks(config: RunConfig) -> None:
     if not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"{where}: train.seed = {seed} is not allowed: a seed goes from 0 to 2**32 - 1 ({SEED_MAX}), "
                           "the range numpy's seeding accepts (torch and random take it too); choose one in that range")
+    if config.train.optimizer.lower() in UNUSABLE_OPTIMIZERS:  # before the model loads, not after
+        raise ConfigError(f"{where}: train.optimizer = {config.train.optimizer!r} cannot be used: "
+                          f"{UNUSABLE_OPTIMIZERS[config.train.optimizer.lower()]}; choose another torch.optim class "
+                          "(adamw, adam, sgd, rmsprop, ...) or a bitsandbytes one (adamw8bit, paged_adamw8bit, ...)")
     if not config.data.train:
         raise ConfigError(f"{where}: data.train is required (a .json/.jsonl/.csv/.parquet file or a datasets name)")
     task_formats = {"causal_lm": {"text", "instruction", "chat"}, "seq_cls": {"classification"}, "seq2seq": {"seq2seq", "instruction"}}

@@ -29,7 +29,7 @@ from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import UNUSABLE_OPTIMIZERS, RunConfig
 from .data import Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
 from .report import RunLog, write_report
@@ -120,22 +120,38 @@ def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -
 
 def make_optimizer(name: str, params: list[Any], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`params`: parameters or parameter groups (each group may carry its own lr)."""
+    import inspect
+
     from ..quant import OPTIMIZERS, bnb_optimizer
 
     if name.lower() in OPTIMIZERS:
         return bnb_optimizer(name.lower(), params, lr, weight_decay)
     by_lower = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
                 if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
-                and n != "Optimizer"}
+                and n != "Optimizer" and n.lower() not in UNUSABLE_OPTIMIZERS}
+    usable = f"{', '.join(sorted(by_lower))}, or from bitsandbytes {', '.join(OPTIMIZERS)}"
+    if name.lower() in UNUSABLE_OPTIMIZERS:
+        raise DeltaError(f"train.optimizer = {name!r} cannot be used here: {UNUSABLE_OPTIMIZERS[name.lower()]}; "
+                         f"choose one of {usable}")
     if name.lower() not in by_lower:
         squeezed = {n.replace("_", ""): n for n in OPTIMIZERS}
         close = squeezed.get(name.lower().replace("_", "").replace("-", "").replace("bnb", ""))
         if close is not None:  # transformers' spellings: adamw_bnb_8bit, paged_adamw_8bit, ...
             raise DeltaError(f"train.optimizer = {name!r} is not a name deltatune knows; the bitsandbytes optimizer "
                              f"it looks like is spelled {close!r} here: set train.optimizer: {close}")
-        raise DeltaError(f"train.optimizer = {name!r} is not a torch.optim optimizer; choose one of "
-                         f"{', '.join(sorted(by_lower))}, or from bitsandbytes {', '.join(OPTIMIZERS)}")
-    return by_lower[name.lower()](params, lr=lr, weight_decay=weight_decay)
+        raise DeltaError(f"train.optimizer = {name!r} is not a torch.optim optimizer; choose one of {usable}")
+    cls = by_lower[name.lower()]
+    kwargs: dict[str, Any] = {"lr": lr}
+    if "weight_decay" in inspect.signature(cls).parameters:
+        kwargs["weight_decay"] = weight_decay
+    elif weight_decay:
+        raise DeltaError(f"train.optimizer = {name!r} has no weight decay, but train.weight_decay = {weight_decay}; "
+                         "set train.weight_decay: 0 or choose another optimizer")
+    try:
+        return cls(params, **kwargs)
+    except (ValueError, TypeError) as err:  # Muon, say, takes 2-D parameters only
+        raise DeltaError(f"train.optimizer = {name!r} cannot train this delta's parameters ({err}); "
+                         "choose another optimizer, such as adamw") from None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
