@@ -233,7 +233,7 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model
 
 
 def check_model_path(name: str, key: str = "model.name") -> None:
-    """A model name that looks like a local path must be a folder holding config.json.
+    """A model name that looks like a local path must exist.
 
     transformers reads a name that is no folder as a hub id, so a mistyped `./models/tiny` comes back
     as "Repo id must be in the form 'repo_name'", which hides the mistake. A name is taken as a path when it
@@ -252,9 +252,6 @@ def check_model_path(name: str, key: str = "model.name") -> None:
         missing = path.absolute().relative_to(parent) if parent is not None else path
         raise DeltaError(f"{key} = {name!r}: no model folder at {path.absolute()} ({parent} exists, {missing} does not); "
                          "fix the path, or give a Hugging Face model id such as 'gpt2' or 'org/name'")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise DeltaError(f"{key} = {name!r}: the folder {path} has no config.json, so it is not a transformers model "
-                         "folder; point at the folder that save_pretrained wrote")
 
 
 def check_base_model(name: str, key: str = "model.name") -> None:
@@ -266,6 +263,9 @@ def check_base_model(name: str, key: str = "model.name") -> None:
     path = Path(name).expanduser() if isinstance(name, str) and name else None
     if path is None or not path.is_dir():
         return
+    if not (path / "config.json").is_file():
+        raise DeltaError(f"{key} = {name!r}: the folder {path} has no config.json, so it is not a transformers model "
+                         "folder; point at the folder that save_pretrained wrote")
     if any(path.glob("*.safetensors")) or (path / INDEX).is_file():
         return
     pickles = sorted(p.name for p in path.iterdir() if p.name in PICKLE_WEIGHTS or p.suffix in (".bin", ".pt", ".pth", ".ckpt")
