@@ -272,7 +272,8 @@ def check_base_model(name: str, key: str = "model.name") -> None:
                      and p.name not in ("training_args.bin",))
     if pickles:
         raise DeltaError(
-            f"{key} = {name!r}: the folder's only weights are {', '.join(pickles)}, and deltatune reads safetensors only: "
+            f"{key} = {name!r}: the folder's only weights are {', '.join(pickles[:3])}"
+            f"{f' (and {len(pickles) - 3} more)' if len(pickles) > 3 else ''}, and deltatune reads safetensors only: "
             "a pickle can run arbitrary code while it loads. If you trust the file, convert it once with transformers: "
             f"AutoModel.from_pretrained({str(path)!r}).save_pretrained({str(path)!r}, safe_serialization=True) "
             "(use the model's own Auto class, e.g. AutoModelForCausalLM), then run this again")
