@@ -313,3 +313,14 @@ def test_the_model_card_describes_what_was_saved_last(tmp_path):
     (tmp_path / "README.md").write_text(card + "\nMy notes on this run.\n")  # a card someone edited stays theirs
     dt.save(model, tmp_path)
     assert (tmp_path / "README.md").read_text().endswith("My notes on this run.\n")
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(root, tmp_path, capsys):
+    # transformers 5 would build an empty tokenizer from config.json (every text: no tokens); 4 asks for protobuf
+    source, folder = save_tiny(root, "llama"), tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a"}])
+    line = cli_error(capsys, ["data", "--model.name", str(folder), "--data.train", str(data)], "data")
+    assert "the folder has no tokenizer (none of tokenizer.json" in line and "tokenizer.save_pretrained(folder)" in line

@@ -52,20 +52,37 @@ class RunResult:
 # ---------------------------------------------------------------- model
 
 
+# any one of these in a folder is a tokenizer transformers can read
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(config: RunConfig) -> Any:
     from transformers import AutoTokenizer
 
-    check_model_path(config.model.name)  # a mistyped folder would come back as "Repo id must be in the form ..."
+    name = config.model.name
+    check_model_path(name)  # a mistyped folder would come back as "Repo id must be in the form ..."
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer from config.json alone (every text becomes no tokens),
+        # transformers 4 asks for protobuf: neither says what is missing
+        raise DeltaError(f"model.name = {name!r}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, "
+                         "...); save it beside the model with tokenizer.save_pretrained(folder), or copy the "
+                         "tokenizer files of the model it was trained from")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code,
                                                   revision=config.model.revision)
     except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot load the tokenizer of {config.model.name!r}: {str(err)[:300]}") from None
+        raise DeltaError(f"cannot load the tokenizer of {name!r}: {str(err)[:300]}") from None
+    except ImportError as err:  # a slow tokenizer class needs sentencepiece or protobuf
+        raise DeltaError(f"the tokenizer of {name!r} needs a package that is not installed ({str(err).strip()[:200]}); "
+                         "install it, or save a fast tokenizer (tokenizer.json) beside the model") from None
+    if len(tokenizer) == 0:
+        raise DeltaError(f"the tokenizer of {name!r} has an empty vocabulary, so every text would become no tokens; "
+                         "save the model's real tokenizer beside it with tokenizer.save_pretrained(folder)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     return tokenizer
-
-
 
 
 def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None) -> torch.nn.Module:
