@@ -859,7 +859,7 @@ def test_soft_prompt_from_a_model_with_other_dimensions_is_refused(make, tmp_pat
     ("gpt2-config", dict(method="lora", alpha_typo=3), r"LoraConfig has no field 'alpha_typo'"),
     ("gpt2-config", dict(task="qa"), r"task = 'qa' is not allowed"),
     ("gpt2-config", dict(method="full", quant="nf4"), r"h.0.attn.c_attn.weight would be quantised \(nf4\), but the method trains it"),
-    ("/no/such/model-folder", {}, r"cannot read the config of '/no/such/model-folder'"),
+    ("/no/such/model-folder", {}, r"model = '/no/such/model-folder': no model folder at /no/such/model-folder .*fix the path"),
     (12, {}, r"model must be a model id, a folder or a config.json path, got 12"),
 ])
 def test_planner_bad_inputs_name_the_problem(model, kwargs, message):

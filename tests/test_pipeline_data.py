@@ -65,7 +65,8 @@ def test_yaml_and_flags_make_one_validated_config(root, tmp_path):
 ])
 def test_bad_settings_name_the_key_the_allowed_values_and_the_file(tmp_path, text, flags, message):
     path = tmp_path / "run.yaml"
-    path.write_text("model: {name: m}\ndata: {train: t.jsonl}\n" + text if not text.startswith(("-", "train: [")) else text)
+    head = "model: {name: m}\n" + ("" if text.startswith("data:") else "data: {train: t.jsonl}\n")  # a key given twice is an error
+    path.write_text(head + text if not text.startswith(("-", "train: [")) else text)
     with pytest.raises(ConfigError, match=message):
         load_run_config(path, flags)
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", help="adapter folder (deltatune's or peft's); omit to evaluate the base alone")
     p = commands.add_parser("data", help="print rendered examples with the trained tokens marked, and length statistics")
     p.add_argument("config", nargs="?")
-    p.add_argument("--examples", type=int, default=3)
+    p.add_argument("--examples", type=int, default=3, help="how many training examples to print (0: the statistics only)")
     p = commands.add_parser("merge", help="fold an adapter into its base and save a standard transformers model")
     p.add_argument("--model", required=True, help="base model id or folder")
     p.add_argument("--adapter", required=True, help="adapter folder")
@@ -178,15 +178,21 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     from .pipeline.data import IGNORE, prepare
     from .pipeline.train import load_tokenizer
 
+    if args.examples < 0:  # a slice [:-1] would print all but one
+        raise DeltaError(f"--examples {args.examples}: give how many training examples to print, 0 or more "
+                         "(0 prints the length statistics only)")
     config = _run_config(args, rest)
     tokenizer = load_tokenizer(config)
     prepared = prepare(config, tokenizer, getattr(tokenizer, "model_max_length", None) if
                        (getattr(tokenizer, "model_max_length", 0) or 0) < 1_000_000 else None)
     for line in prepared.notes + prepared.lengths.lines():
         print(line)
+    if args.examples == 0:
+        return 0
     color = sys.stdout.isatty()
     start, end = ("\033[32m", "\033[0m") if color else ("[[", "]]")
-    print(f"\nthe first {args.examples} training examples; trained tokens are {'green' if color else 'between [[ and ]]'}:")
+    shown = min(args.examples, len(prepared.train))
+    print(f"\nthe first {shown} training examples; trained tokens are {'green' if color else 'between [[ and ]]'}:")
     for n, example in enumerate(prepared.train[: args.examples], 1):
         print(f"\n--- example {n} ({len(example.input_ids)} tokens)")
         if isinstance(example.labels, int):
@@ -228,10 +234,13 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
 def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     import transformers as tf
 
+    from .model_files import check_base_model
+
     classes = {"CAUSAL_LM": tf.AutoModelForCausalLM, "SEQ_CLS": tf.AutoModelForSequenceClassification,
                "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM, "TOKEN_CLS": tf.AutoModelForTokenClassification,
                "QUESTION_ANS": tf.AutoModelForQuestionAnswering}
     cls = classes.get(task_type or "", tf.AutoModel)
+    check_base_model(name, "--model")
     try:
         # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
         model = cls.from_pretrained(name, trust_remote_code=trust_remote_code, dtype="auto")
@@ -250,6 +259,7 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     from . import io as dt_io
     from .pipeline.data import TEMPLATES
 
+    prompts = _prompt_lines(Path(args.file)) if args.file is not None else []  # read before the model loads
     task = dt_io.read_adapter(args.adapter)[0].task_type if args.adapter else "CAUSAL_LM"
     model, tokenizer = _load_for_adapter(args.model, task or "CAUSAL_LM", args.trust_remote_code)
     if tokenizer is None:
@@ -273,10 +283,7 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     if args.prompt is not None:
         print(complete(args.prompt))
     elif args.file is not None:
-        path = Path(args.file)
-        if not path.is_file():
-            raise DeltaError(f"no prompt file at {path}")
-        for line in path.read_text().splitlines():
+        for line in prompts:
             if line.strip():
                 print(f">>> {line}\n{complete(line)}\n")
     else:
@@ -299,6 +306,14 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
             history.append({"role": "assistant", "content": answer})
             print(f"model> {answer}")
     return 0
+
+
+def _prompt_lines(path: Path) -> list[str]:
+    from .pipeline.config import read_utf8
+
+    if not path.is_file():
+        raise DeltaError(f"no prompt file at {path}")
+    return read_utf8(path).splitlines()
 
 
 def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:

@@ -28,6 +28,9 @@ LINE_WIDTH = 110  # the reasons wrap here, at a space
 def build_on_meta(name: str, trust_remote_code: bool = False) -> nn.Module:
     import transformers as tf
 
+    from .model_files import check_model_path
+
+    check_model_path(name, "model")  # a mistyped folder would come back as "Repo id must be in the form ..."
     try:
         config = tf.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

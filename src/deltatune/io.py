@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -176,11 +177,22 @@ def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor],
         raise
     finally:
         fsync_dir(folder)
-    if not (folder / CARD_NAME).exists():
-        _write_card(folder, config, peft_compatible)
+    _write_card(folder, config, peft_compatible)
+
+
+# a card exactly as _write_card writes it: a later save into the folder rewrites it to describe what is there now
+# (a BitFit run over a LoRA one must not leave "A LORA adapter"); a card someone wrote or edited is left alone
+_OWN_CARD = re.compile(r"---\nlibrary_name: \S+\n(?:base_model: [^\n]*\n)?tags:\n- deltatune\n- \S+\n---\n\n"
+                       r"A \S+ [^\n]* written by deltatune; [^\n]*\.\n")
 
 
 def _write_card(folder: Path, config: dict, peft_compatible: bool, whole_model: bool = False) -> None:
+    card_path = folder / CARD_NAME
+    try:
+        if card_path.exists() and not _OWN_CARD.fullmatch(card_path.read_text(encoding="utf-8")):
+            return
+    except (OSError, UnicodeDecodeError):
+        return  # not a card deltatune wrote
     library = "peft" if peft_compatible else "transformers" if whole_model else "deltatune"
     if whole_model:
         what = "model (every weight, in transformers' own layout)"

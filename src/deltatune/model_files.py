@@ -224,3 +224,56 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as err:
             raise DeltaError(f"{shard} cannot be read ({err}); the file is corrupted or truncated") from None
     return tensors
+
+
+# ---------------------------------------------------------------- base models named by the user
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def check_model_path(name: str, key: str = "model.name") -> None:
+    """A model name that looks like a local path must exist.
+
+    transformers reads a name that is no folder as a hub id, so a mistyped `./models/tiny` comes back
+    as "Repo id must be in the form 'repo_name'", which hides the mistake. A name is taken as a path when it
+    starts with ./ ../ / or ~, has more than one separator (a hub id has one), or its first part exists here.
+    """
+    if not isinstance(name, str) or not name:
+        return
+    path = Path(name).expanduser()
+    first = Path(name.split("/", 1)[0].split(os.sep, 1)[0])
+    looks_local = (name.startswith(("./", "../", "/", "~", "." + os.sep, ".." + os.sep)) or name.count("/") > 1
+                   or name.count(os.sep) > 1 or ("/" in name or os.sep in name) and first.exists() or path.exists())
+    if not looks_local:
+        return
+    if not path.exists():
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        missing = path.absolute().relative_to(parent) if parent is not None else path
+        raise DeltaError(f"{key} = {name!r}: no model folder at {path.absolute()} ({parent} exists, {missing} does not); "
+                         "fix the path, or give a Hugging Face model id such as 'gpt2' or 'org/name'")
+
+
+def check_base_model(name: str, key: str = "model.name") -> None:
+    """Before loading a base model's weights: a local folder must hold safetensors weights.
+
+    Only safetensors are read: a pickle (pytorch_model.bin) can run any code while it is unpickled, so a
+    folder whose only weights are pickles is refused rather than loaded. (A hub id is left to transformers.)"""
+    check_model_path(name, key)
+    path = Path(name).expanduser() if isinstance(name, str) and name else None
+    if path is None or not path.is_dir():
+        return
+    if not (path / "config.json").is_file():
+        raise DeltaError(f"{key} = {name!r}: the folder {path} has no config.json, so it is not a transformers model "
+                         "folder; point at the folder that save_pretrained wrote")
+    if any(path.glob("*.safetensors")) or (path / INDEX).is_file():
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.name in PICKLE_WEIGHTS or p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+                     and p.name not in ("training_args.bin",))
+    if pickles:
+        raise DeltaError(
+            f"{key} = {name!r}: the folder's only weights are {', '.join(pickles[:3])}"
+            f"{f' (and {len(pickles) - 3} more)' if len(pickles) > 3 else ''}, and deltatune reads safetensors only: "
+            "a pickle can run arbitrary code while it loads. If you trust the file, convert it once with transformers: "
+            f"AutoModel.from_pretrained({str(path)!r}).save_pretrained({str(path)!r}, safe_serialization=True) "
+            "(use the model's own Auto class, e.g. AutoModelForCausalLM), then run this again")

@@ -55,6 +55,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import logging
 import math
 import re
@@ -291,18 +292,63 @@ def load_model_config(model: Any, trust_remote_code: bool = False) -> Any:
         raise DeltaError(f"model must be a model id, a folder or a config.json path, got {model!r:.80}")
     from pathlib import Path
 
+    from .model_files import check_model_path
+
     path = Path(model)
+    if not path.is_file():
+        check_model_path(model, "model")  # a mistyped folder would come back as "Repo id must be in the form ..."
+    file = path if path.is_file() else path / "config.json" if (path / "config.json").is_file() else None
     try:
+        if file is not None:
+            try:
+                data = json.loads(file.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise DeltaError(f"{file} is not valid JSON ({err}); it should be a transformers config.json") from None
+            if not isinstance(data, dict) or "model_type" not in data:
+                raise DeltaError(f"{file} has no model_type: it is not a transformers config.json")
+            check_sizes(data, data["model_type"], str(file))  # before transformers, whose errors do not name keys
         if path.is_file():
-            data = __import__("json").loads(path.read_text())
-            if "model_type" not in data:
-                raise DeltaError(f"{path} has no model_type: it is not a transformers config.json")
             return tf.AutoConfig.for_model(**data)
-        return tf.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        config = tf.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         if isinstance(err, DeltaError):
             raise
         raise DeltaError(f"cannot read the config of {model!r}: {str(err)[:300]}") from None
+    if file is None:  # a hub id: the config as transformers read it
+        check_sizes({k: v for k, v in config.to_dict().items() if v is not None}, config.model_type, model)
+    return config
+
+
+# head-size keys: a config that gives one splits its width as it likes (T5's d_kv, Gemma's head_dim)
+_HEAD_SIZE_KEYS = ("head_dim", "d_kv", "kv_channels", "attention_head_size", "head_size")
+
+
+def check_sizes(values: dict[str, Any], model_type: str, source: str) -> None:
+    """A model config's sizes (as its config.json names them) are positive, and the width splits into whole heads."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    aliases = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) if model_type in CONFIG_MAPPING else {}
+
+    def key(name: str) -> str | None:  # the name this config's file uses (gpt2: n_embd for hidden_size)
+        for candidate in (name, aliases.get(name)):
+            if candidate is not None and candidate in values:
+                return candidate
+        return None
+
+    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        k = key(name)
+        if k is None:
+            continue
+        value = values[k]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue  # a per-layer list (some configs have one) or a string: left to transformers
+        if not isinstance(value, int) or value <= 0:
+            raise DeltaError(f"{source}: {k} = {value!r} is not allowed: it must be a positive whole number; "
+                             "fix it in the model's config.json")
+    hidden, heads = key("hidden_size"), key("num_attention_heads")
+    if hidden and heads and isinstance(values[hidden], int) and isinstance(values[heads], int) and not any(values.get(k) for k in _HEAD_SIZE_KEYS) and values[hidden] % values[heads]:
+        raise DeltaError(f"{source}: {hidden} = {values[hidden]} is not divisible by {heads} = {values[heads]}, so "
+                         "the width does not split into whole attention heads; make it a multiple (or give head_dim)")
 
 
 TASKS = ("causal_lm", "seq_cls", "seq2seq")

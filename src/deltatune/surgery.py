@@ -123,6 +123,9 @@ def require_state(model: nn.Module) -> ModelState:
 
 
 RESERVED_NAMES = ("__base__",)
+# save() writes each adapter of several into a subfolder of its name, and most filesystems (ext4, APFS, NTFS,
+# ZFS) cap one name at 255 bytes; 128 leaves room for the names other tools derive from it (name.tmp, name.bak)
+NAME_MAX_BYTES = 128
 
 
 def check_adapter_name(name: object) -> str:
@@ -134,10 +137,14 @@ def check_adapter_name(name: object) -> str:
         problem = "it is reserved for the bare base model in mixed batches"
     elif "." in name or "/" in name or "\\" in name:
         problem = "it contains '.' or a path separator"
+    elif len(name.encode("utf-8")) > NAME_MAX_BYTES:
+        problem = (f"it is {len(name.encode('utf-8'))} bytes long (UTF-8) and the limit is {NAME_MAX_BYTES}: save "
+                   "writes an adapter into a folder of its name, and filesystems cap a name at 255 bytes")
     elif hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
         problem = "it is an attribute name of torch's module containers"
     if problem:
-        raise DeltaError(f"adapter name {name!r} cannot be used: {problem}; choose another, such as 'my_adapter'")
+        shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name)} characters)"
+        raise DeltaError(f"adapter name {shown} cannot be used: {problem}; choose another, such as 'my_adapter'")
     return name
 
 

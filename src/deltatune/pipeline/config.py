@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class TrainSection:
     warmup_steps: int = check(0, ge=0)
     warmup_ratio: float = check(0.0, ge=0, lt=1)
     max_grad_norm: float | None = check(1.0, gt=0)
-    seed: int = 0
+    seed: int = 0  # 0 .. 2**32 - 1 (checked in _cross_checks: numpy's seeding takes no more)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     eval_every: int | None = check(None, gt=0)  # optimizer steps; None: at the end only
@@ -155,11 +156,29 @@ def _flag_value(value: Any) -> str:
 
 
 def _yaml_loader() -> type:
-    """PyYAML's safe loader, reading 5e-3 and 1e4 as numbers (YAML 1.2), not strings as YAML 1.1 does."""
+    """PyYAML's safe loader, reading 5e-3 and 1e4 as numbers (YAML 1.2), not strings as YAML 1.1 does,
+    and refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *defaults` then an explicit key is an override YAML allows
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        earlier = first.get(key)
+                        first.setdefault(key, line)
+                    except TypeError:  # an unhashable key: SafeLoader's own error says so
+                        break
+                    if earlier is not None:
+                        lines = f"twice on line {line}" if earlier == line else f"on line {earlier} and again on line {line}"
+                        raise ConfigError(f"key {key!r} is given {lines} of one section; PyYAML would silently keep "
+                                          "the last: delete one of them")
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -187,9 +206,13 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | dict[
         if not file.is_file():
             raise ConfigError(f"no config file at {file}")
         try:
-            data = read_yaml(file.read_text()) or {}
+            data = read_yaml(read_utf8(file, ConfigError)) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{file} is not valid YAML: {err}") from None
+        except ConfigError as err:
+            if str(err).startswith(str(file)):
+                raise
+            raise ConfigError(f"{file}: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file} must hold a mapping of sections (model, data, method, train, ...), "
                               f"not a {type(data).__name__}")
@@ -197,6 +220,19 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | dict[
     for key, value in pairs:
         _set_path(data, key, value, source)
     return build_run_config(data, source)
+
+
+def read_utf8(path: Path, error: type[DeltaError] = DeltaError) -> str:
+    """A text file's contents; bytes that are not UTF-8 are an `error` naming the line and byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise error(f"{path}: line {line}, byte {column} (offset {err.start} in the file) is not UTF-8 "
+                    f"(byte 0x{data[err.start]:02x}); save the file as UTF-8 (in an editor: 'save with encoding'; "
+                    f"from Latin-1: iconv -f latin1 -t utf-8 {path.name} > fixed_{path.name})") from None
 
 
 def parse_flags(args: list[str]) -> list[tuple[str, Any]]:
@@ -219,6 +255,8 @@ def parse_flags(args: list[str]) -> list[tuple[str, Any]]:
             parsed = read_yaml(value)
         except yaml.YAMLError:
             parsed = value
+        except ConfigError as err:
+            raise ConfigError(f"--{key} {value}: {err}") from None
         pairs.append((key.replace("-", "_"), parsed))
         i += 1
     return pairs
@@ -268,6 +306,10 @@ def _section(cls: type, values: Any, name: str, source: str) -> Any:
         validate_fields(section, prefix=name)
     except DeltaError as err:
         raise ConfigError(f"{source}: {err}") from None
+    for f in dataclasses.fields(section):  # .inf passes every `> 0` bound, and no setting means it
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: {name}.{f.name} = {value!r} is not allowed: it must be a finite number")
     return section
 
 
@@ -287,10 +329,28 @@ def _method_config(method: str, values: Any, source: str) -> DeltaConfig:
         raise ConfigError(f"{source}: {method}: {err}") from None
 
 
+SEED_MAX = 2**32 - 1
+# torch.optim classes the loop cannot drive, and why: it calls step() with no closure, on dense gradients
+UNUSABLE_OPTIMIZERS = {"lbfgs": "LBFGS needs a closure that re-evaluates the loss at every step(), which this loop "
+                                "does not give (it is a full-batch method)",
+                       "sparseadam": "SparseAdam takes sparse gradients only, and a delta's gradients are dense"}
+
+
 def _cross_checks(config: RunConfig) -> None:
     where = config.source
     if not config.model.name:
         raise ConfigError(f"{where}: model.name is required (a Hugging Face model id or a local folder)")
+    if not config.output.dir.strip():
+        raise ConfigError(f"{where}: output.dir is empty, which would write the run into the current folder; "
+                          "name a folder for it, e.g. output.dir: out/run")
+    seed = config.train.seed
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{where}: train.seed = {seed} is not allowed: a seed goes from 0 to 2**32 - 1 ({SEED_MAX}), "
+                          "the range numpy's seeding accepts (torch and random take it too); choose one in that range")
+    if config.train.optimizer.lower() in UNUSABLE_OPTIMIZERS:  # before the model loads, not after
+        raise ConfigError(f"{where}: train.optimizer = {config.train.optimizer!r} cannot be used: "
+                          f"{UNUSABLE_OPTIMIZERS[config.train.optimizer.lower()]}; choose another torch.optim class "
+                          "(adamw, adam, sgd, rmsprop, ...) or a bitsandbytes one (adamw8bit, paged_adamw8bit, ...)")
     if not config.data.train:
         raise ConfigError(f"{where}: data.train is required (a .json/.jsonl/.csv/.parquet file or a datasets name)")
     task_formats = {"causal_lm": {"text", "instruction", "chat"}, "seq_cls": {"classification"}, "seq2seq": {"seq2seq", "instruction"}}

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..config import DeltaError
-from .config import DataSection
+from .config import DataSection, read_utf8
 
 IGNORE = -100
 
@@ -72,17 +72,21 @@ def read_rows(source: str, data: DataSection) -> tuple[list[dict[str, Any]], str
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix in (".json", ".jsonl"):
-            _check_json(path)  # datasets' own errors do not say which line
-            builder = "json"
-        elif suffix in (".csv", ".parquet"):
-            builder = suffix[1:]
-        else:
+        if suffix not in (".json", ".jsonl", ".csv", ".parquet"):
             raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet")
-        try:
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # noqa: BLE001 - any reader failure is the file's fault here
-            raise DataError(f"{path}: cannot be read as {builder} ({type(err).__name__}: {str(err)[:300]})") from None
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty; put the training rows in it (or point data.train at another file)")
+        small = path.stat().st_size < 2_000_000_000  # read here whole; datasets streams what is larger
+        rows = _json_rows(path) if suffix in (".json", ".jsonl") and small else None
+        if rows is None:
+            if suffix == ".csv" and small:
+                read_utf8(path, DataError)  # datasets would only say "An error occurred while generating the dataset"
+            builder = {".jsonl": "json"}.get(suffix, suffix[1:])
+            try:
+                dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            except Exception as err:  # noqa: BLE001 - any reader failure is the file's fault here
+                raise DataError(f"{path}: cannot be read as {builder} ({type(err).__name__}: {str(err)[:300]})") from None
+            rows = [dict(row) for row in dataset]
         where = str(path)
     elif path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") or "/" in source and not _looks_like_hub(source):
         raise DataError(f"no data file at {path}")
@@ -92,7 +96,7 @@ def read_rows(source: str, data: DataSection) -> tuple[list[dict[str, Any]], str
         except Exception as err:  # noqa: BLE001
             raise DataError(f"the dataset {source!r} (split {data.split!r}) cannot be loaded: {str(err)[:300]}") from None
         where = f"dataset {source}"
-    rows = [dict(row) for row in dataset]
+        rows = [dict(row) for row in dataset]
     if data.max_examples is not None:
         rows = rows[: data.max_examples]
     if not rows:
@@ -104,25 +108,76 @@ def _looks_like_hub(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/"))
 
 
-def _check_json(path: Path) -> None:
-    text = path.read_text(encoding="utf-8", errors="strict") if path.stat().st_size < 2_000_000_000 else ""
-    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object with columns")
-        return
+def _json_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON or JSONL file, whichever the content is, whatever the suffix says: one object per line
+    (JSONL), a JSON array of objects, or an object of equal-length columns ({"text": [...], "label": [...]}),
+    printed on one line or many. Every row gets every column (None where a row has none), as datasets gives them."""
+    text = read_utf8(path, DataError)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty (only whitespace); put the training rows in it")
     try:
-        rows = json.loads(text)
+        whole = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {number} is a JSON {type(row).__name__}, not an object with columns")
+        whole, whole_error = None, err
+    else:
+        whole_error = None
+    if isinstance(whole, list):
+        rows = whole
+        for number, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: item {number} of the JSON array is a JSON {type(row).__name__}, not an object "
+                                "with columns; write one object per row, e.g. [{\"text\": \"...\"}, ...]")
+    elif isinstance(whole, dict) and text.strip().count("\n") == 0:
+        rows = [whole]  # one line: a JSONL file of one row, as datasets reads it too
+    elif isinstance(whole, dict):
+        rows = _columns_to_rows(path, whole)
+    elif whole is not None:
+        raise DataError(f"{path} holds a single JSON {type(whole).__name__}; write one object per line (JSONL), "
+                        "a JSON array of objects, or an object of columns")
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if not rows and text.lstrip()[:1] in "[{" and whole_error is not None and number == _first_line(text):
+                    # a document spread over lines (not JSONL): its own error says where it breaks
+                    raise DataError(f"{path}: not valid JSON ({whole_error.msg} at line {whole_error.lineno}, column "
+                                    f"{whole_error.colno}); it is read as one JSON document (an array of objects or an "
+                                    "object of columns) or as JSONL, one object per line") from None
+                raise DataError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                                "JSONL holds one complete object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object with columns")
+            rows.append(row)
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return [{c: row.get(c) for c in columns} for row in rows]
+
+
+def _first_line(text: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), 1) if line.strip())
+
+
+def _is_columns(value: dict[str, Any]) -> bool:
+    return bool(value) and all(isinstance(v, list) for v in value.values())
+
+
+def _columns_to_rows(path: Path, columns: dict[str, Any]) -> list[dict[str, Any]]:
+    if not _is_columns(columns):
+        bad = next((k for k, v in columns.items() if not isinstance(v, list)), None)
+        raise DataError(f"{path} holds one JSON object over several lines, read as columns, but its key {bad!r} is "
+                        "not a list of values; write columns as {\"col\": [values...], ...}, rows as a JSON array of "
+                        "objects, or JSONL (one whole object per line)")
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{path}: the columns have different lengths ({', '.join(f'{k}: {n}' for k, n in lengths.items())}); "
+                        "every column needs one value per row")
+    names = list(columns)
+    return [{k: columns[k][i] for k in names} for i in range(next(iter(lengths.values())))]
 
 
 # ---------------------------------------------------------------- checking
@@ -485,6 +540,10 @@ def prepare(config: Any, tokenizer: Any, model_limit: int | None) -> Prepared:
     elif data.eval_fraction:
         order = epoch_order(len(train_rows), config.train.seed, epoch=-1)
         n_eval = max(1, round(len(train_rows) * data.eval_fraction))
+        if n_eval >= len(train_rows):
+            raise DataError(f"{where}: data.eval_fraction {data.eval_fraction} of {len(train_rows)} row(s) holds out "
+                            f"{n_eval} for eval and leaves no training rows; add rows, lower data.eval_fraction, "
+                            "or give the eval rows as a file in data.eval")
         eval_rows = [train_rows[i] for i in order[:n_eval]]
         train_rows = [train_rows[i] for i in sorted(order[n_eval:])]
         notes.append(f"eval: {n_eval} rows held out of {where} (data.eval_fraction {data.eval_fraction})")

@@ -24,11 +24,12 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
+from ..model_files import check_base_model, check_model_path
 from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import UNUSABLE_OPTIMIZERS, RunConfig
 from .data import IGNORE, Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
 from .report import RunLog, write_report
@@ -51,23 +52,43 @@ class RunResult:
 # ---------------------------------------------------------------- model
 
 
+# any one of these in a folder is a tokenizer transformers can read
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(config: RunConfig) -> Any:
     from transformers import AutoTokenizer
 
+    name = config.model.name
+    check_model_path(name)  # a mistyped folder would come back as "Repo id must be in the form ..."
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer from config.json alone (every text becomes no tokens),
+        # transformers 4 asks for protobuf: neither says what is missing
+        raise DeltaError(f"model.name = {name!r}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, "
+                         "...); save it beside the model with tokenizer.save_pretrained(folder), or copy the "
+                         "tokenizer files of the model it was trained from")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code,
                                                   revision=config.model.revision)
     except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot load the tokenizer of {config.model.name!r}: {str(err)[:300]}") from None
+        raise DeltaError(f"cannot load the tokenizer of {name!r}: {str(err)[:300]}") from None
+    except ImportError as err:  # a slow tokenizer class needs sentencepiece or protobuf
+        raise DeltaError(f"the tokenizer of {name!r} needs a package that is not installed ({str(err).strip()[:200]}); "
+                         "install it, or save a fast tokenizer (tokenizer.json) beside the model") from None
+    if len(tokenizer) == 0:
+        raise DeltaError(f"the tokenizer of {name!r} has an empty vocabulary, so every text would become no tokens; "
+                         "save the model's real tokenizer beside it with tokenizer.save_pretrained(folder)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     return tokenizer
 
 
-
-
 def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None) -> torch.nn.Module:
     import transformers as tf
+
+    check_base_model(config.model.name)  # safetensors weights only: a pickle could run code
 
     classes = {"causal_lm": tf.AutoModelForCausalLM, "seq_cls": tf.AutoModelForSequenceClassification,
                "seq2seq": tf.AutoModelForSeq2SeqLM}
@@ -116,22 +137,38 @@ def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -
 
 def make_optimizer(name: str, params: list[Any], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`params`: parameters or parameter groups (each group may carry its own lr)."""
+    import inspect
+
     from ..quant import OPTIMIZERS, bnb_optimizer
 
     if name.lower() in OPTIMIZERS:
         return bnb_optimizer(name.lower(), params, lr, weight_decay)
     by_lower = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
                 if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
-                and n != "Optimizer"}
+                and n != "Optimizer" and n.lower() not in UNUSABLE_OPTIMIZERS}
+    usable = f"{', '.join(sorted(by_lower))}, or from bitsandbytes {', '.join(OPTIMIZERS)}"
+    if name.lower() in UNUSABLE_OPTIMIZERS:
+        raise DeltaError(f"train.optimizer = {name!r} cannot be used here: {UNUSABLE_OPTIMIZERS[name.lower()]}; "
+                         f"choose one of {usable}")
     if name.lower() not in by_lower:
         squeezed = {n.replace("_", ""): n for n in OPTIMIZERS}
         close = squeezed.get(name.lower().replace("_", "").replace("-", "").replace("bnb", ""))
         if close is not None:  # transformers' spellings: adamw_bnb_8bit, paged_adamw_8bit, ...
             raise DeltaError(f"train.optimizer = {name!r} is not a name deltatune knows; the bitsandbytes optimizer "
                              f"it looks like is spelled {close!r} here: set train.optimizer: {close}")
-        raise DeltaError(f"train.optimizer = {name!r} is not a torch.optim optimizer; choose one of "
-                         f"{', '.join(sorted(by_lower))}, or from bitsandbytes {', '.join(OPTIMIZERS)}")
-    return by_lower[name.lower()](params, lr=lr, weight_decay=weight_decay)
+        raise DeltaError(f"train.optimizer = {name!r} is not a torch.optim optimizer; choose one of {usable}")
+    cls = by_lower[name.lower()]
+    kwargs: dict[str, Any] = {"lr": lr}
+    if "weight_decay" in inspect.signature(cls).parameters:
+        kwargs["weight_decay"] = weight_decay
+    elif weight_decay:
+        raise DeltaError(f"train.optimizer = {name!r} has no weight decay, but train.weight_decay = {weight_decay}; "
+                         "set train.weight_decay: 0 or choose another optimizer")
+    try:
+        return cls(params, **kwargs)
+    except (ValueError, TypeError) as err:  # Muon, say, takes 2-D parameters only
+        raise DeltaError(f"train.optimizer = {name!r} cannot train this delta's parameters ({err}); "
+                         "choose another optimizer, such as adamw") from None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
