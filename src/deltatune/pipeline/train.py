@@ -28,7 +28,7 @@ from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import RunConfig, with_step_count
 from .data import Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
 from .report import RunLog, write_report
@@ -182,6 +182,12 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
     for line in prepared.notes + prepared.lengths.lines():
         say(line)
+    world = accelerator.num_processes
+    per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step
+    total = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prepared.train) / per_step))
+    config, note = with_step_count(config, total)  # before attach: AdaLoRA's budget schedule spans the run
+    if note:
+        say(note)
 
     resume_from = ckpt.latest(out) if config.train.resume else None
     if resume_from is not None:
@@ -210,9 +216,6 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         check_run(config, model, max((len(e.input_ids) for e in prepared.train), default=1), say,
                   max(targets) if targets else None)
 
-    world = accelerator.num_processes
-    per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step
-    total = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prepared.train) / per_step))
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = parameter_groups(model, config.train.lr, config.train.head_lr)
@@ -295,9 +298,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     bar.close()
 
     api.finalize(inner)
-    metrics = evaluate(inner, prepared, config, tokenizer) if prepared.eval else {}
-    if metrics:
-        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    # Everything the run produced is written before the final eval, so an eval that fails never loses the delta.
     adapter_dir = out / "adapter"
     _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)  # the final state, for continued training
     if main:
@@ -309,12 +310,25 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 
         export_merged(inner, tokenizer, out / "merged")
     accelerator.wait_for_everyone()
+    metrics = _final_eval(inner, prepared, config, tokenizer, out) if prepared.eval else {}
+    if metrics:
+        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     result = RunResult(output_dir=out, adapter_dir=adapter_dir, steps=step, final_loss=last_loss, metrics=metrics)
     if main:
         result.summary = write_report(out, config, counts, log, metrics, wall=time.perf_counter() - t_start,
                                       tokens_per_s=tokens_seen / max(1e-9, time.perf_counter() - t_loop), skipped=skipped,
                                       echo=say)
     return result
+
+
+def _final_eval(model: torch.nn.Module, prepared: Prepared, config: RunConfig, tokenizer: Any, out: Path) -> dict[str, float]:
+    """The end-of-run metrics; a failure here says that the trained delta is already safe on disk."""
+    try:
+        return evaluate(model, prepared, config, tokenizer)
+    except Exception as err:  # noqa: BLE001 - any fault of the eval, reported with where the delta is
+        raise TrainingError(f"the final evaluation failed ({type(err).__name__}: {str(err)[:300]}); the trained delta is "
+                            f"saved at {out / 'adapter'} (and config.yaml beside it), so nothing is lost: evaluate it "
+                            f"again with `deltatune eval {out / 'config.yaml'} --adapter {out / 'adapter'}`") from err
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
