@@ -39,6 +39,9 @@ class ModelSection:
     trust_remote_code: bool = False
     revision: str | None = None
     num_labels: int | None = check(None, gt=1)  # seq_cls: the data's label count when None
+    # seq_cls: load a checkpoint whose classifier head has another label count with a fresh head of the
+    # data's count (transformers' ignore_mismatched_sizes); a head of the right size is kept as it is
+    reinit_head: bool = False
     quant: Literal["nf4", "fp4", "int8"] | None = None  # a quantised frozen base (bitsandbytes); dtype: its compute dtype
     double_quant: bool = True  # nf4/fp4: 8-bit absmax scales (4.127 bits per weight instead of 4.5)
     int8_threshold: float = check(6.0, ge=0)  # int8: LLM.int8()'s outlier threshold (0: no 16-bit columns)

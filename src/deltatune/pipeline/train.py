@@ -28,7 +28,7 @@ from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
-from .config import RunConfig, with_step_count
+from .config import ConfigError, RunConfig, with_step_count
 from .data import Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
 from .report import RunLog, write_report
@@ -74,10 +74,12 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision,
                               "dtype": DTYPES[config.model.dtype]}
     if config.model.task == "seq_cls":
-        count = config.model.num_labels or (len(labels) if labels else 2)
+        count = check_head(config, labels)
         kwargs.update(num_labels=count)
         if labels and len(labels) == count:
             kwargs.update(id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+        if config.model.reinit_head:
+            kwargs.update(ignore_mismatched_sizes=True)  # a head of another size starts fresh
     if config.model.quant is not None:
         from ..quant import CLASSIFIER_HEADS, quantization_config
 
@@ -92,6 +94,45 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def check_head(config: RunConfig, labels: list[str] | None) -> int:
+    """The classifier's label count, checked against the data and the checkpoint's head before anything loads.
+
+    transformers would fail while loading (a head of another size) or the loss mid-training (a label
+    index past the head), long after the mistake; here it is named with both counts."""
+    where = config.source
+    if labels is not None and len(labels) < 2:
+        raise ConfigError(f"{where}: the classification data {config.data.train} has one label only ({labels!r}); a "
+                          "classifier needs at least two: add rows of another label, or list the whole set in data.labels")
+    count = config.model.num_labels or (len(labels) if labels else 2)
+    if labels is not None and config.model.num_labels is not None and config.model.num_labels != len(labels):
+        raise ConfigError(f"{where}: model.num_labels = {config.model.num_labels} but the data has {len(labels)} labels "
+                          f"({', '.join(labels)}); set model.num_labels: {len(labels)} or drop it (the data's count is "
+                          "the default), or list every label in data.labels")
+    head = _checkpoint_head(config)
+    if head is not None and len(head) != count and not config.model.reinit_head:
+        have = f"the data's {len(labels)} labels ({', '.join(labels)})" if labels else f"{count} labels"
+        raise ConfigError(f"{where}: the classifier head of {config.model.name!r} has {len(head)} labels "
+                          f"({', '.join(head)}), but this run needs {have}; add model.reinit_head: true to load it "
+                          f"with a fresh {count}-label head (its trained head is dropped), or give data.labels the "
+                          "checkpoint's labels")
+    return count
+
+
+def _checkpoint_head(config: RunConfig) -> list[str] | None:
+    """The labels of the checkpoint's classifier head, or None when it has none (a base model, a causal LM)."""
+    from transformers import AutoConfig
+
+    try:
+        base = AutoConfig.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
+                                          revision=config.model.revision)
+    except (OSError, ValueError) as err:
+        raise DeltaError(f"cannot read the config of {config.model.name!r}: {str(err)[:300]}") from None
+    # Only a checkpoint saved as a classifier has trained head weights; any other gets a fresh head of any size.
+    if not any(a.endswith("ForSequenceClassification") for a in getattr(base, "architectures", None) or []):
+        return None
+    return [str(base.id2label[i]) for i in sorted(base.id2label)]
 
 
 def model_limit(model: torch.nn.Module, tokenizer: Any) -> int | None:
