@@ -79,6 +79,12 @@ def save_tiny(root: Path, arch: str, seed: int = 0, width: int = 32, **overrides
     elif arch == "t5":
         model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=h, d_kv=h // 4, d_ff=ffn, num_layers=2, num_heads=4,
                                                           decoder_start_token_id=tokenizer.pad_token_id, **common, **overrides))
+    elif arch == "bart":  # a seq2seq model with bias terms (t5 has none)
+        model = tf.BartForConditionalGeneration(tf.BartConfig(d_model=h, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+                                                              encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                                              decoder_attention_heads=4, max_position_embeddings=256,
+                                                              decoder_start_token_id=tokenizer.eos_token_id,
+                                                              bos_token_id=tokenizer.eos_token_id, **common, **overrides))
     else:
         raise ValueError(arch)
     model.save_pretrained(folder)
