@@ -181,6 +181,11 @@ def test_num_labels_below_the_datas_labels_is_refused(root):
         run(classify(root, "num-labels", ["a", "b", "c"], **{"model.num_labels": 2, "model.reinit_head": True}), echo=quiet)
 
 
+def test_reinit_head_on_a_task_without_a_classifier_head_is_refused(root):
+    with pytest.raises(ConfigError, match=r"model.reinit_head applies to model.task = 'seq_cls' .*drop model.reinit_head"):
+        causal(root, "reinit-causal", **{"model.reinit_head": True})
+
+
 def test_eval_refuses_the_mismatch_with_the_same_message(root, capsys):
     config = classify(root, "eval-mismatch", ["a", "b", "c"])
     (root / "mismatch.yaml").write_text(json.dumps(config.as_dict()))  # JSON is YAML

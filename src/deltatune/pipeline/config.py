@@ -350,6 +350,9 @@ def _cross_checks(config: RunConfig) -> None:
     if config.data.format not in task_formats[config.model.task]:
         raise ConfigError(f"{where}: data.format = {config.data.format!r} does not fit model.task = {config.model.task!r}; "
                           f"use one of {', '.join(sorted(task_formats[config.model.task]))}")
+    if config.model.reinit_head and config.model.task != "seq_cls":
+        raise ConfigError(f"{where}: model.reinit_head applies to model.task = 'seq_cls' (a classifier head); "
+                          f"model.task is {config.model.task!r}: drop model.reinit_head")
     if config.data.packing and config.model.task != "causal_lm":
         raise ConfigError(f"{where}: data.packing works for causal_lm only")
     if config.train.mixed_precision != "no" and config.model.dtype != "fp32":
