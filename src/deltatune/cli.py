@@ -261,7 +261,15 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 
     prompts = _prompt_lines(Path(args.file)) if args.file is not None else []  # read before the model loads
     task = dt_io.read_adapter(args.adapter)[0].task_type if args.adapter else "CAUSAL_LM"
+    if task not in (None, *GENERATING_TASKS):
+        # checked before loading: a classifier's model has no generate(), and the AttributeError would say nothing
+        raise DeltaError(f"the adapter at {args.adapter} was trained for task {task}: its model has no generation head "
+                         f"(no language-model head to produce tokens); generate needs a causal LM or seq2seq adapter "
+                         f"({' or '.join(GENERATING_TASKS)}); score a classifier with `deltatune eval CONFIG --adapter DIR`")
     model, tokenizer = _load_for_adapter(args.model, task or "CAUSAL_LM", args.trust_remote_code)
+    if not callable(getattr(model, "generate", None)) or not _can_generate(model):
+        raise DeltaError(f"{args.model} loads as {type(model).__name__}, which has no generation head; generate needs a "
+                         "causal LM or seq2seq model")
     if tokenizer is None:
         raise DeltaError(f"{args.model} has no tokenizer to generate with")
     if args.adapter:
@@ -314,6 +322,14 @@ def _prompt_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DeltaError(f"no prompt file at {path}")
     return read_utf8(path).splitlines()
+
+
+GENERATING_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+def _can_generate(model: Any) -> bool:
+    check = getattr(model, "can_generate", None)
+    return bool(check()) if callable(check) else True
 
 
 def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:

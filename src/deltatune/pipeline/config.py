@@ -40,6 +40,9 @@ class ModelSection:
     trust_remote_code: bool = False
     revision: str | None = None
     num_labels: int | None = check(None, gt=1)  # seq_cls: the data's label count when None
+    # seq_cls: load a checkpoint whose classifier head has another label count with a fresh head of the
+    # data's count (transformers' ignore_mismatched_sizes); a head of the right size is kept as it is
+    reinit_head: bool = False
     quant: Literal["nf4", "fp4", "int8"] | None = None  # a quantised frozen base (bitsandbytes); dtype: its compute dtype
     double_quant: bool = True  # nf4/fp4: 8-bit absmax scales (4.127 bits per weight instead of 4.5)
     int8_threshold: float = check(6.0, ge=0)  # int8: LLM.int8()'s outlier threshold (0: no 16-bit columns)
@@ -118,12 +121,15 @@ class RunConfig:
     output: OutputSection
     eval: EvalSection
     source: str = "<flags>"  # where it was read from, for messages
+    # Method config fields the pipeline sets from the run rather than the user (AdaLoRA's total_step):
+    # they hold a placeholder until train.run knows the step count (see with_step_count).
+    filled: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The config as YAML-ready data (what `deltatune train` prints and saves beside the run)."""
         out: dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["method"] = self.method
-        out[self.method] = {k: v for k, v in self.delta.to_dict().items() if k != "method"}
+        out[self.method] = {k: v for k, v in self.delta.to_dict().items() if k != "method" and k not in self.filled}
         return out
 
     def command(self) -> str:
@@ -136,12 +142,20 @@ class RunConfig:
                 if value != getattr(default, f.name):
                     flags.append(f"--{name}.{f.name} {_flag_value(value)}")
         flags.append(f"--method {self.method}")
-        default_delta = type(self.delta)()
+        # the fields' own defaults: a config with a required field (AdaLoRA's total_step) has no default instance
         for f in dataclasses.fields(self.delta):
             value = getattr(self.delta, f.name)
-            if f.metadata.get("serialise", True) and value != getattr(default_delta, f.name):
+            if f.metadata.get("serialise", True) and f.name not in self.filled and value != _default(f):
                 flags.append(f"--{self.method}.{f.name} {_flag_value(value)}")
         return "deltatune train " + " ".join(flags)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def _flag_value(value: Any) -> str:
@@ -286,8 +300,8 @@ def build_run_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: section {other_methods[0]!r} does not apply: method is {method!r} "
                           f"(set --method {other_methods[0]} to use it)")
     sections = {name: _section(cls, data.get(name), name, source) for name, cls in SECTIONS.items()}
-    delta = _method_config(method, data.get(method), source)
-    config = RunConfig(method=method, delta=delta, source=source, **sections)
+    delta, filled = _method_config(method, data.get(method), source, sections["train"])
+    config = RunConfig(method=method, delta=delta, source=source, filled=filled, **sections)
     _cross_checks(config)
     return config
 
@@ -313,7 +327,8 @@ def _section(cls: type, values: Any, name: str, source: str) -> Any:
     return section
 
 
-def _method_config(method: str, values: Any, source: str) -> DeltaConfig:
+def _method_config(method: str, values: Any, source: str, train: TrainSection) -> tuple[DeltaConfig, tuple[str, ...]]:
+    """The method's config, and the fields the pipeline fills in from the run (see with_step_count)."""
     cls = METHODS[method].config_cls
     values = {} if values is None else values
     if not isinstance(values, dict):
@@ -323,8 +338,15 @@ def _method_config(method: str, values: Any, source: str) -> DeltaConfig:
         if key not in fields:
             raise ConfigError(f"{source}: {method}.{key} is not a {cls.__name__} field{_suggest(key, fields)}; "
                               f"its fields: {', '.join(sorted(fields))}")
+    filled: tuple[str, ...] = ()
+    if STEP_FIELD in fields and values.get(STEP_FIELD) is None:
+        # The run's step count is known only once the data is read (epochs x examples / batch): until then
+        # a placeholder that passes the config's own checks; train.max_steps when set, so tinit/tfinal
+        # that leave no steps are refused now rather than after loading the model.
+        placeholder = train.max_steps or int(values.get("tinit") or 0) + int(values.get("tfinal") or 0) + 1
+        values, filled = {**values, STEP_FIELD: placeholder}, (STEP_FIELD,)
     try:
-        return cls(**values)
+        return cls(**values), filled
     except DeltaError as err:
         raise ConfigError(f"{source}: {method}: {err}") from None
 
@@ -334,6 +356,37 @@ SEED_MAX = 2**32 - 1
 UNUSABLE_OPTIMIZERS = {"lbfgs": "LBFGS needs a closure that re-evaluates the loss at every step(), which this loop "
                                 "does not give (it is a full-batch method)",
                        "sparseadam": "SparseAdam takes sparse gradients only, and a delta's gradients are dense"}
+
+
+# The method config field that is the run's number of optimizer steps (AdaLoRA's budget schedule).
+STEP_FIELD = "total_step"
+
+
+def with_step_count(config: RunConfig, total: int) -> tuple[RunConfig, str | None]:
+    """The config with the run's step count in the method's total_step, and a note when the user's disagrees.
+
+    Left to the pipeline, total_step is the run's step count. A user's value above it is refused (the
+    rank budget would stop part-way, never reaching target_r); one below it is kept and said (the
+    budget reaches its target early and stays fixed, as tfinal does)."""
+    if not hasattr(config.delta, STEP_FIELD):
+        return config, None
+    where, key = config.source, f"{config.method}.{STEP_FIELD}"
+    if STEP_FIELD in config.filled:
+        try:
+            delta = config.delta.replace(**{STEP_FIELD: total})
+        except DeltaError as err:
+            raise ConfigError(f"{where}: {config.method}: with the run's {total} steps as {STEP_FIELD}: {err}") from None
+        return dataclasses.replace(config, delta=delta, filled=tuple(f for f in config.filled if f != STEP_FIELD)), None
+    given = getattr(config.delta, STEP_FIELD)
+    if given > total:
+        raise ConfigError(f"{where}: {key} = {given} but the run trains {total} steps, so the rank budget would stop "
+                          f"part-way and never reach target_r; drop {key} (the pipeline sets it to the run's step count) "
+                          f"or set train.max_steps: {given}")
+    if given < total:
+        return config, (f"{key} = {given} is below the run's {total} steps: the rank budget reaches target_r at step "
+                        f"{given - getattr(config.delta, 'tfinal', 0)} and stays fixed after; drop {key} to spread it "
+                        "over the whole run")
+    return config, None
 
 
 def _cross_checks(config: RunConfig) -> None:
@@ -357,6 +410,9 @@ def _cross_checks(config: RunConfig) -> None:
     if config.data.format not in task_formats[config.model.task]:
         raise ConfigError(f"{where}: data.format = {config.data.format!r} does not fit model.task = {config.model.task!r}; "
                           f"use one of {', '.join(sorted(task_formats[config.model.task]))}")
+    if config.model.reinit_head and config.model.task != "seq_cls":
+        raise ConfigError(f"{where}: model.reinit_head applies to model.task = 'seq_cls' (a classifier head); "
+                          f"model.task is {config.model.task!r}: drop model.reinit_head")
     if config.data.packing and config.model.task != "causal_lm":
         raise ConfigError(f"{where}: data.packing works for causal_lm only")
     if config.train.mixed_precision != "no" and config.model.dtype != "fp32":

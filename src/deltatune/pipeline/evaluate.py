@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..config import DeltaError
 from .data import IGNORE, Collator, Prepared
 
 
@@ -43,6 +44,7 @@ def _scores(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: 
         batch = {k: v.to(device) for k, v in collate(prepared.eval[i:i + size]).items()}
         logits = model(**batch).logits.float()
         labels = batch["labels"]
+        logits = token_logits(logits, labels)
         if config.model.task == "causal_lm":
             logits, labels = logits[:, :-1], labels[:, 1:]
         n = int((labels != IGNORE).sum())
@@ -53,6 +55,17 @@ def _scores(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: 
             total_tokens += n
     mean = total_loss / max(1, total_tokens)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def token_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits of the labelled positions: a soft prompt (prompt tuning, P-tuning) prepends virtual
+    tokens inside the model's forward, so its logits start with one row per virtual token that the
+    batch's labels never had. Those rows come first; the rest line up with the labels."""
+    extra = logits.shape[1] - labels.shape[1]  # (B, n_virtual + T, V) against (B, T)
+    if extra < 0:
+        raise DeltaError(f"evaluation: the model returned logits for {logits.shape[1]} positions but the batch has "
+                         f"{labels.shape[1]} labelled positions; a delta that removes positions cannot be evaluated here")
+    return logits[:, extra:]
 
 
 def classification_metrics(truth: list[int], predictions: list[int]) -> dict[str, float]:

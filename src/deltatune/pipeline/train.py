@@ -29,7 +29,7 @@ from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt
-from .config import UNUSABLE_OPTIMIZERS, RunConfig
+from .config import UNUSABLE_OPTIMIZERS, ConfigError, RunConfig, with_step_count
 from .data import IGNORE, Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
 from .report import RunLog, write_report
@@ -95,10 +95,12 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision,
                               "dtype": DTYPES[config.model.dtype]}
     if config.model.task == "seq_cls":
-        count = config.model.num_labels or (len(labels) if labels else 2)
+        count = check_head(config, labels)
         kwargs.update(num_labels=count)
         if labels and len(labels) == count:
             kwargs.update(id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+        if config.model.reinit_head:
+            kwargs.update(ignore_mismatched_sizes=True)  # a head of another size starts fresh
     if config.model.quant is not None:
         from ..quant import CLASSIFIER_HEADS, quantization_config
 
@@ -113,6 +115,45 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def check_head(config: RunConfig, labels: list[str] | None) -> int:
+    """The classifier's label count, checked against the data and the checkpoint's head before anything loads.
+
+    transformers would fail while loading (a head of another size) or the loss mid-training (a label
+    index past the head), long after the mistake; here it is named with both counts."""
+    where = config.source
+    if labels is not None and len(labels) < 2:
+        raise ConfigError(f"{where}: the classification data {config.data.train} has one label only ({labels!r}); a "
+                          "classifier needs at least two: add rows of another label, or list the whole set in data.labels")
+    count = config.model.num_labels or (len(labels) if labels else 2)
+    if labels is not None and config.model.num_labels is not None and config.model.num_labels != len(labels):
+        raise ConfigError(f"{where}: model.num_labels = {config.model.num_labels} but the data has {len(labels)} labels "
+                          f"({', '.join(labels)}); set model.num_labels: {len(labels)} or drop it (the data's count is "
+                          "the default), or list every label in data.labels")
+    head = _checkpoint_head(config)
+    if head is not None and len(head) != count and not config.model.reinit_head:
+        have = f"the data's {len(labels)} labels ({', '.join(labels)})" if labels else f"{count} labels"
+        raise ConfigError(f"{where}: the classifier head of {config.model.name!r} has {len(head)} labels "
+                          f"({', '.join(head)}), but this run needs {have}; add model.reinit_head: true to load it "
+                          f"with a fresh {count}-label head (its trained head is dropped), or give data.labels the "
+                          "checkpoint's labels")
+    return count
+
+
+def _checkpoint_head(config: RunConfig) -> list[str] | None:
+    """The labels of the checkpoint's classifier head, or None when it has none (a base model, a causal LM)."""
+    from transformers import AutoConfig
+
+    try:
+        base = AutoConfig.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
+                                          revision=config.model.revision)
+    except (OSError, ValueError) as err:
+        raise DeltaError(f"cannot read the config of {config.model.name!r}: {str(err)[:300]}") from None
+    # Only a checkpoint saved as a classifier has trained head weights; any other gets a fresh head of any size.
+    if not any(a.endswith("ForSequenceClassification") for a in getattr(base, "architectures", None) or []):
+        return None
+    return [str(base.id2label[i]) for i in sorted(base.id2label)]
 
 
 def model_limit(model: torch.nn.Module, tokenizer: Any) -> int | None:
@@ -219,6 +260,12 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
     for line in prepared.notes + prepared.lengths.lines():
         say(line)
+    world = accelerator.num_processes
+    per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step
+    total = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prepared.train) / per_step))
+    config, note = with_step_count(config, total)  # before attach: AdaLoRA's budget schedule spans the run
+    if note:
+        say(note)
 
     resume_from = ckpt.latest(out) if config.train.resume else None
     if resume_from is not None:
@@ -247,9 +294,6 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         check_run(config, model, max((len(e.input_ids) for e in prepared.train), default=1), say,
                   max(targets) if targets else None)
 
-    world = accelerator.num_processes
-    per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step
-    total = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prepared.train) / per_step))
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = parameter_groups(model, config.train.lr, config.train.head_lr)
@@ -347,9 +391,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     bar.close()
 
     api.finalize(inner)
-    metrics = evaluate(inner, prepared, config, tokenizer) if prepared.eval else {}
-    if metrics:
-        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    # Everything the run produced is written before the final eval, so an eval that fails never loses the delta.
     adapter_dir = out / "adapter"
     _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)  # the final state, for continued training
     if main:
@@ -361,6 +403,9 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 
         export_merged(inner, tokenizer, out / "merged")
     accelerator.wait_for_everyone()
+    metrics = _final_eval(inner, prepared, config, tokenizer, out) if prepared.eval else {}
+    if metrics:
+        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     result = RunResult(output_dir=out, adapter_dir=adapter_dir, steps=step, final_loss=last_loss, metrics=metrics)
     if main:
         result.summary = write_report(out, config, counts, log, metrics, wall=time.perf_counter() - t_start,
@@ -377,6 +422,16 @@ def loss_items(example: Any, task: str) -> int:
     if task == "seq2seq":
         return sum(t != IGNORE for t in example.decoder_labels)
     return sum(t != IGNORE for t in example.labels[1:])
+
+
+def _final_eval(model: torch.nn.Module, prepared: Prepared, config: RunConfig, tokenizer: Any, out: Path) -> dict[str, float]:
+    """The end-of-run metrics; a failure here says that the trained delta is already safe on disk."""
+    try:
+        return evaluate(model, prepared, config, tokenizer)
+    except Exception as err:  # noqa: BLE001 - any fault of the eval, reported with where the delta is
+        raise TrainingError(f"the final evaluation failed ({type(err).__name__}: {str(err)[:300]}); the trained delta is "
+                            f"saved at {out / 'adapter'} (and config.yaml beside it), so nothing is lost: evaluate it "
+                            f"again with `deltatune eval {out / 'config.yaml'} --adapter {out / 'adapter'}`") from err
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
