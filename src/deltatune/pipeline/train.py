@@ -27,7 +27,7 @@ from ..config import DeltaError
 from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
-from . import checkpoint as ckpt
+from . import checkpoint as ckpt, rundir
 from .config import RunConfig
 from .data import Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
@@ -167,8 +167,11 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     main = accelerator.is_main_process
     say = echo if main else (lambda *a, **k: None)
     out = Path(config.output.dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    # the folder is this run's, checked and claimed (run.json) before anything loads or trains
+    resume_from = rundir.claim(config, say) if main else None
+    accelerator.wait_for_everyone()
+    if not main and config.train.resume:
+        resume_from = ckpt.latest(out)
     set_seed(config.train.seed)
 
     tokenizer = load_tokenizer(config)
@@ -183,17 +186,18 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     for line in prepared.notes + prepared.lengths.lines():
         say(line)
 
-    resume_from = ckpt.latest(out) if config.train.resume else None
-    if resume_from is not None:
-        dt_io.load(model, resume_from / "adapter", trainable=True)
-        say(f"resuming from {resume_from}")
-    elif config.train.init_adapter:
+    # a resumed run attaches its delta as the run did at its start, then takes the checkpoint's training state
+    if config.train.init_adapter:
         source = Path(config.train.init_adapter)
         adapter = source / "adapter" if (source / "trainer_state.json").is_file() else source  # a checkpoint, or an adapter
         dt_io.load(model, adapter, trainable=True)
-        say(f"continuing the adapter at {adapter}")
+        if resume_from is None:
+            say(f"continuing the adapter at {adapter}")
     else:
         api.attach(model, config.delta)
+    if resume_from is not None:
+        ckpt.load_delta(resume_from, model)
+        say(f"resuming from {resume_from}")
     if config.model.quant is not None:
         from ..quant import prepare_kbit
 
@@ -225,6 +229,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     log = RunLog(out, enabled=main)
     if resume_from is not None:
         record = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
+        rundir.check_schedule(config, record, total, warmup)
         step, offset = record["step"], record["offset"]
         log.truncate_after(step)
     elif config.train.init_adapter and (Path(config.train.init_adapter) / "trainer_state.json").is_file():
@@ -291,7 +296,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
             model.train()
         if config.train.save_every and step % config.train.save_every == 0 and step < total:
-            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)
+            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)
     bar.close()
 
     api.finalize(inner)
@@ -299,7 +304,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     if metrics:
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     adapter_dir = out / "adapter"
-    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)  # the final state, for continued training
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)  # the final state, for continued training
     if main:
         dt_io.save(inner, adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
@@ -318,12 +323,15 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                offset: int, config: RunConfig) -> None:
+                offset: int, config: RunConfig, total: int, warmup: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _check_finite(model, step)
-        ckpt.save_checkpoint(out, step, model, optimizer, scheduler, {"offset": offset, "method": config.method},
-                             config.train.keep_last)
+        state = {"offset": offset, "method": config.method, "total": total, "warmup": warmup}
+        try:
+            ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last)
+        except ckpt.CheckpointSpaceError as err:
+            raise TrainingError(str(err)) from None
     accelerator.wait_for_everyone()
 
 
