@@ -138,10 +138,11 @@ class RunConfig:
                 if value != getattr(default, f.name):
                     flags.append(f"--{name}.{f.name} {_flag_value(value)}")
         flags.append(f"--method {self.method}")
-        default_delta = type(self.delta)()
         for f in dataclasses.fields(self.delta):
             value = getattr(self.delta, f.name)
-            if f.metadata.get("serialise", True) and value != getattr(default_delta, f.name):
+            # the field's own default: a config with a required field (AdaLoRA's total_step) cannot be built bare
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.metadata.get("serialise", True) and value != default:
                 flags.append(f"--{self.method}.{f.name} {_flag_value(value)}")
         return "deltatune train " + " ".join(flags)
 
