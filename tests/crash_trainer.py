@@ -7,8 +7,8 @@ One process does all the methods (the imports are paid once): per method it trai
 run here, forks a child that trains the same run into another folder and sends itself SIGKILL
 right after its step-4 checkpoint is written, then resumes that folder here. It prints JSON:
 per method, how the child ended, whether the run resumed, and the largest difference between
-the two runs' final training-time deltas (the checkpoint's delta.safetensors, every parameter
-and buffer unfolded) and folded adapters.
+the two runs' training-time deltas in their last two checkpoints (delta.safetensors: every
+parameter, buffer and method state, unfolded) and their folded adapters.
 """
 
 from __future__ import annotations
@@ -52,14 +52,17 @@ def config(work: Path, method: str, out: str, **flags):
     rows = [{"instruction": f"Repeat {w}", "output": f"{w} {w}"} for w in ["alpha", "beta", "gamma", "delta"] * 6]
     base = {"model.name": str(save_tiny(work, "gpt2")), "data.train": str(write_jsonl(work / "rows.jsonl", rows)),
             "data.format": "instruction", "train.max_steps": STEPS, "train.batch_size": 4, "train.lr": 1e-2,
-            "train.save_every": 2, "train.keep_last": 2, "train.progress": False, "method": method,
+            "train.save_every": 1, "train.keep_last": 2, "train.progress": False, "method": method,
             "output.dir": str(work / method / out)}
     return load_run_config(None, {**base, **SETTINGS.get(method, {}), **flags})
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:
-    folder = ckpt.latest(out)
-    tensors = {f"delta/{k}": v for k, v in load_file(str(folder / "delta.safetensors")).items()}
+    """The last two checkpoints' training-time deltas (one step before the end holds state the end has dropped,
+    AdaLoRA's importance scores) and the folded adapter."""
+    tensors = {}
+    for _, folder in ckpt.steps(out):
+        tensors.update({f"{folder.name}/{k}": v for k, v in load_file(str(folder / "delta.safetensors")).items()})
     for file in sorted((out / "adapter").glob("*.safetensors")):
         tensors.update({f"adapter/{file.name}/{k}": v for k, v in load_file(str(file)).items()})
     return tensors

@@ -200,3 +200,38 @@ def test_a_full_disk_during_a_checkpoint_says_how_much_space_and_keeps_the_earli
     assert ckpt.verify(tmp_path / "full" / "checkpoints" / "step-000002") is None
     monkeypatch.undo()
     assert any("step-000002" in s for s in resumed(root, tmp_path / "full"))
+
+
+# ---------------------------------------------------------------- the training-time state
+
+
+def test_the_training_state_restores_a_fixed_diff_pruning_mask_and_adalora_scores_exactly():
+    """What a checkpoint holds beyond parameters: diff pruning's mask once fixed (a buffer that only
+    finalize creates) and AdaLoRA's importance scores and kept triplets (plain attributes)."""
+    import torch
+
+    import deltatune as dt
+    from deltatune import api
+    from tiny_models import batch, build
+
+    for make in (lambda: dt.DiffPruningConfig(target_sparsity=0.1), lambda: dt.AdaLoraConfig(init_r=4, target_r=2, total_step=4)):
+        torch.manual_seed(0)
+        model = dt.attach(build("llama"), make())
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in (1, 2):
+            model(**batch("llama")).loss.backward()
+            optimizer.step()
+            dt.step(model, step)
+            optimizer.zero_grad()
+        dt.finalize(model)
+        tensors, record = api.training_state(model)
+        fresh = dt.attach(build("llama"), make())
+        record = json.loads(json.dumps(record))  # as delta.json holds it
+        api.load_training_state(fresh, tensors, record, "test")
+        again, record_again = api.training_state(fresh)
+        assert record_again == record and again.keys() == tensors.keys()
+        assert any("diff_mask" in k or "importance" in k for k in tensors), sorted(tensors)[:5]
+        for key in tensors:
+            assert torch.equal(again[key], tensors[key]), key
+        with torch.no_grad():
+            assert torch.equal(model.eval()(**batch("llama")).logits, fresh.eval()(**batch("llama")).logits)
