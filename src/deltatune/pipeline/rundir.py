@@ -136,7 +136,7 @@ def claim(config: RunConfig, say: Callable[[str], Any] = print) -> Path | None:
         say(f"output.overwrite: clearing {out}")
         clear(out)
     check_writable(out)
-    mine = flat(config)
+    mine = json.loads(json.dumps(flat(config), default=str))  # as run.json holds it (ints as dict keys become strings)
     record = read_run(out)
     again = (f"pass --output.overwrite true to clear it and start this run afresh, resume it with --train.resume true "
              f"(with the config it was started with), or choose another output.dir")

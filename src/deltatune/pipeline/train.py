@@ -167,11 +167,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     main = accelerator.is_main_process
     say = echo if main else (lambda *a, **k: None)
     out = Path(config.output.dir)
-    # the folder is this run's, checked and claimed (run.json) before anything loads or trains
-    resume_from = rundir.claim(config, say) if main else None
-    accelerator.wait_for_everyone()
-    if not main and config.train.resume:
-        resume_from = ckpt.latest(out)
+    resume_from = _claim(accelerator, config, say)
     set_seed(config.train.seed)
 
     tokenizer = load_tokenizer(config)
@@ -320,6 +316,28 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                                       tokens_per_s=tokens_seen / max(1e-9, time.perf_counter() - t_loop), skipped=skipped,
                                       echo=say)
     return result
+
+
+def _claim(accelerator: Any, config: RunConfig, say: Any) -> Path | None:
+    """The folder is this run's, checked and claimed (run.json) by the main process before anything loads or
+    trains; every process gets the checkpoint to resume from, or the same error (none waits for a failed one)."""
+    from accelerate.utils import broadcast_object_list
+
+    from .config import ConfigError
+
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            found = rundir.claim(config, say)
+            outcome[0] = ("ok", str(found) if found is not None else None)
+        except DeltaError as err:
+            outcome[0] = ("config" if isinstance(err, ConfigError) else "error", str(err))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)  # plain strings between this run's own processes
+    kind, value = outcome[0]
+    if kind != "ok":
+        raise (ConfigError if kind == "config" else DeltaError)(value)
+    return Path(value) if value is not None else None
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
