@@ -153,6 +153,14 @@ def test_resume_auto_starts_afresh_without_a_checkpoint_and_resumes_with_one(roo
     assert any("resuming from" in s and "step-000002" in s for s in said), said
 
 
+def test_resume_auto_never_clears_a_finished_adapter(root, copy):
+    for _, folder in ckpt.steps(copy):
+        (folder / "complete.json").unlink()
+    with pytest.raises(DeltaError, match=r"holds this run's finished adapter but no complete checkpoint .*no complete\.json"):
+        resumed(root, copy, **{"train.resume": "auto"})
+    assert (copy / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_resume_must_be_true_false_or_auto(root, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.resume = 'yes' is not allowed: expected True or False or one of 'auto'"):
         config(root, tmp_path / "x", **{"train.resume": "yes"})

@@ -171,6 +171,10 @@ def claim(config: RunConfig, say: Callable[[str], Any] = print) -> Path | None:
         why = "; ".join(found.notes()) or "it has none"
         raise DeltaError(f"train.resume is true but {out} holds no complete checkpoint to resume ({why}): set "
                          "train.resume auto to start afresh when there is none, or --output.overwrite true")
+    if resume and (out / "adapter").exists():  # auto: a finished adapter is never cleared to start afresh
+        why = "; ".join(found.notes()) or "it has none"
+        raise DeltaError(f"{out} holds this run's finished adapter but no complete checkpoint to resume ({why}): "
+                         f"pass --output.overwrite true to train it again, or choose another output.dir")
     if finished and not resume:
         newest = ckpt.steps(out)[-1][1].name if ckpt.steps(out) else "adapter"
         raise DeltaError(f"output.dir {out} already holds this run ({newest}); training again there would mix the two "
