@@ -71,3 +71,36 @@ def test_a_killed_save_loads_as_the_old_or_the_new_adapter(tmp_path, mode, monke
 
     randoms = Counter(v for k, v in report["outcomes"].items() if k.startswith("random/"))
     assert set(randoms) <= {"A", "B"} and sum(randoms.values()) == 25, randoms
+
+
+# ---------------------------------------------------------------- training runs, every method
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """crash_trainer.py over the whole registry, once: each method trained whole, and killed with SIGKILL
+    after a checkpoint and resumed."""
+    from deltatune.config import METHODS
+
+    work = tmp_path_factory.mktemp("killed_runs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src"),
+                                                                             os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, str(HERE / "crash_trainer.py"), str(work), *METHODS],
+                           capture_output=True, text=True, env=env, timeout=900)
+    assert child.returncode == 0, child.stderr[-3000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _registry() -> list[str]:
+    from deltatune.config import METHODS
+
+    return sorted(METHODS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", _registry())
+def test_a_run_killed_after_a_checkpoint_and_resumed_ends_with_the_delta_of_a_run_never_killed(killed_and_resumed, method):
+    got = killed_and_resumed[method]
+    assert got["killed"] and got["resumed"], got  # SIGKILL after step 4's checkpoint; resumed from that one
+    # every training-time tensor of the final checkpoint (encoders, log-alpha, masks, importance) and the export
+    assert got["same_keys"] and got["keys"] > 0 and got["max_diff"] <= 1e-6, got

@@ -15,6 +15,7 @@ the merged ones active beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import warnings
 from dataclasses import dataclass
@@ -561,3 +562,77 @@ def finalize(model: nn.Module) -> None:
     for name in names:
         delta = state.deltas[name]
         delta.method.finalize(model, name, delta.config)
+
+
+# ---------------------------------------------------------------- training state (checkpoints)
+
+
+def _delta_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Delta `name`'s parameters and the buffers inside its containers (diff pruning's mask), by model path."""
+    out: dict[str, torch.Tensor] = dict(delta_parameters(model, name))
+    containers = set(require_state(model).deltas[name].method.containers) | {"modules_to_save"}
+    for path, buffer in model.named_buffers():
+        parts = path.split(".")
+        if any(parts[i] in containers and parts[i + 1] == name for i in range(len(parts) - 1)):
+            out[path] = buffer
+    return out
+
+
+def training_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every attached delta as it trains, to continue it exactly: (tensors, JSON-ready record).
+
+    Unlike `save`, nothing is folded: P-tuning's encoder, prefix tuning's projection, diff
+    pruning's log-alpha (and mask once fixed), AdaLoRA's importance scores all come along,
+    plus each delta's config as it is now (AdaLoRA's rank_pattern grows while it trains).
+    `load_training_state` on the same model, attached the same way, puts it back.
+    """
+    state = require_state(model)
+    tensors: dict[str, torch.Tensor] = {}
+    record: dict[str, Any] = {"active": list(state.active), "deltas": {}}
+    for name, delta in state.deltas.items():
+        for path, value in _delta_tensors(model, name).items():
+            tensors[f"{name}/{path}"] = value.detach().to("cpu", copy=True).contiguous()
+        extra: dict[str, Any] = {}
+        if delta.method.training_state is not None:
+            for key, value in delta.method.training_state(model, name, delta.config).items():
+                if torch.is_tensor(value):
+                    tensors[f"{name}//{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                    extra[key] = {"tensor": f"{name}//{key}"}
+                else:
+                    extra[key] = {"value": value}
+        record["deltas"][name] = {"method": delta.method.name, "config": delta.config.to_dict(),
+                                  "trainable": delta.trainable, "state": extra}
+    return tensors, record
+
+
+def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor], record: dict[str, Any], source: str) -> None:
+    """Restore what `training_state` returned onto a model with the same deltas attached the same way."""
+    from .config import config_from_dict
+
+    state = require_state(model)
+    saved = record.get("deltas", {})
+    if set(saved) != set(state.deltas) or any(state.deltas[n].method.name != saved[n]["method"] for n in saved):
+        raise DeltaError(f"{source} holds deltas {({n: d['method'] for n, d in saved.items()})}, but the model has "
+                         f"{({n: d.method.name for n, d in state.deltas.items()})} attached; it was written by another run")
+    for name, entry in saved.items():
+        delta = state.deltas[name]
+        stored = config_from_dict(entry["config"])
+        written = [f.name for f in dataclasses.fields(stored) if f.metadata.get("serialise", True)]
+        delta.config = delta.config.replace(**{k: getattr(stored, k) for k in written})  # keeps fields never written
+        if delta.method.load_training_state is not None:
+            extra = {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entry["state"].items()}
+            delta.method.load_training_state(model, name, delta.config, extra)
+        expected = _delta_tensors(model, name)
+        mine = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}/") and not k.startswith(f"{name}//")}
+        missing, unexpected = sorted(set(expected) - set(mine)), sorted(set(mine) - set(expected))
+        wrong = [k for k in expected if k in mine and tuple(mine[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
+            what = (f"{missing[0]} is missing" if missing else f"{unexpected[0]} has no place in the model" if unexpected
+                    else f"{wrong[0]} is {list(mine[wrong[0]].shape)} there but {list(expected[wrong[0]].shape)} in the model")
+            raise DeltaError(f"{source}: the training state of delta {name!r} does not fit the model ({what}); "
+                             "it was written for another model or config")
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(mine[key].to(device=target.device, dtype=target.dtype))
+        delta.trainable = bool(entry["trainable"])
+    _apply_active(model, state, [n for n in record.get("active", state.active) if n in state.deltas])

@@ -288,6 +288,12 @@ class Method:
     regularization: Callable[..., Any] | None = None
     step: Callable[..., None] | None = None
     finalize: Callable[..., None] | None = None
+    # Training state the method keeps outside its parameters and buffers (AdaLoRA's importance
+    # scores, which it prunes by), for checkpoints: (model, adapter, config) -> {key: tensor or
+    # JSON value}; and its inverse (model, adapter, config, {key: value}), called on a freshly
+    # attached delta before its parameters and buffers are loaded (so it may create buffers).
+    training_state: Callable[..., dict[str, Any]] | None = None
+    load_training_state: Callable[..., None] | None = None
     # Names of other attached deltas this one uses (AdapterFusion: the adapters it fuses), from its
     # config; they cannot be detached while it is attached.
     depends_on: Callable[[DeltaConfig], list[str]] | None = None

@@ -322,7 +322,34 @@ def to_file(model: nn.Module, name: str, config: AdaLoraConfig, tensors: dict[st
     return out
 
 
+def training_state(model: nn.Module, name: str, config: AdaLoraConfig) -> dict[str, Any]:
+    """The smoothed sensitivities and uncertainties the budget is allocated by, and the kept triplets."""
+    out: dict[str, Any] = {}
+    for module_name, layer in _layers(model, name):
+        for part, (smooth, uncertainty) in layer.importance.get(name, {}).items():
+            out[f"importance.{module_name}.{part}.smooth"] = smooth
+            out[f"importance.{module_name}.{part}.uncertainty"] = uncertainty
+        if name in layer.kept:
+            out[f"kept.{module_name}"] = layer.kept[name]
+    return out
+
+
+def load_training_state(model: nn.Module, name: str, config: AdaLoraConfig, state: dict[str, Any]) -> None:
+    for module_name, layer in _layers(model, name):
+        device = layer.lora_E[name].device
+        ema = {part: (state[f"importance.{module_name}.{part}.smooth"].to(device),
+                      state[f"importance.{module_name}.{part}.uncertainty"].to(device))
+               for part in PARTS if f"importance.{module_name}.{part}.smooth" in state}
+        layer.importance.pop(name, None)
+        if ema:
+            layer.importance[name] = ema
+        layer.kept.pop(name, None)
+        if f"kept.{module_name}" in state:
+            layer.kept[name] = state[f"kept.{module_name}"].to(device)
+
+
 ADALORA = register(
     Method(name="adalora", config_cls=AdaLoraConfig, kind="wrap", attach=attach, containers=PARTS, per_row=True,
-           peft_compatible=True, to_file=to_file, regularization=regularization, step=step)
+           peft_compatible=True, to_file=to_file, regularization=regularization, step=step,
+           training_state=training_state, load_training_state=load_training_state)
 )

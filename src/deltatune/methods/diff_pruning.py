@@ -366,8 +366,22 @@ def _dense(stem: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return flat.view(dims), flat_mask.view(dims)
 
 
+def training_state(model: nn.Module, name: str, config: DiffPruningConfig) -> dict[str, Any]:
+    """Which layers have their mask fixed (the masks themselves are buffers and come along as such)."""
+    return {"fixed": [layer_name for layer_name, layer in _layers(model, name) if name in layer.diff_mask]}
+
+
+def load_training_state(model: nn.Module, name: str, config: DiffPruningConfig, state: dict[str, Any]) -> None:
+    """Empty masks where the checkpoint had fixed ones; the checkpoint's buffers fill them in."""
+    fixed = set(state.get("fixed", ()))
+    for layer_name, layer in _layers(model, name):
+        if layer_name in fixed and name not in layer.diff_mask:
+            layer.diff_mask[name] = _Mask({p: torch.zeros_like(layer.diff_w[name][p], dtype=torch.bool) for p in layer.names})
+
+
 DIFF_PRUNING = register(
     Method(name="diff_pruning", config_cls=DiffPruningConfig, kind="wrap", attach=attach,
            containers=DiffPruningLayer.containers, to_file=to_file, from_file=from_file,
-           regularization=regularization, finalize=finalize)
+           regularization=regularization, finalize=finalize,
+           training_state=training_state, load_training_state=load_training_state)
 )

@@ -1,80 +1,191 @@
 """Checkpoints: the delta, the optimizer, the scheduler, the RNG states and the data position.
 
 A checkpoint is a folder `checkpoints/step-000120/` written in full under a
-temporary name and renamed into place, so it exists complete or not at all; the
-newest complete one is what `resume` continues from. Tensors are stored with
-safetensors and everything else as JSON: nothing is unpickled on resume.
+temporary name and renamed into place. It holds
+
+    delta.safetensors, delta.json   every attached delta as it trains (unfolded: P-tuning's encoder,
+                                    prefix tuning's projection, diff pruning's log-alpha and mask,
+                                    AdaLoRA's importance scores; see api.training_state)
+    adapter/                        the folded export dt.load reads (train.init_adapter takes it)
+    optimizer.safetensors, rng.safetensors, trainer_state.json
+    complete.json                   written last: the size and SHA-256 of every other file
+
+Resume takes the newest checkpoint whose complete.json is there and whose files match it,
+and says which newer ones it skipped and why (a truncated file, a half-deleted folder).
+A folder is deleted by renaming it to a `.trash-` name first, which resume never reads, so
+a kill during the deletion leaves nothing that looks like a checkpoint. Tensors are stored
+with safetensors and everything else as JSON: nothing is unpickled on resume.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import io as dt_io
+from .. import api, io as dt_io
+from ..config import DeltaError
+from ..files import fsync_dir, write_new
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+MARKER = "complete.json"
+TRASH = ".trash-"  # prefix of a folder on its way out; never read as a checkpoint
+
+
+class CheckpointSpaceError(DeltaError):
+    """The disk filled up while a checkpoint was written (the pipeline reports it as a TrainingError)."""
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest(output_dir: str | os.PathLike) -> Path | None:
+def steps(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every `step-N` folder, oldest first, complete or not."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
-    return found[-1][1] if found else None
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+
+
+@dataclass
+class Found:
+    """The newest complete checkpoint (None: there is none) and the newer ones skipped, with why."""
+
+    folder: Path | None
+    skipped: list[tuple[Path, str]]
+
+    def notes(self) -> list[str]:
+        return [f"skipped checkpoint {p}: {why}" for p, why in self.skipped]
+
+
+def latest(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete and verified checkpoint."""
+    return find(output_dir).folder
+
+
+def find(output_dir: str | os.PathLike) -> Found:
+    skipped = []
+    for _, folder in reversed(steps(output_dir)):
+        problem = verify(folder)
+        if problem is None:
+            return Found(folder, skipped)
+        skipped.append((folder, problem))
+    return Found(None, skipped)
+
+
+def verify(folder: Path) -> str | None:
+    """None when every file listed in complete.json is there with its size and hash; else what is wrong."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (the save or a deletion of it was interrupted)"
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MARKER} is damaged"
+    for rel, want in listed.items():
+        file = folder / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"{rel} is {size} bytes, {want['size']} when it was written (truncated or changed)"
+        if _sha256(file) != want["sha256"]:
+            return f"{rel} does not hash to what was written (changed or damaged)"
+    return None
+
+
+def discard(path: Path) -> None:
+    """Delete a folder so that no moment of it looks like a checkpoint: rename it to a trash name, then delete."""
+    if not path.exists():
+        return
+    aside = path.with_name(f"{TRASH}{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, aside)
+    fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def clear_leftovers(root: Path) -> None:
+    """What a killed save or deletion left behind: temporary and trash folders."""
+    if not root.is_dir():
+        return
+    for leftover in list(root.glob(".step-*.tmp-*")) + list(root.glob(f"{TRASH}*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], keep_last: int) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(".step-*.tmp-*"):  # what a killed save left behind
-        shutil.rmtree(leftover, ignore_errors=True)
+    clear_leftovers(root)
     final = root / f"step-{step:06d}"
     tmp = root / f".{final.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    dt_io.save(model, tmp / "adapter")
-    tensors, skeleton = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    delta_tensors, delta_meta = api.training_state(model)
+    opt_tensors, skeleton = _flatten_optimizer(optimizer.state_dict())
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
     record = {**state, "step": step, "optimizer": skeleton, "scheduler": scheduler.state_dict(),
               "python_random": _jsonable(random.getstate())}
-    (tmp / "trainer_state.json").write_text(json.dumps(record, indent=1))
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+    try:
+        tmp.mkdir()
+        dt_io.save(model, tmp / "adapter")
+        save_file(delta_tensors, str(tmp / "delta.safetensors"))
+        _write_text(tmp / "delta.json", json.dumps(delta_meta, indent=1))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        _write_text(tmp / "trainer_state.json", json.dumps(record, indent=1))
+        files = {}
+        for file in sorted(tmp.rglob("*")):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+                files[file.relative_to(tmp).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        _write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))  # last: the folder is complete
+        fsync_dir(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            kept = latest(output_dir)
+            # the previous checkpoint's size when there is one; else the tensors, twice (the export is about the delta's size)
+            need = _folder_bytes(kept) or sum(t.numel() * t.element_size() for t in
+                                              (*delta_tensors.values(), *delta_tensors.values(), *opt_tensors.values()))
+            raise CheckpointSpaceError(
+                f"step {step}: the disk is full: writing checkpoint {final} needs about {_megabytes(need)} "
+                f"(the delta's training state, the optimizer state and the adapter export); the partial checkpoint was "
+                f"removed and the earlier checkpoints stay valid{f' (the newest is {kept})' if kept else ''}. Free some "
+                "space (or lower train.keep_last) and resume with --train.resume true") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
+        discard(final)
     os.rename(tmp, final)
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
-    for _, old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(root)
+    for _, old in steps(output_dir)[:-keep_last]:
+        discard(old)
     return final
 
 
 def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore the optimizer, scheduler and RNG states; returns the trainer state (step, data position, ...)."""
-    record = json.loads((folder / "trainer_state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), record.pop("optimizer")))
+    record = read_record(folder)
+    optimizer.load_state_dict(_unflatten_optimizer(_tensors(folder / "optimizer.safetensors"), record.pop("optimizer")))
     scheduler.load_state_dict(record.pop("scheduler"))
-    rng = load_file(str(folder / "rng.safetensors"))
+    rng = _tensors(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
@@ -82,6 +193,53 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer, scheduler: A
             torch.cuda.set_rng_state_all(states)
     random.setstate(_tuples(record.pop("python_random")))
     return record
+
+
+def load_delta(folder: Path, model: torch.nn.Module) -> None:
+    """Put every attached delta back as it was when the checkpoint was written (attach it the same way first)."""
+    meta_path = folder / "delta.json"
+    if not meta_path.is_file():
+        raise DeltaError(f"{folder} holds no delta.json (a checkpoint of an older deltatune, which kept only the "
+                         "folded adapter): resume cannot continue it exactly; start the run again with "
+                         f"--output.overwrite true, or continue from it with --train.init_adapter {folder}")
+    api.load_training_state(model, _tensors(folder / "delta.safetensors"), json.loads(meta_path.read_text()), str(folder))
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    path = folder / "trainer_state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DeltaError(f"{path} cannot be read ({err}); the checkpoint is damaged: resume from an earlier one "
+                         "(delete this folder) or start again with --output.overwrite true") from None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DeltaError(f"{path} cannot be read ({err}); the checkpoint is damaged: resume from an earlier one "
+                         "(delete this folder) or start again with --output.overwrite true") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_new(path, lambda f: f.write(text.encode()))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder is not None else 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:

@@ -90,7 +90,9 @@ class TrainSection:
     log_every: int = check(10, gt=0)
     on_nan: Literal["stop", "skip"] = "stop"
     init_adapter: str | None = None  # continue training this adapter (deltatune's or peft's)
-    resume: bool = False  # continue from the newest checkpoint in output.dir
+    # continue from the newest complete checkpoint in output.dir (an error when there is none);
+    # "auto": continue when there is one, else start afresh. The config must match the run's (see rundir.py)
+    resume: bool | Literal["auto"] = False
     progress: bool = True  # the live progress bar
 
 
@@ -98,6 +100,7 @@ class TrainSection:
 class OutputSection:
     dir: str = "out/run"
     merged: bool = False  # also export the merged model (standard transformers layout) at the end
+    overwrite: bool = False  # output.dir holds another run: clear it (renamed aside, then deleted) and start afresh
 
 
 @dataclass(kw_only=True)

@@ -202,7 +202,8 @@ def run_demo(quick: bool = False, out: str = "out/demo") -> int:
                 data.pop(section, None)
             else:
                 data[section] = value
-        data["output"] = {**data.get("output", {}), "dir": str(root / name)}
+        # the demo's own run folders: a second demo replaces the first one's runs
+        data["output"] = {**data.get("output", {}), "dir": str(root / name), "overwrite": True}
         return build_run_config(data, source="deltatune demo")
 
     lora = config_for("lora", {})

@@ -28,7 +28,7 @@ from ..model_files import check_base_model, check_model_path
 from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
-from . import checkpoint as ckpt
+from . import checkpoint as ckpt, rundir
 from .config import UNUSABLE_OPTIMIZERS, ConfigError, RunConfig, with_step_count
 from .data import IGNORE, Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
@@ -245,8 +245,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     main = accelerator.is_main_process
     say = echo if main else (lambda *a, **k: None)
     out = Path(config.output.dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    resume_from = _claim(accelerator, config, say)
     set_seed(config.train.seed)
 
     tokenizer = load_tokenizer(config)
@@ -267,17 +266,18 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     if note:
         say(note)
 
-    resume_from = ckpt.latest(out) if config.train.resume else None
-    if resume_from is not None:
-        dt_io.load(model, resume_from / "adapter", trainable=True)
-        say(f"resuming from {resume_from}")
-    elif config.train.init_adapter:
+    # a resumed run attaches its delta as the run did at its start, then takes the checkpoint's training state
+    if config.train.init_adapter:
         source = Path(config.train.init_adapter)
         adapter = source / "adapter" if (source / "trainer_state.json").is_file() else source  # a checkpoint, or an adapter
         dt_io.load(model, adapter, trainable=True)
-        say(f"continuing the adapter at {adapter}")
+        if resume_from is None:
+            say(f"continuing the adapter at {adapter}")
     else:
         api.attach(model, config.delta)
+    if resume_from is not None:
+        ckpt.load_delta(resume_from, model)
+        say(f"resuming from {resume_from}")
     if config.model.quant is not None:
         from ..quant import prepare_kbit
 
@@ -306,6 +306,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     log = RunLog(out, enabled=main)
     if resume_from is not None:
         record = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
+        rundir.check_schedule(config, record, total, warmup)
         step, offset = record["step"], record["offset"]
         log.truncate_after(step)
     elif config.train.init_adapter and (Path(config.train.init_adapter) / "trainer_state.json").is_file():
@@ -387,13 +388,13 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
             model.train()
         if config.train.save_every and step % config.train.save_every == 0 and step < total:
-            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)
+            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)
     bar.close()
 
     api.finalize(inner)
     # Everything the run produced is written before the final eval, so an eval that fails never loses the delta.
     adapter_dir = out / "adapter"
-    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config)  # the final state, for continued training
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)  # the final state, for continued training
     if main:
         dt_io.save(inner, adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
@@ -434,13 +435,38 @@ def _final_eval(model: torch.nn.Module, prepared: Prepared, config: RunConfig, t
                             f"again with `deltatune eval {out / 'config.yaml'} --adapter {out / 'adapter'}`") from err
 
 
+def _claim(accelerator: Any, config: RunConfig, say: Any) -> Path | None:
+    """The folder is this run's, checked and claimed (run.json) by the main process before anything loads or
+    trains; every process gets the checkpoint to resume from, or the same error (none waits for a failed one)."""
+    from accelerate.utils import broadcast_object_list
+
+    from .config import ConfigError
+
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            found = rundir.claim(config, say)
+            outcome[0] = ("ok", str(found) if found is not None else None)
+        except DeltaError as err:
+            outcome[0] = ("config" if isinstance(err, ConfigError) else "error", str(err))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)  # plain strings between this run's own processes
+    kind, value = outcome[0]
+    if kind != "ok":
+        raise (ConfigError if kind == "config" else DeltaError)(value)
+    return Path(value) if value is not None else None
+
+
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                offset: int, config: RunConfig) -> None:
+                offset: int, config: RunConfig, total: int, warmup: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _check_finite(model, step)
-        ckpt.save_checkpoint(out, step, model, optimizer, scheduler, {"offset": offset, "method": config.method},
-                             config.train.keep_last)
+        state = {"offset": offset, "method": config.method, "total": total, "warmup": warmup}
+        try:
+            ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last)
+        except ckpt.CheckpointSpaceError as err:
+            raise TrainingError(str(err)) from None
     accelerator.wait_for_everyone()
 
 
