@@ -348,7 +348,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                     bad = loss.item()
                     break
                 accelerator.backward(loss)
-            step_loss_sum += token_sum.item() + float(regularization) * max(1, step_items) / world / config.train.grad_accum
+            reg_value = regularization.item() if torch.is_tensor(regularization) else float(regularization)
+            step_loss_sum += token_sum.item() + reg_value * max(1, step_items) / world / config.train.grad_accum
             step_tokens += int(batch["attention_mask"].sum()) * world
         if bad is None and world > 1:  # the step's loss over every process's items
             step_loss_sum = float(accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum"))
