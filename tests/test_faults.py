@@ -4,7 +4,10 @@ Each test feeds one mistake or fault and asserts the error type, that the messag
 names the field, key or file at fault (and says what to do), and that the model
 and the files on disk are exactly as before. The generic faults run for every
 method of the contract suite's METHODS, so a new method joins the catalogue by
-joining that list. Crash safety under SIGKILL is in test_crash_safety.py.
+joining that list. Crash safety under SIGKILL is in test_crash_safety.py. The catalogue goes on in
+test_faults_runs.py (run folders, checkpoints, resume), test_faults_pipeline.py (evaluation, AdaLoRA,
+classifier heads, generate), test_faults_inputs.py (configs, data files, base models, the planner's
+sizes, adapter names) and test_faults_commands.py (what `deltatune merge --out` may replace).
 """
 
 from __future__ import annotations
