@@ -23,6 +23,7 @@ computed by peft itself:
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -212,6 +213,15 @@ ADDED_FIELDS = {
     "PREFIX_TUNING": {"init_weights": ("0.19.0", None)},  # peft 0.19 added PrefixTuningConfig.init_weights
 }
 PEFT_VERSION = Version(peft.__version__)
+# transformers 5.24 renamed the models' and generate()'s past_key_values to cache; peft up to 0.21.2 (the newest
+# checked) still looks for past_key_values: it refuses prefix tuning on a head whose forward does not name it, and
+# its generate() finds no cache, so it puts the soft prompt in front of every decoding step. No reference there.
+TRANSFORMERS_NAMES_CACHE = "past_key_values" not in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+PEFT_STALE_CACHE_SKIP = pytest.mark.skipif(
+    TRANSFORMERS_NAMES_CACHE and PEFT_VERSION <= Version("0.21.2"),
+    reason=f"peft {peft.__version__} passes and reads soft-prompt caches as past_key_values, which transformers "
+           f"{transformers.__version__} calls cache: its prefix tuning on task heads and its soft-prompt generate() are wrong",
+)
 
 
 def newer_fields(peft_type: str) -> dict:
@@ -364,6 +374,7 @@ def _new_tokens(sequences: torch.Tensor, n: int) -> torch.Tensor:
     return sequences[:, -n:]
 
 
+@PEFT_STALE_CACHE_SKIP
 @pytest.mark.parametrize("direction", ["dt_to_peft", "peft_to_dt"])
 def test_prompt_tuning_generate_matches_peft(tmp_path, direction):
     arch = "llama"
@@ -649,10 +660,12 @@ PEFT_SEQ2SEQ_PREFIX_SKIP = pytest.mark.skipif(
     reason=f"peft {peft.__version__} reads DynamicCache.key_cache for an encoder-decoder's prefixes, which transformers "
            f"{transformers.__version__} no longer has (fixed in peft 0.18): no reference output",
 )
-SOFT_RUN_CASES = [
-    pytest.param(a, k, id=f"{a}-{k}", marks=[PEFT_SEQ2SEQ_PREFIX_SKIP] if a == "t5" and k in ("prefix_projection", "p_tuning_v2") else [])
-    for a in SOFT_ARCHS for k in SOFT_KINDS
-]  # fmt: skip
+def _soft_marks(arch: str, kind: str) -> list:
+    prefix = kind in ("prefix_projection", "p_tuning_v2")
+    return [PEFT_SEQ2SEQ_PREFIX_SKIP] * (arch == "t5" and prefix) + [PEFT_STALE_CACHE_SKIP] * (arch == "bert" and prefix)
+
+
+SOFT_RUN_CASES = [pytest.param(a, k, id=f"{a}-{k}", marks=_soft_marks(a, k)) for a in SOFT_ARCHS for k in SOFT_KINDS]
 
 
 @pytest.mark.parametrize("arch,kind", SOFT_RUN_CASES)
@@ -694,6 +707,7 @@ def test_soft_prompt_files_match_peft_layout(tmp_path, arch, kind):
     assert_same_layout(ours_dir, peft_dir, tuple(keys))
 
 
+@PEFT_STALE_CACHE_SKIP
 @pytest.mark.parametrize("direction", ["dt_to_peft", "peft_to_dt"])
 @pytest.mark.parametrize("kind", ["prefix_projection", "p_tuning_mlp"])
 def test_soft_prompt_generate_matches_peft(tmp_path, direction, kind):
@@ -725,7 +739,7 @@ def test_soft_prompt_generate_matches_peft(tmp_path, direction, kind):
     assert not torch.equal(_new_tokens(base.sequences, 5), _new_tokens(ref.sequences, 5))
 
 
-@pytest.mark.parametrize("kind", ["prefix_projection", "p_tuning_mlp"])
+@pytest.mark.parametrize("kind", [pytest.param("prefix_projection", marks=PEFT_STALE_CACHE_SKIP), "p_tuning_mlp"])
 def test_soft_prompts_on_unpadded_llama_classifier_match_peft(tmp_path, kind):
     """peft scores the last position of a right-padded LlamaForSequenceClassification batch fed
     inputs_embeds (a padding position); on unpadded rows both libraries score the last token."""

@@ -58,7 +58,7 @@ import torch.nn as nn
 from ..config import DeltaConfig, DeltaError, Method, check, not_serialised, register
 from ..inputs import after_forward, args_to_kwargs
 from ..surgery import get_state, root_container
-from .prompts import cache_length, extend_mask, input_embeddings
+from .prompts import CACHE_KEYS, cache_key, cache_length, extend_mask, given_cache, input_embeddings
 
 CONTAINER = "prefix_embeddings"  # P itself, or the projection's n input rows E
 PROJECTION = "prefix_projection"  # W2 tanh(W1 E + b1) + b2, while training with projection=True
@@ -154,7 +154,7 @@ def _takes_cache_objects(module: nn.Module) -> bool:
 def _takes_past_key_values(module: nn.Module) -> bool:
     """Does module.forward take past_key_values: by name, or (transformers' own models) through **kwargs?"""
     params = inspect.signature(module.forward).parameters
-    if "past_key_values" in params:
+    if any(key in params for key in CACHE_KEYS):  # `cache` from transformers 5.24 on
         return True
     return _takes_cache_objects(module) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
@@ -318,7 +318,7 @@ def _cache(prefixes: list, given: Any, seq2seq: bool, read_only: bool) -> Any:
 
 # transformers' checkpointed blocks set these to None before checkpointing their forward (a block run
 # twice would write its cache twice); ours is only read, so the blocks that read it get it back.
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": 5.24 on
 
 
 def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
@@ -457,7 +457,7 @@ def _add_prefixes(model: nn.Module, receiver: nn.Module, name: str, config: Pref
         else ("input_ids", "inputs_embeds")
     mask_key = "decoder_attention_mask" if seq2seq else "attention_mask"
     new = next((kwargs[k].shape[1] for k in inputs[:3 if seq2seq else 2] if torch.is_tensor(kwargs.get(k))), None)
-    given = kwargs.get("past_key_values")
+    given = given_cache(kwargs)
     seen = cache_length(given)
     if seen == 0:
         matrix = prefix_matrix(model, name).to(model.get_input_embeddings().weight.dtype)  # (n, L 2 w)
@@ -473,7 +473,9 @@ def _add_prefixes(model: nn.Module, receiver: nn.Module, name: str, config: Pref
             cache = tuple(prefixes)
         if blocks:
             _keep_cache_through_checkpoints(model, blocks, cache, bridge)
-        kwargs["past_key_values"] = cache
+        for key in CACHE_KEYS:  # under one name only: given both, transformers 5.24 drops past_key_values
+            kwargs.pop(key, None)
+        kwargs[cache_key(receiver)] = cache
         seen = n
     # the mask covers the cache and the new tokens: the prefix's n columns go in front
     mask = kwargs.get(mask_key)

@@ -35,6 +35,7 @@ are rows of input embeddings (P-tuning uses it too).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -173,6 +174,30 @@ def from_file(model: nn.Module, name: str, config: PromptTuningConfig, tensors: 
 # ---------------------------------------------------------------- injecting rows of input embeddings
 
 
+# transformers 5.24 renamed the models' and generate()'s `past_key_values` argument to `cache` (the old
+# name is a deprecated alias that loses to the new one when both are given); 4.x and remote code take
+# `past_key_values`. A transform reads the cache under either name and writes it under the one the
+# receiving forward takes.
+CACHE_KEYS = ("cache", "past_key_values")
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a forward call carries, under either name."""
+    return next((kwargs[k] for k in CACHE_KEYS if kwargs.get(k) is not None), None)
+
+
+def cache_key(module: nn.Module) -> str:
+    """The name module.forward takes its cache by: `cache` (transformers >= 5.24) or `past_key_values`;
+    for a task head that only passes **kwargs on (5.x BertForSequenceClassification), its base model's."""
+    base = getattr(module, "base_model", None)
+    for candidate in (module, base if isinstance(base, nn.Module) else None):
+        params = inspect.signature(candidate.forward).parameters if candidate is not None else {}
+        for key in CACHE_KEYS:
+            if key in params:
+                return key
+    return "past_key_values"
+
+
 def cache_length(cache: Any) -> int:
     if cache is None:
         return 0
@@ -219,7 +244,7 @@ def _cache_rows(cache: Any) -> int | None:
 
 
 def _check_ensemble_cache(kwargs: dict[str, Any], rows: int | None, k: int) -> None:
-    cache = kwargs.get("past_key_values")
+    cache = given_cache(kwargs)
     if rows is None or cache_length(cache) == 0:
         return
     held = _cache_rows(cache)
@@ -294,7 +319,7 @@ def inject(model: nn.Module, role: str, n: int, k: int, prompt: Callable[[], tor
                 kwargs["attention_mask"] = extend_mask(mask, n, target)
         return kwargs
 
-    if cache_length(kwargs.get("past_key_values")) > 0:  # a decoding step: the prompt is in the cache
+    if cache_length(given_cache(kwargs)) > 0:  # a decoding step: the prompt is in the cache
         mask = kwargs.get("attention_mask")
         if mask is not None:
             kwargs["attention_mask"] = extend_mask(mask, n, mask.shape[1] + n)
