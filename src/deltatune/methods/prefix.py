@@ -447,6 +447,13 @@ def _check_alone(model: nn.Module, name: str) -> None:
         )
 
 
+def _without_cache(output: Any) -> Any:
+    for key in CACHE_KEYS:
+        if getattr(output, key, None) is not None:  # ModelOutput: item and attribute (setattr alone skips None)
+            output[key] = None
+    return output
+
+
 def _add_prefixes(model: nn.Module, receiver: nn.Module, name: str, config: PrefixTuningConfig,
                   kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call of `receiver`, the module that takes the cache (the model, or its base model), with the prefixes in it."""
@@ -476,6 +483,8 @@ def _add_prefixes(model: nn.Module, receiver: nn.Module, name: str, config: Pref
         for key in CACHE_KEYS:  # under one name only: given both, transformers 5.24 drops past_key_values
             kwargs.pop(key, None)
         kwargs[cache_key(receiver)] = cache
+        if kwargs.get("use_cache") is False:  # the caller keeps no cache: hand back none, or generate(use_cache=False)
+            after_forward(model, _without_cache)  # would feed ours (prefix and text) back with the whole text again
         seen = n
     # the mask covers the cache and the new tokens: the prefix's n columns go in front
     mask = kwargs.get(mask_key)
