@@ -251,3 +251,15 @@ def test_the_training_state_restores_a_fixed_diff_pruning_mask_and_adalora_score
             assert torch.equal(again[key], tensors[key]), key
         with torch.no_grad():
             assert torch.equal(model.eval()(**batch("llama")).logits, fresh.eval()(**batch("llama")).logits)
+
+
+def test_a_start_that_failed_before_training_leaves_no_folder_in_the_way(root, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(DeltaError, match=r"train\.resume is true but .* holds no run to resume \(the folder does not exist\)"):
+        run(config(root, out, **{"train.resume": True}), echo=quiet)
+    assert not out.exists()  # nothing made for a run that cannot start
+    with pytest.raises(DeltaError, match="no model folder at"):
+        run(config(root, out, **{"model.name": str(tmp_path / "no-such-model")}), echo=quiet)
+    assert [p.name for p in out.iterdir()] == ["run.json"]
+    result = run(config(root, out, **{"train.max_steps": 2}), echo=quiet)  # the corrected config takes the folder
+    assert result.steps == 2 and (out / "adapter").is_dir()

@@ -121,6 +121,11 @@ def _what_is_there(out: Path) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def _never_trained(out: Path) -> bool:
+    """Only run.json is there: the run stopped before it wrote a log line, a checkpoint or an adapter."""
+    return all(p.name == RUN_FILE or p.name.startswith(".") for p in out.iterdir())
+
+
 def claim(config: RunConfig, say: Callable[[str], Any] = print) -> Path | None:
     """Make output.dir this run's folder; returns the checkpoint to resume from (None: start afresh).
 
@@ -135,9 +140,15 @@ def claim(config: RunConfig, say: Callable[[str], Any] = print) -> Path | None:
     if config.output.overwrite and out.is_dir() and any(out.iterdir()):
         say(f"output.overwrite: clearing {out}")
         clear(out)
+    if resume is True and not out.exists():
+        raise DeltaError(f"train.resume is true but {out} holds no run to resume (the folder does not exist): start it with "
+                         "train.resume false or auto")
     check_writable(out)
     mine = json.loads(json.dumps(flat(config), default=str))  # as run.json holds it (ints as dict keys become strings)
     record = read_run(out)
+    if record is not None and not resume and _never_trained(out):
+        record = None  # a start that failed before its first step (a wrong model name, say) holds nothing to keep
+        (out / RUN_FILE).unlink()
     again = (f"pass --output.overwrite true to clear it and start this run afresh, resume it with --train.resume true "
              f"(with the config it was started with), or choose another output.dir")
     if record is None:
