@@ -79,7 +79,8 @@ def test_accumulated_micro_batches_give_the_update_of_one_batch(root, task):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_update_of_one_process(root, tmp_path):
+@pytest.mark.parametrize("batch,accum", [(4, 1), (2, 2)], ids=["2x4", "2x2xaccum2"])
+def test_two_processes_give_the_update_of_one_process(root, tmp_path, batch, accum):
     config = tmp_path / "run.yaml"
     flags = settings(root, "causal_lm", "unused")
     lines = [f"{k}: {json.dumps(v)}" for k, v in flags.items() if k != "output.dir"]
@@ -91,10 +92,10 @@ def test_two_processes_give_the_update_of_one_process(root, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "deltatune.cli",
-                          "train", str(config), "--train.batch_size", "2", "--train.grad_accum", "2",
+                          "train", str(config), "--train.batch_size", str(batch), "--train.grad_accum", str(accum),
                           "--output.dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 x 2 process(es) x 2 accumulation" in two.stdout
+    assert f"{batch} x 2 process(es) x {accum} accumulation" in two.stdout
     assert_same_delta(tmp_path / "one", tmp_path / "two")
     losses = [json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[0])["loss"] for d in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
