@@ -92,15 +92,18 @@ CASES = [
 ]
 
 
-def train(model, data, steps=12, lr=1e-2):
+def train(model, data, steps=12, lr=1e-2, method_steps=False):
+    """Adam on one batch; the losses before each step. method_steps: also dt.step after each (AdaLoRA's budget)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = model(**data).loss
         losses.append(loss.item())
         loss.backward()
         opt.step()
+        if method_steps:
+            dt.step(model, step)  # before zero_grad: AdaLoRA scores importance from the gradients
         opt.zero_grad()
     return losses
 

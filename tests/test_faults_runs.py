@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from deltatune.config import DeltaError
+from deltatune.files import remove_tree
 from deltatune.pipeline import checkpoint as ckpt
 from deltatune.pipeline.config import ConfigError, load_run_config
 from deltatune.pipeline.train import TrainingError, run
@@ -86,7 +87,7 @@ def test_overwrite_clears_the_folder_and_starts_the_new_run(root, copy):
     run(config(root, copy, **{"lora.r": 8, "train.max_steps": 2, "output.overwrite": True}), echo=quiet)
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-000002"]  # none of the old run's
     assert json.loads((copy / "run.json").read_text())["config"]["lora.r"] == 8
-    assert not [p for p in copy.parent.iterdir() if ".overwritten-" in p.name]  # the renamed-aside folder is gone
+    assert [p.name for p in copy.parent.iterdir()] == ["run"]  # the renamed-aside folder is gone
 
 
 def test_output_dir_that_is_a_file_is_refused_before_training(root, tmp_path):
@@ -148,7 +149,7 @@ def test_resume_true_with_no_checkpoint_names_the_folder(root, tmp_path):
 def test_resume_auto_starts_afresh_without_a_checkpoint_and_resumes_with_one(root, tmp_path):
     said = resumed(root, tmp_path / "auto", **{"train.resume": "auto", "train.max_steps": 2})
     assert not any("resuming" in s for s in said) and (tmp_path / "auto" / "checkpoints" / "step-000002").is_dir()
-    ckpt.discard(tmp_path / "auto" / "adapter")  # as if killed after its checkpoint, before the export
+    remove_tree(tmp_path / "auto" / "adapter")  # as if killed after its checkpoint, before the export
     said = resumed(root, tmp_path / "auto", **{"train.resume": "auto", "train.max_steps": 2})
     assert any("resuming from" in s and "step-000002" in s for s in said), said
 
@@ -173,7 +174,7 @@ def test_resume_must_be_true_false_or_auto(root, tmp_path):
 def test_a_truncated_file_in_the_newest_checkpoint_falls_back_to_the_one_before(root, copy, file):
     path = copy / "checkpoints" / "step-000004" / file
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    ckpt.discard(copy / "adapter")
+    remove_tree(copy / "adapter")
     said = resumed(root, copy)
     assert any(f"skipped checkpoint {copy / 'checkpoints' / 'step-000004'}: {file} is" in s and "truncated" in s for s in said), said
     assert any("resuming from" in s and "step-000002" in s for s in said), said

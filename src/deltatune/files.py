@@ -35,19 +35,37 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TRASH = ".trash-"  # the prefix of a folder on its way out: nothing reads one, and the next cleanup deletes it
+
+
 def remove_tree(folder: Path) -> None:
-    """Delete a folder so that a kill at any moment leaves it whole or gone: renamed first to a hidden
-    name that nothing reads (and that the next remove_tree beside it clears), then deleted."""
+    """Delete a folder so that a kill at any moment leaves it whole or gone: renamed first to a
+    `.trash-` name beside it (which no reader takes for the folder), then deleted."""
     import secrets
     import shutil
 
     folder = Path(folder)
     if not folder.exists():
         return
-    trash = folder.with_name(f".{folder.name}.trash-{secrets.token_hex(4)}")
+    trash = folder.with_name(f"{TRASH}{folder.name}-{secrets.token_hex(4)}")
     os.rename(folder, trash)
     fsync_dir(folder.parent)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace the small file `path` with `data` in one step: a temporary sibling, fsynced, renamed over it."""
+    import secrets
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write_new(tmp, lambda f: f.write(data))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
 
 
 def replace_tree(new: Path, folder: Path) -> None:

@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import api, model_files
-from .files import fsync_dir, fsync_file, write_new
+from .files import fsync_dir, fsync_file, write_atomic, write_new
 from .config import DeltaError, method_of
 from .formats.peft import PREFIX, config_from_file, config_to_file, key_prefix, saved_key
 from .surgery import base_state_dict, get_state, require_state
@@ -206,13 +206,7 @@ def _write_card(folder: Path, config: dict, peft_compatible: bool, whole_model: 
     card = (f"---\nlibrary_name: {library}\n" + (f"base_model: {base}\n" if base else "")
             + f"tags:\n- deltatune\n- {str(config['peft_type']).lower()}\n---\n\n"
             f"A {config['peft_type']} {what} written by deltatune; {readers}.\n")
-    tmp = folder / f".{CARD_NAME}.{secrets.token_hex(6)}.tmp"
-    try:
-        write_new(tmp, lambda f: f.write(card.encode()))
-        os.replace(tmp, folder / CARD_NAME)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(card_path, card.encode())
 
 
 def _digest(data: bytes) -> str:

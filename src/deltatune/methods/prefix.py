@@ -318,7 +318,7 @@ def _cache(prefixes: list, given: Any, seq2seq: bool, read_only: bool) -> Any:
 
 # transformers' checkpointed blocks set these to None before checkpointing their forward (a block run
 # twice would write its cache twice); ours is only read, so the blocks that read it get it back.
-_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": 5.24 on
+_CACHE_ARGUMENTS = (*CACHE_KEYS, "past_key_value", "layer_past")
 
 
 def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:

@@ -8,11 +8,11 @@ temporary name and renamed into place. It holds
                                     AdaLoRA's importance scores; see api.training_state)
     adapter/                        the folded export dt.load reads (train.init_adapter takes it)
     optimizer.safetensors, rng.safetensors, trainer_state.json
-    complete.json                   written last: the size and SHA-256 of every other file
+    complete.json                   written last: the size and fingerprint (model_files.fingerprint) of every other file
 
 Resume takes the newest checkpoint whose complete.json is there and whose files match it,
 and says which newer ones it skipped and why (a truncated file, a half-deleted folder).
-A folder is deleted by renaming it to a `.trash-` name first, which resume never reads, so
+A folder is deleted by renaming it to a `.trash-` name first (files.remove_tree), which resume never reads, so
 a kill during the deletion leaves nothing that looks like a checkpoint. Tensors are stored
 with safetensors and everything else as JSON: nothing is unpickled on resume.
 """
@@ -20,7 +20,6 @@ with safetensors and everything else as JSON: nothing is unpickled on resume.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -37,11 +36,11 @@ from safetensors.torch import load_file, save_file
 
 from .. import api, io as dt_io
 from ..config import DeltaError
-from ..files import fsync_dir, write_new
+from ..files import TRASH, fsync_dir, remove_tree, write_new
+from ..model_files import fingerprint
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER = "complete.json"
-TRASH = ".trash-"  # prefix of a folder on its way out; never read as a checkpoint
 
 
 class CheckpointSpaceError(DeltaError):
@@ -99,22 +98,12 @@ def verify(folder: Path) -> str | None:
         file = folder / rel
         if not file.is_file():
             return f"{rel} is missing"
-        size = file.stat().st_size
-        if size != want["size"]:
-            return f"{rel} is {size} bytes, {want['size']} when it was written (truncated or changed)"
-        if _sha256(file) != want["sha256"]:
+        size, written = file.stat().st_size, int(str(want).split(":")[0])
+        if size != written:
+            return f"{rel} is {size} bytes, {written} when it was written (truncated or changed)"
+        if fingerprint(file) != want:
             return f"{rel} does not hash to what was written (changed or damaged)"
     return None
-
-
-def discard(path: Path) -> None:
-    """Delete a folder so that no moment of it looks like a checkpoint: rename it to a trash name, then delete."""
-    if not path.exists():
-        return
-    aside = path.with_name(f"{TRASH}{path.name}-{secrets.token_hex(4)}")
-    os.rename(path, aside)
-    fsync_dir(path.parent)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def clear_leftovers(root: Path) -> None:
@@ -152,7 +141,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: torch.nn.Mo
             if file.is_file():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
-                files[file.relative_to(tmp).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+                files[file.relative_to(tmp).as_posix()] = fingerprint(file)
         _write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))  # last: the folder is complete
         fsync_dir(tmp)
     except OSError as err:
@@ -172,11 +161,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: torch.nn.Mo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():  # the same step saved again (a resumed run): replace it
-        discard(final)
+        remove_tree(final)
     os.rename(tmp, final)
     fsync_dir(root)
     for _, old in steps(output_dir)[:-keep_last]:
-        discard(old)
+        remove_tree(old)
     return final
 
 
@@ -224,14 +213,6 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _write_text(path: Path, text: str) -> None:
     write_new(path, lambda f: f.write(text.encode()))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _folder_bytes(folder: Path | None) -> int:

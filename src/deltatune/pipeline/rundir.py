@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import DeltaError
-from ..files import fsync_dir, write_new
+from ..files import remove_tree, write_atomic, write_new
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
 
@@ -81,14 +79,7 @@ def read_run(out: Path) -> dict[str, Any] | None:
 def write_run(out: Path, config: RunConfig) -> None:
     values = flat(config)
     text = json.dumps({"identity": identity(values), "config": values}, indent=1, default=str)
-    tmp = out / f".{RUN_FILE}.{secrets.token_hex(4)}.tmp"
-    try:
-        write_new(tmp, lambda f: f.write(text.encode()))
-        os.replace(tmp, out / RUN_FILE)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(out)
+    write_atomic(out / RUN_FILE, text.encode())
 
 
 def check_writable(out: Path) -> None:
@@ -106,14 +97,9 @@ def check_writable(out: Path) -> None:
 
 
 def clear(out: Path) -> None:
-    """Empty a run folder safely: rename it aside (one step), recreate it, then delete the old contents."""
-    if not out.exists():
-        return
-    aside = out.with_name(f".{out.name}.overwritten-{secrets.token_hex(4)}")
-    os.rename(out, aside)
-    fsync_dir(out.parent)
+    """Empty a run folder safely: renamed aside to a trash name in one step, deleted, made again."""
+    remove_tree(out)
     out.mkdir()
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _what_is_there(out: Path) -> str:
@@ -149,8 +135,8 @@ def claim(config: RunConfig, say: Callable[[str], Any] = print) -> Path | None:
     if record is not None and not resume and _never_trained(out):
         record = None  # a start that failed before its first step (a wrong model name, say) holds nothing to keep
         (out / RUN_FILE).unlink()
-    again = (f"pass --output.overwrite true to clear it and start this run afresh, resume it with --train.resume true "
-             f"(with the config it was started with), or choose another output.dir")
+    again = ("pass --output.overwrite true to clear it and start this run afresh, resume it with --train.resume true "
+             "(with the config it was started with), or choose another output.dir")
     if record is None:
         if any(p for p in out.iterdir() if not p.name.startswith(".write-test-")):
             raise DeltaError(f"output.dir {out} is not empty ({_what_is_there(out)}) and holds no {RUN_FILE}, so it is "

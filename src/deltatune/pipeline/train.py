@@ -318,6 +318,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     say("the same run as a command: " + config.command())
 
     bar = _progress(total, step, enabled=main and config.train.progress)
+    items_of = [loss_items(e, config.model.task) for e in prepared.train]  # counted once, read every step
     tokens_seen, t_loop, skipped, last_loss = 0, time.perf_counter(), 0, float("nan")
     model.train()
     while step < total:
@@ -329,12 +330,12 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         for _ in range(config.train.grad_accum):
             micro_batches.append(global_batch(len(prepared.train), config.train.seed, offset, size * world))
             offset += size * world
-        step_items = sum(loss_items(prepared.train[i], config.model.task) for indices in micro_batches for i in indices)
+        step_items = sum(items_of[i] for indices in micro_batches for i in indices)
         step_loss_sum, step_tokens, bad = 0.0, 0, None
         for micro, indices in enumerate(micro_batches):
-            mine = [prepared.train[i] for i in indices[accelerator.process_index * size:(accelerator.process_index + 1) * size]]
-            batch = {k: v.to(accelerator.device) for k, v in collate(mine).items()}
-            items = sum(loss_items(e, config.model.task) for e in mine)
+            mine = indices[accelerator.process_index * size:(accelerator.process_index + 1) * size]
+            batch = {k: v.to(accelerator.device) for k, v in collate([prepared.train[i] for i in mine]).items()}
+            items = sum(items_of[i] for i in mine)
             syncing = micro == config.train.grad_accum - 1
             with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
@@ -440,8 +441,6 @@ def _claim(accelerator: Any, config: RunConfig, say: Any) -> Path | None:
     """The folder is this run's, checked and claimed (run.json) by the main process before anything loads or
     trains; every process gets the checkpoint to resume from, or the same error (none waits for a failed one)."""
     from accelerate.utils import broadcast_object_list
-
-    from .config import ConfigError
 
     outcome: list[Any] = [None]
     if accelerator.is_main_process:
