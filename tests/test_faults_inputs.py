@@ -324,3 +324,17 @@ def test_a_model_folder_without_a_tokenizer_says_so(root, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a"}])
     line = cli_error(capsys, ["data", "--model.name", str(folder), "--data.train", str(data)], "data")
     assert "the folder has no tokenizer (none of tokenizer.json" in line and "tokenizer.save_pretrained(folder)" in line
+
+
+def test_deltatune_loads_bases_without_hub_kernels(tmp_path, monkeypatch):
+    """transformers 5.25 kernelizes every from_pretrained by default (layers swapped for kernels from the Hub,
+    through the `kernels` package); deltatune's loaders keep the modules' own forward, which its deltas wrap."""
+    from deltatune.cli import _load_for_adapter
+    from deltatune.pipeline.train import load_base
+
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # transformers' own default
+    folder = save_tiny(tmp_path, "llama")
+    models = [dt.load_base(str(folder)), _load_for_adapter(str(folder), "CAUSAL_LM", False)[0],
+              load_base(load_run_config(None, {"model.name": str(folder), "data.train": "unused.jsonl"}), None)]
+    for model in models:
+        assert getattr(model, "use_kernels", False) is False

@@ -234,7 +234,7 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
 def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     import transformers as tf
 
-    from .model_files import check_base_model
+    from .model_files import BASE_LOAD_KWARGS, check_base_model
 
     classes = {"CAUSAL_LM": tf.AutoModelForCausalLM, "SEQ_CLS": tf.AutoModelForSequenceClassification,
                "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM, "TOKEN_CLS": tf.AutoModelForTokenClassification,
@@ -243,7 +243,7 @@ def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool)
     check_base_model(name, "--model")
     try:
         # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
-        model = cls.from_pretrained(name, trust_remote_code=trust_remote_code, dtype="auto")
+        model = cls.from_pretrained(name, trust_remote_code=trust_remote_code, dtype="auto", **BASE_LOAD_KWARGS)
     except (OSError, ValueError) as err:
         raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
     try:

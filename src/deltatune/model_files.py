@@ -229,6 +229,14 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- base models named by the user
 
 
+# What deltatune's own from_pretrained calls add. transformers 5.25 turned hub kernels on by default
+# (use_kernels=True: layers swapped for kernels fetched from the Hugging Face Hub, through the `kernels`
+# package); before it the default was off. deltatune keeps it off: it wraps and merges into those very layers,
+# its maths and tests are of the modules' own forward, and an offline machine cannot fetch the kernels.
+# transformers 4.56 to 5.24 accept the key too.
+BASE_LOAD_KWARGS = {"use_kernels": False}
+
+
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 

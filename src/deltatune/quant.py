@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from .config import DeltaError
+from .model_files import BASE_LOAD_KWARGS
 
 KINDS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # transformers' 4-bit quantisation always uses bitsandbytes' default block
@@ -367,7 +368,7 @@ def load_base(name: str, quant: str | None = None, *, task: str = "causal_lm", d
         kwargs["quantization_config"] = quantization_config(quant, torch_dtype, double_quant=double_quant,
                                                             int8_threshold=int8_threshold, skip_modules=skip)
     try:
-        model = classes[task].from_pretrained(name, dtype=torch_dtype, **kwargs)
+        model = classes[task].from_pretrained(name, dtype=torch_dtype, **BASE_LOAD_KWARGS, **kwargs)
     except (OSError, ValueError) as err:
         raise DeltaError(f"cannot load {name!r} as a {task} model: {str(err)[:400]}") from None
     keep_trainable_layouts(model)

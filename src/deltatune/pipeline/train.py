@@ -24,7 +24,7 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
-from ..model_files import check_base_model, check_model_path
+from ..model_files import BASE_LOAD_KWARGS, check_base_model, check_model_path
 from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
@@ -109,7 +109,7 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
                                                             double_quant=config.model.double_quant,
                                                             int8_threshold=config.model.int8_threshold, skip_modules=heads)
     try:
-        model = classes[config.model.task].from_pretrained(config.model.name, **kwargs)
+        model = classes[config.model.task].from_pretrained(config.model.name, **BASE_LOAD_KWARGS, **kwargs)
     except (OSError, ValueError) as err:
         raise DeltaError(f"cannot load {config.model.name!r} as a {config.model.task} model: {str(err)[:400]}") from None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
