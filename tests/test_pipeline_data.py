@@ -10,7 +10,7 @@ import pytest
 import transformers as tf
 
 from deltatune.pipeline.config import ConfigError, load_run_config
-from deltatune.pipeline.data import (IGNORE, DataError, Renderer, check_rows, global_batch, prepare, read_rows,
+from deltatune.pipeline.data import (IGNORE, DataError, check_rows, global_batch, prepare, read_rows,
                                      recommended_max_length)
 from pipeline_models import save_tiny, tokenizer_folder, write_jsonl
 
@@ -91,8 +91,8 @@ def test_instruction_loss_covers_the_answer_only(root, tokenizer):
     example = prepared.train[0]
     text = tokenizer.decode(example.input_ids)
     assert text.startswith("<|im_start|>user\nAdd two and three\n\n2 + 3<|im_end|>\n<|im_start|>assistant\n")
-    # token by token: exactly the answer, its end-of-turn marker and eos are trained
-    assert _trained_text(tokenizer, example) == "five<|im_end|>\n<eos>"
+    # token by token: exactly the answer and its end-of-turn marker (generation stops on it) are trained
+    assert _trained_text(tokenizer, example) == "five<|im_end|>\n"
     first = next(i for i, label in enumerate(example.labels) if label != IGNORE)
     assert all(label == IGNORE for label in example.labels[:first])
     assert example.labels[first:] == example.input_ids[first:]
@@ -104,7 +104,7 @@ def test_every_assistant_turn_of_a_chat_is_trained(root, tokenizer):
                 {"role": "assistant", "content": "bye"}]
     config = config_for(root, "chat", [{"messages": messages}] * 3)
     example = prepare(config, tokenizer, 256).train[0]
-    assert _trained_text(tokenizer, example) == "hello<|im_end|>\nbye<|im_end|>\n<eos>"
+    assert _trained_text(tokenizer, example) == "hello<|im_end|>\nbye<|im_end|>\n"
     # sharegpt's from/value rows give the same tokens
     sharegpt = [{"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
                                     "value": m["content"]} for m in messages]}] * 3
@@ -119,7 +119,8 @@ def test_a_tokenizer_chat_template_is_used_when_present(root, tokenizer):
     config = config_for(root, "chat", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
     example = prepare(config, templated, 256).train[0]
     assert templated.decode(example.input_ids) == "[user] q\n[assistant] a\n"
-    assert _trained_text(templated, example) == "a\n"
+    # the prompt ends in a space that the whole tokenisation joins to the answer's first token ("Ġa"): trained
+    assert _trained_text(templated, example) == " a\n"
 
 
 def test_answer_only_off_trains_every_token(root, tokenizer):
@@ -171,7 +172,7 @@ def test_lengths_are_reported_and_the_users_max_length_wins(root, tokenizer):
     ("text", [{"text": "fine"}, {"text": "   "}], r"row 2, column 'text': empty text"),
     ("text", [{"text": 5}], r"row 1, column 'text': expected text, got int"),
     ("chat", [{"messages": [{"role": "user", "content": "hi"}]}], r"row 1, column 'messages': the conversation has no assistant turn"),
-    ("chat", [{"messages": [{"role": "robot", "content": "hi"}]}], r"row 1, column 'messages': message 1: role 'robot'"),
+    ("chat", [{"messages": [{"role": "robot", "content": "hi"}]}], r"row 1, column 'messages': message 1: unknown speaker 'robot'.*data.roles"),
     ("instruction", [{"prompt": "x", "output": "y"}], r"row 1 has no column 'instruction'.*its columns are \['output', 'prompt'\]"),
 ])
 def test_bad_rows_name_the_file_row_and_column(root, fmt, rows, message):
@@ -196,9 +197,9 @@ def test_malformed_and_unreadable_files(root, tmp_path):
     config = load_run_config(None, {"model.name": "m", "data.train": str(bad)})
     with pytest.raises(DataError, match=r"bad.jsonl: line 2 is not valid JSON"):
         read_rows(str(bad), config.data)
-    weird = tmp_path / "data.txt"
+    weird = tmp_path / "data.xml"
     weird.write_text("hello")
-    with pytest.raises(DataError, match=r"unsupported file type '.txt'; use .json, .jsonl, .csv or .parquet"):
+    with pytest.raises(DataError, match=r"unsupported file type '.xml'; use .json, .jsonl, .csv, .parquet or .txt"):
         read_rows(str(weird), config.data)
     with pytest.raises(DataError, match=r"no data file at .*missing.jsonl"):
         read_rows(str(tmp_path / "missing.jsonl"), config.data)

@@ -72,12 +72,14 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_a_causal_run_trains_evaluates_and_reports(root):
     result = run(causal_config(root, "causal", **{"train.eval_every": 6, "train.save_every": 6, "eval.generate": True,
-                                                  "eval.max_new_tokens": 4}), echo=quiet)
+                                                  "eval.max_new_tokens": 4, "train.log_every": 1}), echo=quiet)
     assert {"loss", "perplexity", "exact_match", "bleu", "rouge_l"} <= set(result.metrics)  # answers generated and scored
     out = result.output_dir
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < losses[0]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    eval_losses = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert eval_losses[-1] < eval_losses[0]
     assert [r["step"] for r in log if "eval_loss" in r] == [6, 12]  # every 6 steps and at the end
     summary = json.loads((out / "summary.json").read_text())
     for key in ("method", "trainable_parameters", "peak_memory_mb", "wall_time_s", "tokens_per_s", "eval_loss", "eval_perplexity"):
@@ -88,7 +90,7 @@ def test_a_causal_run_trains_evaluates_and_reports(root):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000012"]
     again = load_run_config(out / "config.yaml")  # the saved config is a valid config for the same run
     assert again.as_dict() == causal_config(root, "causal", **{"train.eval_every": 6, "train.save_every": 6, "eval.generate": True,
-                                                               "eval.max_new_tokens": 4}).as_dict()
+                                                               "eval.max_new_tokens": 4, "train.log_every": 1}).as_dict()
 
 
 def test_only_the_last_checkpoints_are_kept(root):
@@ -328,7 +330,7 @@ def test_data_marks_the_trained_tokens(root, capsys):
                 "instruction", "--examples", "2"]) == 0
     out = capsys.readouterr().out
     assert "recommended max_length" in out
-    assert "<|im_start|>user\nRepeat the word alpha<|im_end|>\n<|im_start|>assistant\n[[alpha alpha<|im_end|>\n<eos>]]" in out
+    assert "<|im_start|>user\nRepeat the word alpha<|im_end|>\n<|im_start|>assistant\n[[alpha alpha<|im_end|>\n]]" in out
 
 
 def test_generate_chats_over_stdin(root, capsys, monkeypatch):

@@ -17,9 +17,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DeltaError
+
+if TYPE_CHECKING:
+    from .pipeline.render import Renderer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--file", help="a text file with one prompt per line")
     source.add_argument("--chat", action="store_true", help="an interactive chat (empty line or Ctrl-D ends it)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--template", default=None, help="built-in chat template when the tokenizer has none (chatml, alpaca, plain)")
+    p.add_argument("--template", default=None, help="--chat: a chat template (default: the one saved with the adapter, else the tokenizer's own): a "
+                   "built-in name (chatml, qwen2.5, qwen3, llama3, llama2, mistral, gemma, phi-3, zephyr, alpaca, plain), "
+                   "a Jinja string or a file")
+    p.add_argument("--system", default=None, help="--chat: a system prompt")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("info", help="what deltatune can do with a model: architecture, targets, counts per method")
@@ -175,7 +181,7 @@ def _labels(config: Any) -> list[str] | None:
 
 
 def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
-    from .pipeline.data import IGNORE, prepare
+    from .pipeline.data import prepare
     from .pipeline.train import load_tokenizer
 
     if args.examples < 0:  # a slice [:-1] would print all but one
@@ -194,24 +200,37 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     shown = min(args.examples, len(prepared.train))
     print(f"\nthe first {shown} training examples; trained tokens are {'green' if color else 'between [[ and ]]'}:")
     for n, example in enumerate(prepared.train[: args.examples], 1):
-        print(f"\n--- example {n} ({len(example.input_ids)} tokens)")
+        kind = " chosen" if example.rejected is not None else ""
+        print(f"\n--- example {n}{kind} ({len(example.input_ids)} tokens)")
         if isinstance(example.labels, int):
             print(tokenizer.decode(example.input_ids) + f"  -> label {prepared.labels[example.labels]!r}")
             continue
         if example.decoder_labels is not None:
             print(tokenizer.decode(example.input_ids) + f"\n  -> {start}{tokenizer.decode(example.decoder_labels)}{end}")
             continue
-        text, run_ids, trained = [], [], None
-        for token, label in zip(example.input_ids, example.labels):
-            flag = label != IGNORE
-            if trained is not None and flag != trained:
-                text.append((tokenizer.decode(run_ids), trained))
-                run_ids = []
-            run_ids.append(token)
-            trained = flag
-        text.append((tokenizer.decode(run_ids), trained))
-        print("".join(f"{start}{t}{end}" if flag else t for t, flag in text))
+        if example.desirable is not None:
+            print(f"(KTO: the completion is {'desirable' if example.desirable else 'undesirable'})")
+        print(_marked(tokenizer, example.input_ids, example.labels, start, end))
+        if example.rejected is not None:
+            print(f"--- rejected ({len(example.rejected.input_ids)} tokens)")
+            print(_marked(tokenizer, example.rejected.input_ids, example.rejected.labels, start, end))
     return 0
+
+
+def _marked(tokenizer: Any, ids: list[int], labels: list[int], start: str, end: str) -> str:
+    """The decoded example with its trained runs of tokens between start and end."""
+    from .pipeline.data import IGNORE
+
+    text, run_ids, trained = [], [], None
+    for token, label in zip(ids, labels):
+        flag = label != IGNORE
+        if trained is not None and flag != trained:
+            text.append((tokenizer.decode(run_ids), trained))
+            run_ids = []
+        run_ids.append(token)
+        trained = flag
+    text.append((tokenizer.decode(run_ids), trained))
+    return "".join(f"{start}{t}{end}" if flag else t for t, flag in text)
 
 
 def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
@@ -257,7 +276,6 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from . import io as dt_io
-    from .pipeline.data import TEMPLATES
 
     prompts = _prompt_lines(Path(args.file)) if args.file is not None else []  # read before the model loads
     task = dt_io.read_adapter(args.adapter)[0].task_type if args.adapter else "CAUSAL_LM"
@@ -279,12 +297,15 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     seq2seq = getattr(model.config, "is_encoder_decoder", False)
 
-    def complete(prompt: str) -> str:
-        enc = tokenizer(prompt, return_tensors="pt")
+    def complete(prompt: str, chat: Renderer | None = None) -> str:
+        # A rendered chat already holds the template's special tokens (BOS among them): adding them again
+        # would start the prompt with two BOS, unlike every example the model was trained on.
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=chat is None or seq2seq)
+        stops = chat.stop_ids() if chat is not None and not seq2seq else None
         with torch.no_grad():
             out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                  max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
         new = out[0] if seq2seq else out[0, enc["input_ids"].shape[1]:]
         return tokenizer.decode(new, skip_special_tokens=True)
 
@@ -295,8 +316,13 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
             if line.strip():
                 print(f">>> {line}\n{complete(line)}\n")
     else:
-        template = None if getattr(tokenizer, "chat_template", None) and args.template is None else TEMPLATES[args.template or "chatml"]
-        history: list[dict[str, str]] = []
+        template = args.template
+        if template is None and args.adapter:
+            from .pipeline.render import saved_template
+
+            template = saved_template(args.adapter)  # the template the adapter was trained with
+        chat = chat_renderer(tokenizer, template)
+        history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
         while True:
             try:
                 line = input("you> ")
@@ -305,15 +331,18 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
             if not line.strip():
                 break
             history.append({"role": "user", "content": line})
-            if template is None:
-                prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-            else:
-                turns, gen = template
-                prompt = "".join(turns[m["role"]].format(content=m["content"]) for m in history) + gen
-            answer = complete(prompt).strip()
+            answer = complete(chat.prompt(history), chat).strip()
             history.append({"role": "assistant", "content": answer})
             print(f"model> {answer}")
     return 0
+
+
+def chat_renderer(tokenizer: Any, template: str | None) -> Renderer:
+    """The renderer `generate --chat` prompts with: the same one training renders conversations with."""
+    from .pipeline.config import DataSection
+    from .pipeline.render import Renderer
+
+    return Renderer(tokenizer, DataSection(chat_template=template))
 
 
 def _prompt_lines(path: Path) -> list[str]:

@@ -50,15 +50,26 @@ class ModelSection:
 
 @dataclass(kw_only=True)
 class DataSection:
-    train: str = ""  # a .json/.jsonl/.csv/.parquet file, or a `datasets` name
+    # a .json/.jsonl/.csv/.parquet/.txt file, a folder of .txt files, a `datasets` name, or an entry of a
+    # LLaMA-Factory dataset_info.json: path/to/dataset_info.json#name (its file, formatting, columns and tags)
+    train: str = ""
     eval: str | None = None  # the same kinds of source; None: eval_fraction of train
     eval_fraction: float = check(0.0, ge=0, lt=1)
-    format: Literal["text", "instruction", "chat", "classification", "seq2seq"] = "text"
-    # role -> column name, e.g. {text: body, label: stars}; roles: text, text_pair, label, instruction,
-    # input, output, messages, source, target
+    # text, instruction, chat, segments, tokenized, preference, kto, classification, seq2seq; or the
+    # LLaMA-Factory / axolotl name of one (alpaca, sharegpt, completion, chat_template, input_output, ...)
+    format: str = "text"
+    # role -> column name, e.g. {text: body, label: stars}; roles per format in rows.py (text, instruction,
+    # input, output, system, history, tools, messages, prompt, chosen, rejected, completion, label, ...)
     columns: dict[str, str] = field(default_factory=dict)
+    message_keys: dict[str, str] = field(default_factory=dict)  # {role: from, content: value}; default: either pair
+    roles: dict[str, str] = field(default_factory=dict)  # the file's speaker -> system/user/assistant/tool/function_call
+    system: str | None = None  # a system prompt for rows that have none of their own
     labels: list[str] | None = None  # classification: the label set (default: every label in train, sorted)
-    chat_template: str | None = None  # a built-in template for tokenizers without one: chatml, alpaca, plain
+    # a chat template: a built-in name (chatml, qwen2.5, qwen3, llama3, llama2, mistral, gemma, phi-3, zephyr,
+    # alpaca, plain), a Jinja string, or a .jinja file; None: the tokenizer's own (chatml when it has none)
+    chat_template: str | None = None
+    train_empty_think: bool = False  # train the empty <think></think> blocks a template inserts (Qwen3)
+    text_split: str = "block"  # .txt files: one document per blank-line-separated block, per line, or per file
     max_length: int | None = check(None, gt=0)  # None: the rule (mean without outliers x 1.5, capped)
     answer_only: bool = True  # instruction/chat: the loss covers the answers only
     packing: bool = False  # text/instruction/chat: concatenate examples into full-length rows
@@ -409,7 +420,16 @@ def _cross_checks(config: RunConfig) -> None:
                           "(adamw, adam, sgd, rmsprop, ...) or a bitsandbytes one (adamw8bit, paged_adamw8bit, ...)")
     if not config.data.train:
         raise ConfigError(f"{where}: data.train is required (a .json/.jsonl/.csv/.parquet file or a datasets name)")
-    task_formats = {"causal_lm": {"text", "instruction", "chat"}, "seq_cls": {"classification"}, "seq2seq": {"seq2seq", "instruction"}}
+    from .dataset_info import resolve_entries
+    from .rows import DataError, canonical_format
+
+    try:
+        resolve_entries(config.data)
+        config.data.format = canonical_format(config.data.format)
+    except DataError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    task_formats = {"causal_lm": {"text", "instruction", "chat", "segments", "tokenized", "preference", "kto"},
+                    "seq_cls": {"classification"}, "seq2seq": {"seq2seq", "instruction"}}
     if config.data.format not in task_formats[config.model.task]:
         raise ConfigError(f"{where}: data.format = {config.data.format!r} does not fit model.task = {config.model.task!r}; "
                           f"use one of {', '.join(sorted(task_formats[config.model.task]))}")

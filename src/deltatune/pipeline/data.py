@@ -1,20 +1,21 @@
 """Data: files -> checked rows -> tokenised examples -> batches.
 
-Formats (data.format) and the columns each reads (rename with data.columns):
+Reading (this file): JSON, JSONL, CSV, Parquet, .txt (data.text_split), a folder of .txt files, a
+`datasets` name, or a LLaMA-Factory dataset_info.json entry (dataset_info.py). Checking (rows.py): every
+format's rows become one canonical shape, the first bad row a `DataError` naming the file, the row
+(1-based, over data rows) and the column. Rendering (render.py): conversations are rendered whole with
+the chat template and tokenised whole; trained tokens are found by character offsets.
 
     text            text                                  continued pre-training, loss on every token
-    instruction     instruction, input (optional), output alpaca; loss on the output only
-    chat            messages [{role, content}] or sharegpt conversations [{from, value}];
-                    loss on every assistant turn only
+    instruction     instruction, input, output (+ system, history, tools)     alpaca; loss on the answers
+    chat            messages (role/content or from/value; tool calls, parts)  sharegpt, OpenAI; loss on
+                    the assistant turns (not those marked train: false, never on tool results)
+    segments        segments [{text, label}]              axolotl input_output; loss where label is true
+    tokenized       input_ids (+ labels, attention_mask)  used as they are
+    preference      prompt, chosen, rejected              read and checked (no stage trains them yet)
+    kto             prompt, completion, label             read and checked (no stage trains them yet)
     classification  text, text_pair (optional), label     sequence classification
     seq2seq         source, target                        encoder-decoder
-
-Every row is checked before anything is tokenised; a bad row is a `DataError` that
-names the file, the row (1-based, over data rows) and the column. Chat and
-instruction data are rendered with the tokenizer's chat template, or a built-in
-one (chatml, alpaca, plain) for tokenizers without one; the tokens of each answer
-are found by rendering the conversation turn by turn, so the prompt gets label
--100 and every assistant turn is trained.
 
 Length rule: the recommended max_length is the mean token length after dropping
 lengths above the 99th percentile, times 1.5, capped by the model's limit. A
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,47 +35,28 @@ import torch
 
 from ..config import DeltaError
 from .config import DataSection, read_utf8
+from .rows import DataError, canonical_format, check_rows  # noqa: F401 - check_rows is part of this module's API
 
 IGNORE = -100
-
-ROLES = {
-    "text": ("text",),
-    "instruction": ("instruction", "input", "output"),
-    "chat": ("messages",),
-    "classification": ("text", "text_pair", "label"),
-    "seq2seq": ("source", "target"),
-}
-OPTIONAL = {"input", "text_pair"}
-
-# Built-in chat templates for tokenizers without one: (turn format by role, generation prompt).
-TEMPLATES: dict[str, tuple[dict[str, str], str]] = {
-    "chatml": ({"system": "<|im_start|>system\n{content}<|im_end|>\n", "user": "<|im_start|>user\n{content}<|im_end|>\n",
-                "assistant": "<|im_start|>assistant\n{content}<|im_end|>\n"}, "<|im_start|>assistant\n"),
-    "alpaca": ({"system": "{content}\n\n", "user": "### Instruction:\n{content}\n\n", "assistant": "### Response:\n{content}\n\n"},
-               "### Response:\n"),
-    "plain": ({"system": "{content}\n", "user": "User: {content}\n", "assistant": "Assistant: {content}\n"}, "Assistant: "),
-}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "bot": "assistant", "model": "assistant"}
-
-
-class DataError(DeltaError):
-    """Bad data: the message names the file, the row and the column."""
+TXT_SPLITS = ("block", "line", "file")
+CHAT_FORMATS = ("instruction", "chat", "preference", "kto")  # rendered with a chat template
 
 
 # ---------------------------------------------------------------- reading
 
 
 def read_rows(source: str, data: DataSection) -> tuple[list[dict[str, Any]], str]:
-    """Rows of a local file (JSON, JSONL, CSV, Parquet) or of a `datasets` name, and a label for messages."""
+    """Rows of a local file (JSON, JSONL, CSV, Parquet, plain text) or of a `datasets` name, and a label for messages."""
     import datasets
 
     datasets.disable_progress_bars()
     path = Path(source)
-    if path.is_file():
+    if path.suffix.lower() == ".txt" or path.is_dir() and any(path.glob("*.txt")):
+        rows, where = _txt_rows(path, data), str(path)
+    elif path.is_file():
         suffix = path.suffix.lower()
         if suffix not in (".json", ".jsonl", ".csv", ".parquet"):
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet")
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv, .parquet or .txt")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty; put the training rows in it (or point data.train at another file)")
         small = path.stat().st_size < 2_000_000_000  # read here whole; datasets streams what is larger
@@ -102,6 +85,34 @@ def read_rows(source: str, data: DataSection) -> tuple[list[dict[str, Any]], str
     if not rows:
         raise DataError(f"{where}: no rows")
     return rows, where
+
+
+def _txt_rows(path: Path, data: DataSection) -> list[dict[str, Any]]:
+    """Plain text for continued pre-training: {"text": document} rows, a document being a blank-line-separated
+    block (data.text_split: block, the default), a line (line), or a whole file (file); a folder reads every
+    .txt file in it, in name order."""
+    if canonical_format(data.format) != "text":
+        raise DataError(f"{path}: a .txt file holds plain text, read with data.format: text (it is {data.format!r}); "
+                        "give conversations or instructions as .json/.jsonl")
+    if data.text_split not in TXT_SPLITS:
+        raise DataError(f"data.text_split = {data.text_split!r}; choose block (documents separated by blank lines), "
+                        "line (one document per line) or file (one document per file)")
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files[0].is_file():
+        raise DataError(f"no data file at {path}")
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        text = read_utf8(file, DataError).replace("\r\n", "\n")
+        if data.text_split == "file":
+            documents = [text]
+        elif data.text_split == "line":
+            documents = text.split("\n")
+        else:
+            documents = re.split(r"\n[ \t]*\n", text)
+        rows += [{"text": d.strip("\n")} for d in documents if d.strip()]
+    if not rows:
+        raise DataError(f"{path}: no text (the file is empty or only whitespace); put the documents in it")
+    return rows
 
 
 def _looks_like_hub(source: str) -> bool:
@@ -180,87 +191,7 @@ def _columns_to_rows(path: Path, columns: dict[str, Any]) -> list[dict[str, Any]
     return [{k: columns[k][i] for k in names} for i in range(next(iter(lengths.values())))]
 
 
-# ---------------------------------------------------------------- checking
-
-
-def column_names(data: DataSection) -> dict[str, str]:
-    known = {r for roles in ROLES.values() for r in roles}
-    for role in data.columns:
-        if role not in known:
-            raise DataError(f"data.columns: {role!r} is not a column role; roles: {', '.join(sorted(known))}")
-    return {role: data.columns.get(role, role) for role in ROLES[data.format]}
-
-
-def check_rows(rows: list[dict[str, Any]], where: str, data: DataSection, labels: list[str] | None = None) -> list[dict[str, Any]]:
-    """Rows normalised to the format's roles; the first bad row is a DataError naming it."""
-    columns = column_names(data)
-    if data.format == "chat" and columns["messages"] not in rows[0] and "conversations" in rows[0] and "messages" not in data.columns:
-        columns["messages"] = "conversations"  # sharegpt's column name
-    missing = [c for role, c in columns.items() if role not in OPTIONAL and c not in rows[0]]
-    if missing:
-        raise DataError(f"{where}: row 1 has no column {missing[0]!r} (needed by data.format {data.format!r}); "
-                        f"its columns are {sorted(rows[0])}; map yours with data.columns")
-    out = []
-    for number, row in enumerate(rows, 1):
-        out.append(_check_row(row, number, where, data.format, columns, labels))
-    return out
-
-
-def _check_row(row: dict, number: int, where: str, fmt: str, columns: dict[str, str], labels: list[str] | None) -> dict:
-    def fail(column: str, problem: str) -> DataError:
-        return DataError(f"{where}: row {number}, column {column!r}: {problem}")
-
-    def text(role: str, optional: bool = False) -> str | None:
-        column = columns[role]
-        value = row.get(column)
-        if value is None and optional:
-            return None
-        if value is None:
-            raise fail(column, "missing")
-        if not isinstance(value, str):
-            raise fail(column, f"expected text, got {type(value).__name__} {value!r:.40}")
-        if not value.strip() and not optional:
-            raise fail(column, "empty text")
-        return value
-
-    if fmt == "text":
-        return {"text": text("text")}
-    if fmt == "instruction":
-        return {"instruction": text("instruction"), "input": text("input", optional=True) or "", "output": text("output")}
-    if fmt == "seq2seq":
-        return {"source": text("source"), "target": text("target")}
-    if fmt == "classification":
-        label = row.get(columns["label"])
-        if label is None or (isinstance(label, str) and not label.strip()):
-            raise fail(columns["label"], "missing label")
-        label = str(label)
-        if labels is not None and label not in labels:
-            raise fail(columns["label"], f"label {label!r} is not in the label set {labels}")
-        return {"text": text("text"), "text_pair": text("text_pair", optional=True), "label": label}
-    # chat
-    column = columns["messages"]
-    messages = row.get(column)
-    if not isinstance(messages, list) or not messages:
-        raise fail(column, f"expected a list of messages, got {messages!r:.60}")
-    turns = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise fail(column, f"message {i + 1} is not an object")
-        if "role" in message:
-            role, content = message.get("role"), message.get("content")
-        else:
-            role, content = SHAREGPT_ROLES.get(str(message.get("from")).lower()), message.get("value")
-            if role is None:
-                raise fail(column, f"message {i + 1}: unknown speaker {message.get('from')!r} "
-                                   f"(sharegpt 'from' values: {', '.join(sorted(SHAREGPT_ROLES))})")
-        if role not in ("system", "user", "assistant"):
-            raise fail(column, f"message {i + 1}: role {role!r} is not system, user or assistant")
-        if not isinstance(content, str) or not content.strip():
-            raise fail(column, f"message {i + 1} ({role}) has no text")
-        turns.append({"role": role, "content": content})
-    if not any(t["role"] == "assistant" for t in turns):
-        raise fail(column, "the conversation has no assistant turn, so there is nothing to train on")
-    return {"messages": turns}
+# ---------------------------------------------------------------- checking (rows.py) and encoding
 
 
 def label_set(rows: list[dict[str, Any]], data: DataSection) -> list[str]:
@@ -270,9 +201,6 @@ def label_set(rows: list[dict[str, Any]], data: DataSection) -> list[str]:
     return found
 
 
-# ---------------------------------------------------------------- rendering and tokenising
-
-
 @dataclass
 class Example:
     input_ids: list[int]
@@ -280,97 +208,91 @@ class Example:
     token_type_ids: list[int] | None = None
     decoder_labels: list[int] | None = None  # seq2seq: the target's ids
     length: int = 0  # tokens before truncation
+    rejected: "Example | None" = None  # preference pairs: this example is the chosen completion
+    desirable: bool | None = None  # KTO rows: the completion's label
 
     def __post_init__(self) -> None:
         self.length = self.length or len(self.input_ids)
 
 
-class Renderer:
-    """Turns checked rows into token ids with their training labels."""
+class Encoder:
+    """Turns canonical rows (rows.py) into token ids with their training labels (render.py for chats)."""
 
     def __init__(self, tokenizer: Any, data: DataSection, task: str, labels: list[str] | None = None) -> None:
+        from .render import Renderer
+
         self.tokenizer, self.data, self.task, self.labels = tokenizer, data, task, labels
-        self.template = None if getattr(tokenizer, "chat_template", None) and data.chat_template is None else \
-            TEMPLATES.get(data.chat_template or "chatml")
-        if data.chat_template is not None and data.chat_template not in TEMPLATES:
-            raise DataError(f"data.chat_template = {data.chat_template!r} is not a built-in template; "
-                            f"built-in: {', '.join(TEMPLATES)} (or leave it unset to use the tokenizer's own)")
+        self.format = canonical_format(data.format)
+        self.chat = Renderer(tokenizer, data)
 
     def encode(self, row: dict[str, Any]) -> Example:
-        fmt = self.data.format
+        fmt = self.format
         if fmt == "classification":
             enc = self.tokenizer(row["text"], row["text_pair"]) if row["text_pair"] is not None else self.tokenizer(row["text"])
             return Example(list(enc["input_ids"]), self.labels.index(row["label"]), enc.get("token_type_ids"))
-        if fmt == "seq2seq" or (fmt == "instruction" and self.task == "seq2seq"):
-            source = row["source"] if fmt == "seq2seq" else _instruction_prompt(row)
-            target = row["target"] if fmt == "seq2seq" else row["output"]
+        if self.task == "seq2seq":
+            source, target = self.source_target(row)
             ids = list(self.tokenizer(source)["input_ids"])
             target_ids = list(self.tokenizer(text_target=target)["input_ids"])
             return Example(ids, IGNORE, decoder_labels=target_ids, length=max(len(ids), len(target_ids)))
         if fmt == "text":
-            ids = self._ids(row["text"]) + self._eos()
+            ids = self.chat.ids(row["text"]) + self._eos()
             return Example(ids, list(ids))
-        messages = row["messages"] if fmt == "chat" else [
-            {"role": "user", "content": _instruction_prompt(row)}, {"role": "assistant", "content": row["output"]}]
-        return self._chat(messages)
+        if fmt == "segments":
+            text, spans, cursor = "", [], 0
+            for piece, trained in row["segments"]:
+                if trained:
+                    spans.append((len(text), len(text) + len(piece)))
+                text += piece
+            ids, labels = self.chat.labelled(text, spans)
+            return Example(ids, labels)
+        if fmt == "tokenized":
+            vocab = len(self.tokenizer)
+            bad = next((t for t in row["input_ids"] + [x for x in row["labels"] if x != IGNORE] if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise DataError(f"token id {bad} is outside the tokenizer's vocabulary (0 .. {vocab - 1}); were these "
+                                "rows tokenized with another tokenizer?")
+            return Example(list(row["input_ids"]), list(row["labels"]))
+        if fmt == "preference":
+            chosen = self._conversation(row["prompt"] + row["chosen"], row["tools"], completion_only=True)
+            chosen.rejected = self._conversation(row["prompt"] + row["rejected"], row["tools"], completion_only=True)
+            return chosen
+        if fmt == "kto":
+            example = self._conversation(row["prompt"] + row["completion"], row["tools"], completion_only=True)
+            example.desirable = row["label"]
+            return example
+        return self._conversation(row["messages"], row["tools"])
 
-    def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        """The rendered conversation as (text, trained) pieces: each assistant turn is trained."""
-        pieces, previous = [], ""
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = self.render(messages[:i], generation_prompt=True)
-                if not prompt.startswith(previous):
-                    raise DataError("the chat template does not render a conversation as a prefix of its continuation, "
-                                    "so answers cannot be found; set data.answer_only: false or data.chat_template")
-                pieces.append((prompt[len(previous):], False))
-                previous = prompt
-            text = self.render(messages[: i + 1])
-            if not text.startswith(previous):
-                raise DataError("the chat template does not render a conversation as a prefix of its continuation, "
-                                "so answers cannot be found; set data.answer_only: false or data.chat_template")
-            pieces.append((text[len(previous):], message["role"] == "assistant"))
-            previous = text
-        return [(t, trained) for t, trained in pieces if t]
-
-    def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        if self.template is None:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        turns, prompt = self.template
-        text = "".join(turns[m["role"]].format(content=m["content"]) for m in messages)
-        return text + (prompt if generation_prompt else "")
-
-    def _chat(self, messages: list[dict[str, str]]) -> Example:
-        ids: list[int] = []
-        labels: list[int] = []
-        bos = self._bos()
-        if bos:
-            ids, labels = list(bos), [IGNORE] * len(bos)
-        pieces = self.segments(messages)
-        for n, (text, trained) in enumerate(pieces):
-            piece = self._ids(text)
-            if trained and n == len(pieces) - 1 and self.template is not None:
-                piece += self._eos()
-            ids += piece
-            labels += piece if (trained or not self.data.answer_only) else [IGNORE] * len(piece)
+    def _conversation(self, messages: list[dict], tools: list[dict] | None, completion_only: bool = False) -> Example:
+        if completion_only:  # pairs and feedback: only the completion's turns count, never the prompt's answers
+            last = max(i for i, m in enumerate(messages) if m["role"] != "assistant")
+            messages = [dict(m, train=False) if m["role"] == "assistant" and i < last else m for i, m in enumerate(messages)]
+        ids, labels = self.chat.conversation(messages, tools, train_all=not self.data.answer_only)
         return Example(ids, labels)
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def source_target(self, row: dict[str, Any]) -> tuple[str, str]:
+        if self.format == "seq2seq":
+            return row["source"], row["target"]
+        messages = row["messages"]
+        if messages[-1]["role"] != "assistant" or any(m.get("tool_calls") for m in messages) or row.get("tools"):
+            raise DataError("an encoder-decoder reads an instruction and its answer; tool calls need a causal LM")
+        return "\n\n".join(m["content"] for m in messages[:-1]), messages[-1]["content"]
+
+    def reference(self, row: dict[str, Any]) -> tuple[str, str] | None:
+        """(prompt text, reference answer) for generation metrics, or None where a row has no final answer."""
+        if self.task == "seq2seq":
+            return self.source_target(row)
+        if "messages" not in row:
+            return None
+        turns = row["messages"]
+        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        if not turns[last]["content"].strip() or turns[last].get("tool_calls"):
+            return None
+        return self.chat.prompt(turns[:last], row.get("tools")), turns[last]["content"]
 
     def _eos(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
         return [eos] if eos is not None else []
-
-    def _bos(self) -> list[int]:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        add = getattr(self.tokenizer, "add_bos_token", False)
-        return [bos] if bos is not None and add and self.template is not None else []
-
-
-def _instruction_prompt(row: dict[str, Any]) -> str:
-    return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-
 
 # ---------------------------------------------------------------- lengths
 
@@ -436,7 +358,14 @@ def truncate(examples: list[Example], max_length: int) -> tuple[list[Example], i
         if isinstance(labels, list) and all(label == IGNORE for label in labels):
             dropped += 1
             continue
-        kept.append(Example(ids, labels, types, decoder, length=e.length))
+        rejected = None
+        if e.rejected is not None:  # a pair is kept whole or not at all
+            kept_rejected, _ = truncate([e.rejected], max_length)
+            if not kept_rejected:
+                dropped += 1
+                continue
+            rejected = kept_rejected[0]
+        kept.append(Example(ids, labels, types, decoder, length=e.length, rejected=rejected, desirable=e.desirable))
     return kept, dropped
 
 
@@ -520,7 +449,7 @@ class Prepared:
     eval: list[Example]
     lengths: LengthReport
     labels: list[str] | None
-    renderer: Renderer
+    renderer: Encoder
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -530,13 +459,13 @@ def prepare(config: Any, tokenizer: Any, model_limit: int | None) -> Prepared:
     import datasets
 
     data, task = config.data, config.model.task
-    rows, where = read_rows(data.train, data)
-    train_rows = check_rows(rows, where, data, labels=data.labels)
-    labels = label_set(train_rows, data) if data.format == "classification" else None
     notes: list[str] = []
+    rows, where = read_rows(data.train, data)
+    train_rows = check_rows(rows, where, data, labels=data.labels, notes=notes)
+    labels = label_set(train_rows, data) if canonical_format(data.format) == "classification" else None
     if data.eval:
         raw, eval_where = read_rows(data.eval, data)
-        eval_rows = check_rows(raw, eval_where, data, labels=labels)
+        eval_rows = check_rows(raw, eval_where, data, labels=labels, notes=notes)
     elif data.eval_fraction:
         order = epoch_order(len(train_rows), config.train.seed, epoch=-1)
         n_eval = max(1, round(len(train_rows) * data.eval_fraction))
@@ -549,7 +478,9 @@ def prepare(config: Any, tokenizer: Any, model_limit: int | None) -> Prepared:
         notes.append(f"eval: {n_eval} rows held out of {where} (data.eval_fraction {data.eval_fraction})")
     else:
         eval_rows = []
-    renderer = Renderer(tokenizer, data, task, labels)
+    renderer = Encoder(tokenizer, data, task, labels)
+    if renderer.format in CHAT_FORMATS and task == "causal_lm":
+        notes.append(f"chat template: {renderer.chat.template_name}")
     train = _encode_all(renderer, train_rows, where)
     evaluation = _encode_all(renderer, eval_rows, data.eval or where)
     recommended = recommended_max_length([e.length for e in train], model_limit)
@@ -573,7 +504,7 @@ def prepare(config: Any, tokenizer: Any, model_limit: int | None) -> Prepared:
                     eval_rows=eval_rows, notes=notes)
 
 
-def _encode_all(renderer: Renderer, rows: list[dict[str, Any]], where: str) -> list[Example]:
+def _encode_all(renderer: Encoder, rows: list[dict[str, Any]], where: str) -> list[Example]:
     """Tokenise every row (through datasets.map); a row the template cannot render names itself."""
     import datasets
 
@@ -585,15 +516,22 @@ def _encode_all(renderer: Renderer, rows: list[dict[str, Any]], where: str) -> l
             e = renderer.encode(row)
         except DataError as err:
             raise DataError(f"{where}: row {index + 1}: {err}") from None
+        rejected = e.rejected or Example([], [])
         return {"input_ids": e.input_ids, "labels": e.labels if isinstance(e.labels, list) else [e.labels],
-                "token_type_ids": e.token_type_ids or [], "decoder_labels": e.decoder_labels or [], "length": e.length}
+                "token_type_ids": e.token_type_ids or [], "decoder_labels": e.decoder_labels or [], "length": e.length,
+                "rejected_ids": rejected.input_ids, "rejected_labels": rejected.labels,
+                "desirable": -1 if e.desirable is None else int(e.desirable)}
 
-    mapped = datasets.Dataset.from_list(rows).map(encode, with_indices=True, remove_columns=list(rows[0]),
-                                                 load_from_cache_file=False, desc="tokenising")
-    per_token = renderer.data.format not in ("classification", "seq2seq") and not (
-        renderer.data.format == "instruction" and renderer.task == "seq2seq")
+    # Rows go to datasets as JSON text: their nested values (tool arguments, messages) vary in shape from row to
+    # row, which Arrow's column types cannot hold.
+    table = datasets.Dataset.from_dict({"row": [json.dumps(row) for row in rows]})
+    mapped = table.map(lambda r, i: encode(json.loads(r["row"]), i), with_indices=True, remove_columns=["row"],
+                       load_from_cache_file=False, desc="tokenising")
+    per_token = renderer.format != "classification" and renderer.task != "seq2seq"
     out = []
     for r in mapped:
         labels = r["labels"] if per_token else r["labels"][0]
-        out.append(Example(r["input_ids"], labels, r["token_type_ids"] or None, r["decoder_labels"] or None, r["length"]))
+        rejected = Example(r["rejected_ids"], r["rejected_labels"]) if r["rejected_ids"] else None
+        out.append(Example(r["input_ids"], labels, r["token_type_ids"] or None, r["decoder_labels"] or None, r["length"],
+                           rejected=rejected, desirable=None if r["desirable"] < 0 else bool(r["desirable"])))
     return out

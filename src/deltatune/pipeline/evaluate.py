@@ -77,22 +77,8 @@ def classification_metrics(truth: list[int], predictions: list[int]) -> dict[str
 
 def references(prepared: Prepared, config: Any) -> list[tuple[str, str]]:
     """(prompt text, reference answer) for every eval row that has one."""
-    fmt, renderer = config.data.format, prepared.renderer
-    out = []
-    for row in prepared.eval_rows:
-        if fmt == "seq2seq":
-            out.append((row["source"], row["target"]))
-        elif fmt == "instruction":
-            if config.model.task == "seq2seq":
-                out.append((row["instruction"] + (f"\n\n{row['input']}" if row["input"] else ""), row["output"]))
-            else:
-                prompt = [{"role": "user", "content": row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")}]
-                out.append((renderer.render(prompt, generation_prompt=True), row["output"]))
-        elif fmt == "chat":
-            turns = row["messages"]
-            last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-            out.append((renderer.render(turns[:last], generation_prompt=True), turns[last]["content"]))
-    return out
+    pairs = (prepared.renderer.reference(row) for row in prepared.eval_rows)
+    return [pair for pair in pairs if pair is not None]
 
 
 def generation_metrics(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: Any) -> dict[str, float]:
@@ -110,7 +96,8 @@ def generation_metrics(model: torch.nn.Module, prepared: Prepared, config: Any, 
             # Only ids and mask: older tokenizers add token_type_ids, which generate() refuses on decoders.
             generated = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                        max_new_tokens=config.eval.max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
+                                       pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=(prepared.renderer.chat.stop_ids() or None) if config.model.task != "seq2seq" else None)
             if config.model.task != "seq2seq":
                 generated = generated[:, enc["input_ids"].shape[1]:]
             outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -30,9 +30,11 @@ from ..planner import check_run
 from ..summary import summary
 from . import checkpoint as ckpt, rundir
 from .config import UNUSABLE_OPTIMIZERS, ConfigError, RunConfig, with_step_count
-from .data import IGNORE, Collator, Prepared, global_batch, prepare
+from .data import CHAT_FORMATS, IGNORE, Collator, Prepared, global_batch, prepare
 from .evaluate import evaluate
+from .render import Renderer
 from .report import RunLog, write_report
+from .rows import canonical_format
 
 
 class TrainingError(DeltaError):
@@ -227,7 +229,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
 # ---------------------------------------------------------------- the run
 
 
+# Formats deltatune reads and checks ahead of the stages that will train on them.
+UNTRAINED_FORMATS = {"preference": "preference pairs", "kto": "KTO feedback rows"}
+
+
 def run(config: RunConfig, echo: Any = print) -> RunResult:
+    if config.data.format in UNTRAINED_FORMATS:
+        raise ConfigError(f"{config.source}: data.format = {config.data.format!r}: {UNTRAINED_FORMATS[config.data.format]} "
+                          "are read and checked (`deltatune data` shows them), but no training stage takes them yet; "
+                          "the preference stages (DPO, ORPO, KTO, reward models) are separate work")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -257,6 +267,12 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         labels_hint = label_set(check_rows(rows, where, config.data, labels=config.data.labels), config.data)
     model = load_base(config, tokenizer, labels_hint)
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
+    if config.model.task == "causal_lm" and canonical_format(config.data.format) in CHAT_FORMATS:
+        # The template training rendered with is saved with the adapter's tokenizer (and the merged
+        # model's), so `deltatune generate --chat` and apply_chat_template prompt as the model was trained.
+        template = Renderer(tokenizer, config.data).template_to_save()
+        if template is not None:
+            tokenizer.chat_template = template
     for line in prepared.notes + prepared.lengths.lines():
         say(line)
     world = accelerator.num_processes
