@@ -46,11 +46,12 @@ def test_example_runs_offline_on_a_tiny_model(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny_cmd, train_cmd = offline_commands(name)
     assert tiny_cmd[:3] == ["deltatune", "tiny", TINY[name]] and train_cmd[:3] == ["deltatune", "train", f"examples/{name}"]
-    assert train_cmd[3:] == ["--model.name", tiny_cmd[3], "--train.max_steps", "2", "--output.dir", "out/try"]
+    # each example its own folder: trying a second one is never refused as another run's folder
+    assert train_cmd[3:] == ["--model.name", tiny_cmd[3], "--train.max_steps", "2", "--output.dir", f"out/try-{Path(name).stem}"]
     moved = lambda args: [str(tmp_path / a) if a.startswith("out/") else a for a in args]  # noqa: E731
     assert main(moved(tiny_cmd)[1:]) == 0
     assert main(moved(train_cmd)[1:]) == 0
-    tiny, out = tmp_path / tiny_cmd[3], tmp_path / "out" / "try"
+    tiny, out = tmp_path / tiny_cmd[3], tmp_path / train_cmd[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == str(tiny) and any(k.startswith("eval_") for k in summary)
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 2

@@ -283,3 +283,42 @@ def test_a_run_that_logged_nothing_still_gets_a_titled_figure(recwarn):
     fig = curves_figure({"run": []}, "freeze on m  (out)")
     assert len(fig.axes) == 1 and not fig.axes[0].get_lines() and fig._suptitle.get_text() == "freeze on m  (out)"
     assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+
+
+# ---------------------------------------------------------------- counts and fresh heads
+
+
+def test_full_fine_tuning_of_a_classifier_counts_100_percent(tmp_path):
+    """The classifier head trained whole keeps a frozen original beside its copy; the copy stands in for it."""
+    import deltatune as dt
+
+    write_tiny("roberta", tmp_path / "roberta")
+    model = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "roberta")
+    plain = sum(p.numel() for p in model.parameters())
+    dt.attach(model, dt.FullConfig())
+    stats = dt.summary(model, print_table=False)
+    assert stats.trainable == stats.total == plain
+    lora = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "roberta")
+    dt.attach(lora, dt.LoraConfig(r=2))
+    stats = dt.summary(lora, print_table=False)
+    added = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert stats.total == plain + added  # the head once, though it is held twice
+
+
+def test_a_fresh_classifier_head_starts_from_the_runs_seed(tmp_path):
+    from deltatune.pipeline.config import load_run_config
+    from deltatune.pipeline.train import load_base, load_tokenizer
+
+    write_tiny("bert", tmp_path / "tiny")
+    encoder = tf.AutoModel.from_pretrained(tmp_path / "tiny")  # an encoder with no classifier, as MiniLM is
+    encoder.save_pretrained(tmp_path / "bert")
+    tf.AutoTokenizer.from_pretrained(tmp_path / "tiny").save_pretrained(tmp_path / "bert")
+    (tmp_path / "rows.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    heads = []
+    for seed, noise in [(0, 1), (0, 2), (5, 1)]:
+        config = load_run_config(None, {"model.name": str(tmp_path / "bert"), "model.task": "seq_cls", "data.train": str(tmp_path / "rows.jsonl"),
+                                        "data.format": "classification", "train.seed": seed, "output.dir": str(tmp_path / "out")})
+        torch.manual_seed(noise)  # whatever ran before must not matter
+        model = load_base(config, load_tokenizer(config), ["x", "y"])
+        heads.append(model.classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])

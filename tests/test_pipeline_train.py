@@ -71,8 +71,12 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_causal_run_trains_evaluates_and_reports(root):
+    printed: list[str] = []
     result = run(causal_config(root, "causal", **{"train.eval_every": 6, "train.save_every": 6, "eval.generate": True,
-                                                  "eval.max_new_tokens": 4, "train.log_every": 1}), echo=quiet)
+                                                  "eval.max_new_tokens": 4, "train.log_every": 1}),
+                 echo=lambda *a, **k: printed.append(" ".join(map(str, a))))
+    # an evaluation during training is a line of its own, not only a record in log.jsonl
+    assert any(line.startswith("eval at step 6/12: loss ") and "perplexity" in line for line in printed), printed
     assert {"loss", "perplexity", "exact_match", "bleu", "rouge_l"} <= set(result.metrics)  # answers generated and scored
     out = result.output_dir
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -82,6 +86,8 @@ def test_a_causal_run_trains_evaluates_and_reports(root):
     assert eval_losses[-1] < eval_losses[0]
     assert [r["step"] for r in log if "eval_loss" in r] == [6, 12]  # every 6 steps and at the end
     summary = json.loads((out / "summary.json").read_text())
+    # one throughput: the summary's tokens/s is the last logged one (training steps only, evals and saves excluded)
+    assert summary["tokens_per_s"] == pytest.approx([r for r in log if "tokens_per_s" in r][-1]["tokens_per_s"], abs=0.06)
     for key in ("method", "trainable_parameters", "peak_memory_mb", "wall_time_s", "tokens_per_s", "eval_loss", "eval_perplexity"):
         assert key in summary, key
     assert summary["trainable_parameters"] == dt.summary(dt.load(tf.AutoModelForCausalLM.from_pretrained(save_tiny(root, "llama")),

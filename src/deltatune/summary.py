@@ -34,12 +34,19 @@ class Summary:
 
 
 def summary(model: nn.Module, print_table: bool = True) -> Summary:
-    """Count trainable and total parameters (each shared tensor once) and print a table."""
+    """Count trainable and total parameters (each shared tensor once) and print a table.
+
+    The total is the parameters the forward uses: a module trained whole (modules_to_save, a classifier
+    head) counts its trained copy, not also the frozen original kept beside it for switching the delta
+    off, so full fine-tuning counts 100% and a head does not count twice."""
     if not isinstance(model, nn.Module):
         raise DeltaError(f"summary expects a torch.nn.Module, got {type(model).__name__}")
     trainable = total = 0
     per_module: dict[str, int] = {}
+    replaced = _replaced_originals(model)
     for name, p in model.named_parameters():
+        if id(p) in replaced:
+            continue
         n = p.numel()
         total += n
         if p.requires_grad:
@@ -50,3 +57,14 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     if print_table:
         print(result.table())
     return result
+
+
+def _replaced_originals(model: nn.Module) -> set[int]:
+    """ids of the frozen originals of modules trained whole, which a trained copy stands in for."""
+    from .surgery import ModulesToSave
+
+    out: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, ModulesToSave) and len(module.modules_to_save):
+            out |= {id(p) for p in module.base_layer.parameters()}
+    return out

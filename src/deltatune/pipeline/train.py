@@ -110,6 +110,9 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
         kwargs["quantization_config"] = quantization_config(config.model.quant, DTYPES[config.model.dtype],
                                                             double_quant=config.model.double_quant,
                                                             int8_threshold=config.model.int8_threshold, skip_modules=heads)
+    # A head the checkpoint lacks (a classifier's, a resized one) starts from the run's seed, so an untuned
+    # baseline, `deltatune eval` of the base and the run itself see the same fresh head every time.
+    torch.manual_seed(config.train.seed)
     try:
         model = classes[config.model.task].from_pretrained(config.model.name, **BASE_LOAD_KWARGS, **kwargs)
     except (OSError, ValueError) as err:
@@ -335,9 +338,13 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 
     bar = _progress(total, step, enabled=main and config.train.progress)
     items_of = [loss_items(e, config.model.task) for e in prepared.train]  # counted once, read every step
-    tokens_seen, t_loop, skipped, last_loss = 0, time.perf_counter(), 0, float("nan")
+    # Throughput, one definition for the bar, the log and the summary: non-padding tokens trained per second
+    # of training steps (forward, backward, update), evaluations and checkpoints not counted.
+    tokens_seen, train_time, skipped, last_loss = 0, 0.0, 0, float("nan")
+    t_loop = time.perf_counter()
     model.train()
     while step < total:
+        t_step = time.perf_counter()
         # The step's micro-batches, and the loss items (label tokens; examples for a classifier) of the
         # whole step on every process, counted before any forward: each token then weighs the same
         # however the step is split into micro-batches and processes (what transformers calls num_items_in_batch).
@@ -394,8 +401,9 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += step_tokens
         last_loss = step_loss
+        train_time += time.perf_counter() - t_step
         elapsed = time.perf_counter() - t_loop
-        rate = tokens_seen / elapsed if elapsed > 0 else 0.0
+        rate = tokens_seen / train_time if train_time > 0 else 0.0
         lr = scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         bar.update(1)
@@ -404,6 +412,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         if config.train.eval_every and step % config.train.eval_every == 0 and step < total and prepared.eval:
             metrics = evaluate(inner, prepared, config, tokenizer)
             log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+            with bar.external_write_mode():  # a line of its own under the bar, not only in log.jsonl
+                say(eval_line(step, total, metrics))
             model.train()
         if config.train.save_every and step % config.train.save_every == 0 and step < total:
             _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)
@@ -428,9 +438,14 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     result = RunResult(output_dir=out, adapter_dir=adapter_dir, steps=step, final_loss=last_loss, metrics=metrics)
     if main:
         result.summary = write_report(out, config, counts, log, metrics, wall=time.perf_counter() - t_start,
-                                      tokens_per_s=tokens_seen / max(1e-9, time.perf_counter() - t_loop), skipped=skipped,
+                                      tokens_per_s=tokens_seen / max(1e-9, train_time), skipped=skipped,
                                       echo=say)
     return result
+
+
+def eval_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """One evaluation during training, as printed under the progress bar."""
+    return f"eval at step {step}/{total}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def loss_items(example: Any, task: str) -> int:
