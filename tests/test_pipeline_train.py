@@ -4,6 +4,7 @@ non-finite losses, continued training, the merged export, and each command of th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,15 @@ from deltatune.cli import main as cli
 from deltatune.pipeline.config import load_run_config
 from deltatune.pipeline.train import TrainingError, run
 from pipeline_models import save_tiny, write_jsonl
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 HERE = Path(__file__).parent
 
@@ -206,6 +216,36 @@ def test_the_merged_export_loads_without_deltatune(root, tmp_path):
 
 
 # ---------------------------------------------------------------- a quantised base (QLoRA)
+
+
+def test_merge_reads_the_base_from_the_adapter_and_keeps_the_runs_labels(root, tmp_path, capsys):
+
+    """An encoder without a classifier (as MiniLM): the run's label names reach the merged model, `merge` and
+    `eval` say the adapter's head replaces the fresh one instead of printing transformers' MISSING report."""
+    encoder = tmp_path / "encoder"
+    tf.AutoModel.from_pretrained(save_tiny(root, "bert")).save_pretrained(encoder)
+    tf.AutoTokenizer.from_pretrained(save_tiny(root, "bert")).save_pretrained(encoder)
+    logged = Records()  # what transformers logs from here on, as a user's terminal sees it
+    tf.utils.logging.get_logger().addHandler(logged)
+    rows = [{"text": f"{w} sky", "label": "swapped" if i % 2 else "original"} for i, w in enumerate(["red", "blue"] * 8)]
+    config = load_run_config(None, {"model.name": str(encoder), "model.task": "seq_cls", "data.format": "classification",
+                                    "data.train": str(write_jsonl(tmp_path / "rows.jsonl", rows)), "data.eval_fraction": 0.25,
+                                    "train.max_steps": 2, "train.progress": False, "output.dir": str(tmp_path / "run")})
+    result = run(config, echo=quiet)
+    capsys.readouterr()
+    assert cli(["merge", "--adapter", str(result.adapter_dir), "--out", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert f"base model: {encoder} (recorded in the adapter's config" in out
+    assert "has no classifier: initialised at random; the adapter's trained copy replaces it" in out
+    assert not [m for m in logged.messages if "MISSING" in m or "newly initialized" in m]
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.id2label == {0: "original", 1: "swapped"}
+    assert merged.config.label2id == {"original": 0, "swapped": 1}
+    assert cli(["eval", str(result.output_dir / "config.yaml"), "--adapter", str(result.adapter_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "initialised from seed 0; the adapter's trained copy replaces it" in captured.out
+    tf.utils.logging.get_logger().removeHandler(logged)
+    assert not [m for m in logged.messages if "LOAD REPORT" in m or "newly initialized" in m], logged.messages
 
 
 def test_a_quantised_run_trains_resumes_and_exports_merged(root, monkeypatch):

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?")
     p.add_argument("--examples", type=int, default=3, help="how many training examples to print (0: the statistics only)")
     p = commands.add_parser("merge", help="fold an adapter into its base and save a standard transformers model")
-    p.add_argument("--model", required=True, help="base model id or folder")
+    p.add_argument("--model", default=None, help="base model id or folder (default: the base recorded in adapter_config.json)")
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="dtype of the saved weights")
@@ -156,7 +156,10 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     config = _run_config(args, rest)
     tokenizer = load_tokenizer(config)
     labels = _labels(config)
-    model = load_base(config, tokenizer, labels)
+    from .model_files import RESTORED
+
+    model = load_base(config, tokenizer, labels, say=print,
+                      fate=RESTORED if args.adapter else "evaluated as it is (an untuned baseline)")
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
     if not prepared.eval:
         raise DeltaError("no eval data: set data.eval (a file) or data.eval_fraction")
@@ -235,25 +238,36 @@ def _marked(tokenizer: Any, ids: list[int], labels: list[int], start: str, end: 
 
 def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
     from . import io as dt_io
-    from .pipeline.export import export_merged
     from .files import check_output_folder
+    from .model_files import read_labels
+    from .pipeline.export import export_merged
     from .quant import DTYPES
 
-    inputs = {"adapter": Path(args.adapter)} | ({"base model": Path(args.model)} if Path(args.model).exists() else {})
-    check_output_folder(Path(args.out), inputs, args.overwrite)  # before the slow part, and before anything is written
     config, _ = dt_io.read_adapter(args.adapter)
-    model, tokenizer = _load_for_adapter(args.model, config.task_type, args.trust_remote_code)
+    base = args.model or config.base_model_name_or_path
+    if not base:
+        raise DeltaError(f"{Path(args.adapter) / 'adapter_config.json'} records no base model "
+                         "(base_model_name_or_path); name it with --model")
+    if args.model is None:
+        print(f"base model: {base} (recorded in the adapter's config; --model chooses another)")
+    inputs = {"adapter": Path(args.adapter)} | ({"base model": Path(base)} if Path(base).exists() else {})
+    check_output_folder(Path(args.out), inputs, args.overwrite)  # before the slow part, and before anything is written
+    labels = read_labels(Path(args.adapter))
+    model, tokenizer = _load_for_adapter(base, config.task_type, args.trust_remote_code)
     dt_io.load(model, args.adapter)
+    if labels is not None:  # the run's label names, not transformers' LABEL_0, LABEL_1
+        model.config.id2label = labels
+        model.config.label2id = {name: i for i, name in labels.items()}
     dtype = DTYPES.get(args.dtype)
     folder = export_merged(model, tokenizer, args.out, dtype=dtype, in_place=True)
-    print(f"merged {args.adapter} into {args.model}: {folder} (loads with transformers alone)")
+    print(f"merged {args.adapter} into {base}: {folder} (loads with transformers alone)")
     return 0
 
 
 def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     import transformers as tf
 
-    from .model_files import BASE_LOAD_KWARGS, check_base_model
+    from .model_files import RESTORED, check_base_model, fresh_weights_line, load_pretrained
 
     classes = {"CAUSAL_LM": tf.AutoModelForCausalLM, "SEQ_CLS": tf.AutoModelForSequenceClassification,
                "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM, "TOKEN_CLS": tf.AutoModelForTokenClassification,
@@ -262,9 +276,12 @@ def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool)
     check_base_model(name, "--model")
     try:
         # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
-        model = cls.from_pretrained(name, trust_remote_code=trust_remote_code, dtype="auto", **BASE_LOAD_KWARGS)
+        model, missing = load_pretrained(cls, name, trust_remote_code=trust_remote_code, dtype="auto")
     except (OSError, ValueError) as err:
         raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
+    line = fresh_weights_line(name, missing, None, RESTORED)
+    if line is not None:
+        print(line)
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError):  # none saved (transformers 4 then tries a slow class, which may need protobuf)

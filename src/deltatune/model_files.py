@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -285,3 +286,78 @@ def check_base_model(name: str, key: str = "model.name") -> None:
             "a pickle can run arbitrary code while it loads. If you trust the file, convert it once with transformers: "
             f"AutoModel.from_pretrained({str(path)!r}).save_pretrained({str(path)!r}, safe_serialization=True) "
             "(use the model's own Auto class, e.g. AutoModelForCausalLM), then run this again")
+
+
+class _HeldReport(logging.Filter):
+    """Holds back transformers' weight-loading report (5.x: the LOAD REPORT table; 4.x: "Some weights of ...
+    were not initialized ... newly initialized"), keeping the records to give back if the load fails."""
+
+    MARKS = ("LOAD REPORT", "newly initialized", "were not used when initializing")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(mark in record.getMessage() for mark in self.MARKS):
+            self.held.append(record)
+            return False
+        return True
+
+
+def load_pretrained(cls: Any, name: str, **kwargs: Any) -> tuple[nn.Module, list[str]]:
+    """cls.from_pretrained(name, ...) without transformers' load report, and the names of the weights the
+    checkpoint lacked (initialised fresh: a classifier head on an encoder). The caller says what happens to
+    them instead (trained by the delta, restored from an adapter), in one line, where the report read as if the
+    scores used a random head. A load that fails shows the held report before its error, as transformers would."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    report = _HeldReport()
+    logger.addFilter(report)
+    try:
+        model, info = cls.from_pretrained(name, output_loading_info=True, **BASE_LOAD_KWARGS, **kwargs)
+    except BaseException:
+        for record in report.held:
+            logger.handle(record)
+        raise
+    finally:
+        logger.removeFilter(report)
+    return model, sorted(info.get("missing_keys", ()) if isinstance(info, dict) else getattr(info, "missing_keys", ()))
+
+
+RESTORED = "the adapter's trained copy replaces it"
+
+
+def fresh_weights_line(name: str, missing: list[str], seed: int | None, fate: str) -> str | None:
+    """One line for the weights a base lacked and what becomes of them, or None when it lacked none."""
+    if not missing:
+        return None
+    modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+    what = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+    start = f"initialised from seed {seed}" if seed is not None else "initialised at random"
+    return f"{name} has no {what}: {start}; {fate}"
+
+
+# ---------------------------------------------------------------- a classifier's label names beside its adapter
+
+LABELS_FILE = "labels.json"  # {"id2label": {"0": "original", ...}}: peft's files have no place for them
+
+
+def write_labels(folder: Path, id2label: dict[int, str]) -> None:
+    """Record a classifier's label names beside its adapter, so `deltatune merge` writes them into the model."""
+    from .files import write_atomic
+
+    data = {"id2label": {str(i): str(name) for i, name in sorted(id2label.items())}}
+    write_atomic(Path(folder) / LABELS_FILE, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_labels(folder: Path) -> dict[int, str] | None:
+    """The label names saved beside an adapter, or None when there are none (or the file is not ours)."""
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["id2label"]
+        return {int(i): str(name) for i, name in data.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DeltaError(f"{path}: not a label file deltatune wrote ({type(err).__name__}: {err}); delete it to merge "
+                         "with transformers' default names (LABEL_0, ...)") from None

@@ -72,6 +72,7 @@ from . import api
 from .config import METHODS, DeltaConfig, DeltaError
 from .quant import DTYPES, weight_bytes_formula
 from .targets import block_stacks, head_module_names, is_linear_like
+from .summary import replaced_originals
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -477,11 +478,12 @@ def _weights(model: nn.Module, quant: str | None) -> _Weights:
     largest = 0
     tensors: list[tuple[int, int]] = []
     seen: set[int] = set()
+    replaced = replaced_originals(model)  # held in memory, but counted as summary() counts: the trained copy only
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += 0 if id(p) in replaced else p.numel()
         if p.requires_grad:
             trainable += p.numel()
             trainable_b += _element_bytes(p)

@@ -43,7 +43,7 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
         raise DeltaError(f"summary expects a torch.nn.Module, got {type(model).__name__}")
     trainable = total = 0
     per_module: dict[str, int] = {}
-    replaced = _replaced_originals(model)
+    replaced = replaced_originals(model)
     for name, p in model.named_parameters():
         if id(p) in replaced:
             continue
@@ -59,7 +59,7 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     return result
 
 
-def _replaced_originals(model: nn.Module) -> set[int]:
+def replaced_originals(model: nn.Module) -> set[int]:
     """ids of the frozen originals of modules trained whole, which a trained copy stands in for."""
     from .surgery import ModulesToSave
 

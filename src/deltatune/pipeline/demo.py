@@ -214,7 +214,7 @@ def run_demo(quick: bool = False, out: str = "out/demo") -> int:
 
     print("\n[1/3] the untuned model: pretrained MiniLM, a fresh classifier head, no training")
     tokenizer = load_tokenizer(lora)
-    model = load_base(lora, tokenizer, list(LABELS))
+    model = load_base(lora, tokenizer, list(LABELS), say=print, fate="evaluated as it is (the untuned baseline)")
     prepared = prepare(lora, tokenizer, model_limit(model, tokenizer))
     results["untuned"] = evaluate(model, prepared, lora, tokenizer)
     del model

@@ -24,7 +24,7 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
-from ..model_files import BASE_LOAD_KWARGS, check_base_model, check_model_path
+from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
 from ..planner import check_run
 from ..summary import summary
@@ -87,8 +87,13 @@ def load_tokenizer(config: RunConfig) -> Any:
     return tokenizer
 
 
-def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None) -> torch.nn.Module:
+def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None, say: Any = None,
+              fate: str = "training fits it") -> torch.nn.Module:
+    """The base model for a run; `say` gets one line for weights the checkpoint lacked (a fresh head), in place of
+    transformers' load report, saying what becomes of them (`fate`)."""
     import transformers as tf
+
+    from ..model_files import fresh_weights_line, load_pretrained
 
     check_base_model(config.model.name)  # safetensors weights only: a pickle could run code
 
@@ -114,9 +119,12 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     # baseline, `deltatune eval` of the base and the run itself see the same fresh head every time.
     torch.manual_seed(config.train.seed)
     try:
-        model = classes[config.model.task].from_pretrained(config.model.name, **BASE_LOAD_KWARGS, **kwargs)
+        model, missing = load_pretrained(classes[config.model.task], config.model.name, **kwargs)
     except (OSError, ValueError) as err:
         raise DeltaError(f"cannot load {config.model.name!r} as a {config.model.task} model: {str(err)[:400]}") from None
+    line = fresh_weights_line(config.model.name, missing, config.train.seed, fate)
+    if line is not None and say is not None:
+        say(line)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -268,7 +276,9 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 
         rows, where = read_rows(config.data.train, config.data)
         labels_hint = label_set(check_rows(rows, where, config.data, labels=config.data.labels), config.data)
-    model = load_base(config, tokenizer, labels_hint)
+    restored = bool(config.train.init_adapter) or resume_from is not None
+    model = load_base(config, tokenizer, labels_hint, say=say,
+                      fate=RESTORED if restored else "the delta trains it")
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
     if config.model.task == "causal_lm" and canonical_format(config.data.format) in CHAT_FORMATS:
         # The template training rendered with is saved with the adapter's tokenizer (and the merged
@@ -426,6 +436,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     if main:
         dt_io.save(inner, adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
+        if config.model.task == "seq_cls":
+            write_labels(adapter_dir, inner.config.id2label)  # `deltatune merge` names them as the run did
         (out / "config.yaml").write_text(_yaml(config.as_dict()))
     if config.output.merged and main:
         from .export import export_merged
