@@ -210,10 +210,13 @@ def test_a_full_disk_during_a_checkpoint_says_how_much_space_and_keeps_the_earli
         return real(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", full_at_step_4)
-    with pytest.raises(TrainingError, match=r"step 4: the disk is full: writing checkpoint .*step-000004 needs about [\d.]+ kB"
-                                            r".*earlier checkpoints stay valid \(the newest is .*step-000002\)"):
+    # step 4 ends the run: its adapter is written first, and only the final checkpoint is missing
+    with pytest.raises(TrainingError, match=r"the run finished and its adapter is saved at .*Only the final checkpoint did "
+                                            r"not fit: the disk is full, and writing .*step-000004 needs about [\d.]+ kB"
+                                            r".*the checkpoint .*step-000002 stays"):
         run(config(root, tmp_path / "full"), echo=quiet)
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step-000002"]  # no temporary folder
+    assert (tmp_path / "full" / "adapter" / "adapter_model.safetensors").is_file()
     assert ckpt.verify(tmp_path / "full" / "checkpoints" / "step-000002") is None
     monkeypatch.undo()
     assert any("step-000002" in s for s in resumed(root, tmp_path / "full"))
