@@ -184,3 +184,52 @@ def test_a_checkpoint_during_the_run_that_does_not_fit_keeps_the_one_before(root
                                             r"\(or lower train\.keep_last\) and resume"):
         run(config(root, tmp_path / "out", **{"train.save_every": 1}), echo=quiet)
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000001"]
+
+
+# ---------------------------------------------------------------- two processes hear the same verdict
+
+FAULTS = {
+    "disk": "from safetensors import SafetensorError\n"
+            "from deltatune.pipeline import checkpoint as ckpt\n"
+            "real = ckpt.save_file\n"
+            "def save_file(tensors, path, *args, **kwargs):\n"
+            "    if '.step-000002.tmp-' in str(path):\n"
+            f"        raise SafetensorError({FULL!r})\n"
+            "    return real(tensors, path, *args, **kwargs)\n"
+            "ckpt.save_file = save_file\n",
+    "nan": "from deltatune.pipeline import train\n"
+           "real = train._check_finite\n"
+           "def check_finite(model, step):\n"
+           "    if step == 2:\n"
+           "        raise train.TrainingError(f'step {step}: lora_A holds non-finite values, so nothing is saved')\n"
+           "    return real(model, step)\n"
+           "train._check_finite = check_finite\n",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, words", [("disk", "step 2: the disk is full"), ("nan", "step 2: lora_A holds non-finite")])
+def test_an_error_at_checkpoint_time_on_the_main_process_stops_every_process(root, tmp_path, fault, words):
+    """The checkpoint is written by the main process alone; its verdict reaches the others, which would
+    otherwise wait for it at the next barrier until the process group's timeout."""
+    import os
+    import sys
+
+    cfg = config(root, tmp_path / "out", **{"train.save_every": 1, "train.batch_size": 2})
+    (tmp_path / "run.yaml").write_text(f"model: {{name: {cfg.model.name}}}\n"
+                                       f"data: {{train: {cfg.data.train}, format: instruction}}\n"
+                                       "lora: {r: 4}\ntrain: {max_steps: 3, save_every: 1, keep_last: 1, lr: 1.0e-2, "
+                                       "progress: false}\n")
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTS[fault] + "import sys\nfrom deltatune.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    # `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the processes join over gloo on the CPU
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "train",
+                          str(tmp_path / "run.yaml"), "--train.batch_size", "2", "--output.dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode != 0
+    assert "2 x 2 process(es)" in two.stdout  # two processes really took part
+    assert two.stderr.count(f"deltatune train: error: {words}") == 2, two.stderr[-3000:]  # each process, the same error
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000001"]
