@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -66,10 +67,23 @@ def resumed(root: Path, out: Path, **flags) -> list[str]:
 
 
 def test_another_run_into_the_folder_of_a_run_is_refused(root, copy):
-    with pytest.raises(DeltaError, match=r"holds another run .*lora\.r: 4 -> 8.*--output\.overwrite true.*another output\.dir") as err:
+    with pytest.raises(DeltaError, match=r"holds another run .*lora\.r: 4 -> 8.*\nTo train this one: pass --output\.overwrite "
+                                         r"true.*another output\.dir") as err:
         run(config(root, copy, **{"lora.r": 8}), echo=quiet)
     assert str(copy) in str(err.value)
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-000002", "step-000004"]  # untouched
+
+
+def test_another_method_into_the_folder_of_a_run_is_refused_in_a_few_lines(root, copy):
+    with pytest.raises(DeltaError) as err:
+        run(config(root, copy, method="ia3", **{"train.lr": 5e-3}), echo=quiet)
+    message = str(err.value).replace(str(copy), "DIR")
+    first, advice = message.split("\n")
+    assert first.startswith("output.dir DIR holds another run (its config differs: method: 'lora' -> 'ia3'; ")
+    assert "lora.r: 4 -> '(unset)'" in first and "train.lr: 0.01 -> 0.005" in first  # the keys someone set
+    assert "loftq" not in first and re.search(r"and \d+ defaults of the two methods\)\.$", first)
+    assert advice.startswith("To train this one: pass --output.overwrite true")
+    assert len(message) < 500
 
 
 def test_the_same_run_again_into_its_finished_folder_is_refused(root, copy):
