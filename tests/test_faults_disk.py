@@ -233,3 +233,23 @@ def test_an_error_at_checkpoint_time_on_the_main_process_stops_every_process(roo
     assert "2 x 2 process(es)" in two.stdout  # two processes really took part
     assert two.stderr.count(f"deltatune train: error: {words}") == 2, two.stderr[-3000:]  # each process, the same error
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_a_merge_that_does_not_fit_says_so_and_leaves_nothing(root, tmp_path, monkeypatch):
+    import transformers as tf
+
+    from deltatune.config import DeltaError
+    from deltatune.pipeline.export import export_merged
+
+    model = tf.AutoModelForCausalLM.from_pretrained(save_tiny(root, "llama"))
+    dt.attach(model, dt.LoraConfig(r=4))
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", read_only)
+    with pytest.raises(DeltaError, match=r"^the file system is read-only: writing the merged model into .*merged failed; "
+                                         r"it needs about [\d.]+ [kM]B\. Nothing was half-written: nothing is at .*merged\.\n"
+                                         r"To finish: make that disk writable, then merge again"):
+        export_merged(model, None, tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import DeltaError
+
 # What a write that failed for lack of space or permission says, by errno (OSError) or in its text: safetensors
 # reports the same failures as SafetensorError("... I/O error: No space left on device (os error 28)").
 _NO_SPACE = ((errno.ENOSPC, errno.EDQUOT), ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"))
@@ -14,11 +16,22 @@ _READ_ONLY = ((errno.EROFS,), ("Read-only file system", "os error 30"))
 _NO_PERMISSION = ((errno.EACCES, errno.EPERM), ("Permission denied", "os error 13", "Operation not permitted", "os error 1)"))
 
 
+class WriteFailed(DeltaError):
+    """A write that failed for lack of space or permission, said in full by the writer; `failure` is
+    write_failure's verdict, so a caller that says it in its own words can still match it."""
+
+    def __init__(self, message: str, failure: tuple[str, str]) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
 def write_failure(err: BaseException) -> tuple[str, str] | None:
     """(what went wrong, what to do) when `err` is a write that failed for lack of space or permission; else None.
 
     Matched by errno on an OSError, else by the operating system's words in the message (whatever the class:
     safetensors, transformers and tokenizers wrap them in their own), so every writer is covered by one rule."""
+    if isinstance(err, WriteFailed):
+        return err.failure
     code = getattr(err, "errno", None) if isinstance(err, OSError) else None
     text = str(err)
     for (codes, words), verdict in ((_NO_SPACE, ("the disk is full", "free some space on that disk")),
@@ -130,8 +143,6 @@ def replace_tree(new: Path, folder: Path) -> None:
 def check_output_folder(folder: Path, inputs: dict[str, Path], overwrite: bool, what: str = "--out") -> None:
     """Refuse an output folder that would destroy something: one that holds an input of the command (never,
     even with overwrite), the current directory or one above it, or a folder with files unless overwrite."""
-    from .config import DeltaError
-
     target = Path(folder).resolve()
     for name, path in inputs.items():
         source = Path(path).resolve()
