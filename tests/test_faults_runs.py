@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -66,10 +67,23 @@ def resumed(root: Path, out: Path, **flags) -> list[str]:
 
 
 def test_another_run_into_the_folder_of_a_run_is_refused(root, copy):
-    with pytest.raises(DeltaError, match=r"holds another run .*lora\.r: 4 -> 8.*--output\.overwrite true.*another output\.dir") as err:
+    with pytest.raises(DeltaError, match=r"holds another run .*lora\.r: 4 -> 8.*\nTo train this one: pass --output\.overwrite "
+                                         r"true.*another output\.dir") as err:
         run(config(root, copy, **{"lora.r": 8}), echo=quiet)
     assert str(copy) in str(err.value)
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-000002", "step-000004"]  # untouched
+
+
+def test_another_method_into_the_folder_of_a_run_is_refused_in_a_few_lines(root, copy):
+    with pytest.raises(DeltaError) as err:
+        run(config(root, copy, method="ia3", **{"train.lr": 5e-3}), echo=quiet)
+    message = str(err.value).replace(str(copy), "DIR")
+    first, advice = message.split("\n")
+    assert first.startswith("output.dir DIR holds another run (its config differs: method: 'lora' -> 'ia3'; ")
+    assert "lora.r: 4 -> '(unset)'" in first and "train.lr: 0.01 -> 0.005" in first  # the keys someone set
+    assert "loftq" not in first and re.search(r"and \d+ defaults of the two methods\)\.$", first)
+    assert advice.startswith("To train this one: pass --output.overwrite true")
+    assert len(message) < 500
 
 
 def test_the_same_run_again_into_its_finished_folder_is_refused(root, copy):
@@ -210,10 +224,13 @@ def test_a_full_disk_during_a_checkpoint_says_how_much_space_and_keeps_the_earli
         return real(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", full_at_step_4)
-    with pytest.raises(TrainingError, match=r"step 4: the disk is full: writing checkpoint .*step-000004 needs about [\d.]+ kB"
-                                            r".*earlier checkpoints stay valid \(the newest is .*step-000002\)"):
+    # step 4 ends the run: its adapter is written first, and only the final checkpoint is missing
+    with pytest.raises(TrainingError, match=r"the run finished and its adapter is saved at .*Only the final checkpoint did "
+                                            r"not fit: the disk is full, and writing .*step-000004 needs about [\d.]+ kB"
+                                            r".*the checkpoint .*step-000002 stays"):
         run(config(root, tmp_path / "full"), echo=quiet)
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step-000002"]  # no temporary folder
+    assert (tmp_path / "full" / "adapter" / "adapter_model.safetensors").is_file()
     assert ckpt.verify(tmp_path / "full" / "checkpoints" / "step-000002") is None
     monkeypatch.undo()
     assert any("step-000002" in s for s in resumed(root, tmp_path / "full"))

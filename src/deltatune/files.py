@@ -2,9 +2,59 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Callable
+
+from .config import DeltaError
+
+# What a write that failed for lack of space or permission says, by errno (OSError) or in its text: safetensors
+# reports the same failures as SafetensorError("... I/O error: No space left on device (os error 28)").
+_NO_SPACE = ((errno.ENOSPC, errno.EDQUOT), ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"))
+_READ_ONLY = ((errno.EROFS,), ("Read-only file system", "os error 30"))
+_NO_PERMISSION = ((errno.EACCES, errno.EPERM), ("Permission denied", "os error 13", "Operation not permitted", "os error 1)"))
+
+
+class WriteFailed(DeltaError):
+    """A write that failed for lack of space or permission, said in full by the writer; `failure` is
+    write_failure's verdict, so a caller that says it in its own words can still match it."""
+
+    def __init__(self, message: str, failure: tuple[str, str]) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+def write_failure(err: BaseException) -> tuple[str, str] | None:
+    """(what went wrong, what to do) when `err` is a write that failed for lack of space or permission; else None.
+
+    Matched by errno on an OSError, else by the operating system's words in the message (whatever the class:
+    safetensors, transformers and tokenizers wrap them in their own), so every writer is covered by one rule."""
+    if isinstance(err, WriteFailed):
+        return err.failure
+    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    text = str(err)
+    for (codes, words), verdict in ((_NO_SPACE, ("the disk is full", "free some space on that disk")),
+                                    (_READ_ONLY, ("the file system is read-only", "make that disk writable")),
+                                    (_NO_PERMISSION, ("this process may not write there",
+                                                      "make the folder writable"))):
+        if code in codes or (code is None and any(w in text for w in words)):
+            return verdict
+    return None
+
+
+def size_text(n: int) -> str:
+    """A byte count as people read it: 1.2 MB, 640.0 kB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """The bytes a set of tensors takes on disk (safetensors adds only a small header)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def folder_bytes(folder: Path | None) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if folder is not None else 0
 
 
 def write_new(path: Path, write: Callable[[Any], Any], mode: int = 0o666) -> None:
@@ -93,8 +143,6 @@ def replace_tree(new: Path, folder: Path) -> None:
 def check_output_folder(folder: Path, inputs: dict[str, Path], overwrite: bool, what: str = "--out") -> None:
     """Refuse an output folder that would destroy something: one that holds an input of the command (never,
     even with overwrite), the current directory or one above it, or a folder with files unless overwrite."""
-    from .config import DeltaError
-
     target = Path(folder).resolve()
     for name, path in inputs.items():
         source = Path(path).resolve()

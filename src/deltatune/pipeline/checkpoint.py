@@ -19,7 +19,6 @@ with safetensors and everything else as JSON: nothing is unpickled on resume.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import api, io as dt_io
 from ..config import DeltaError
-from ..files import TRASH, fsync_dir, remove_tree, write_new
+from ..files import TRASH, folder_bytes, fsync_dir, remove_tree, size_text, tensor_bytes, write_failure, write_new
 from ..model_files import fingerprint
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -44,7 +43,12 @@ MARKER = "complete.json"
 
 
 class CheckpointSpaceError(DeltaError):
-    """The disk filled up while a checkpoint was written (the pipeline reports it as a TrainingError)."""
+    """A checkpoint could not be written for lack of space or permission (the pipeline reports it as a
+    TrainingError); `folder`, `need` (bytes) and `kept` (the newest complete checkpoint) say the rest."""
+
+    def __init__(self, message: str, folder: Path, need: int, kept: Path | None, failure: tuple[str, str]) -> None:
+        super().__init__(message)
+        self.folder, self.need, self.kept, self.failure = folder, need, kept, failure
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -144,22 +148,21 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: torch.nn.Mo
                 files[file.relative_to(tmp).as_posix()] = fingerprint(file)
         _write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))  # last: the folder is complete
         fsync_dir(tmp)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            kept = latest(output_dir)
-            # the previous checkpoint's size when there is one; else the tensors, twice (the export is about the delta's size)
-            need = _folder_bytes(kept) or sum(t.numel() * t.element_size() for t in
-                                              (*delta_tensors.values(), *delta_tensors.values(), *opt_tensors.values()))
-            raise CheckpointSpaceError(
-                f"step {step}: the disk is full: writing checkpoint {final} needs about {_megabytes(need)} "
-                f"(the delta's training state, the optimizer state and the adapter export); the partial checkpoint was "
-                f"removed and the earlier checkpoints stay valid{f' (the newest is {kept})' if kept else ''}. Free some "
-                "space (or lower train.keep_last) and resume with --train.resume true") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        kept = latest(output_dir)
+        # the previous checkpoint's size when there is one; else the tensors, twice (the export is about the delta's size)
+        need = folder_bytes(kept) or tensor_bytes((*delta_tensors.values(), *delta_tensors.values(), *opt_tensors.values()))
+        raise CheckpointSpaceError(
+            f"step {step}: {failure[0]}: writing checkpoint {final} needs about {size_text(need)} "
+            f"(the delta's training state, the optimizer state and the adapter export); the partial checkpoint was "
+            f"removed and the earlier checkpoints stay valid{f' (the newest is {kept})' if kept else ''}. "
+            f"{failure[1].capitalize()}{' (or lower train.keep_last)' if 'space' in failure[1] else ''} and resume with "
+            "--train.resume true",
+            folder=final, need=need, kept=kept, failure=failure) from None
     if final.exists():  # the same step saved again (a resumed run): replace it
         remove_tree(final)
     os.rename(tmp, final)
@@ -213,14 +216,6 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _write_text(path: Path, text: str) -> None:
     write_new(path, lambda f: f.write(text.encode()))
-
-
-def _folder_bytes(folder: Path | None) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder is not None else 0
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from .. import api, quant
 from ..config import DeltaError
-from ..files import replace_tree
+from ..files import WriteFailed, replace_tree, size_text, tensor_bytes, write_failure
 from ..surgery import dequantize_base
 
 
@@ -55,6 +55,14 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathL
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_tree(tmp, folder)  # the caller decided that `folder` may be replaced (check_output_folder)
+    except Exception as err:  # noqa: BLE001 - matched by what it says (files.write_failure), not by its class
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        kept = f"{folder} is as it was" if folder.exists() else f"nothing is at {folder}"
+        raise WriteFailed(f"{failure[0]}: writing the merged model into {folder} failed; it needs about "
+                          f"{size_text(tensor_bytes(merged.parameters()))}. Nothing was half-written: {kept}.\n"
+                          f"To finish: {failure[1]}, then merge again", failure) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..files import write_failure
+
 
 class RunLog:
     """Append-only JSONL log, mirrored to TensorBoard when the tensorboard package is installed."""
@@ -32,8 +34,19 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            # The log is the run's record, not its result: a full or read-only disk costs the log lines, said
+            # once, and training goes on (the next checkpoint or the adapter then names the space it needs).
+            failure = write_failure(err)
+            if failure is None:
+                raise
+            print(f"warning: {failure[0]}: {self.path} cannot be appended to, so training goes on without its log; "
+                  f"{failure[1]} to keep the rest", file=sys.stderr)
+            self.enabled = False
+            return
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -63,6 +63,38 @@ def _listing(changes: list[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
 
 
+def _is_default(key: str, value: Any) -> bool:
+    """`value` is what method `section` of `key` ("lora.r") has when nobody sets it."""
+    import dataclasses
+
+    from ..config import METHODS
+
+    section, _, name = key.partition(".")
+    if section not in METHODS:
+        return False
+    for f in dataclasses.fields(METHODS[section].config_cls):
+        if f.name == name:
+            default = (f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                       if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == value
+    return False
+
+
+def _another_run(changes: list[tuple[str, Any, Any]], shown: int = 6) -> str:
+    """The changes that tell two runs apart, short: the method first, then the keys someone set; the keys that
+    are only one method's defaults (`lora.loftq_bits: 4 -> '(unset)'`) counted, not listed."""
+    unset = "(unset)"
+    defaults = [c for c in changes if (c[1] == unset and _is_default(c[0], c[2])) or (c[2] == unset and _is_default(c[0], c[1]))]
+    set_ = sorted((c for c in changes if c not in defaults), key=lambda c: c[0] != "method")
+    text = _listing(set_[:shown])
+    more = len(set_) - shown
+    if more > 0:
+        text += f" and {more} more key{'s' if more > 1 else ''}"
+    if defaults:
+        text += f"{'; ' if set_ else ''}and {len(defaults)} default{'s' if len(defaults) > 1 else ''} of the two methods"
+    return text
+
+
 def read_run(out: Path) -> dict[str, Any] | None:
     path = out / RUN_FILE
     if not path.is_file():
@@ -153,7 +185,8 @@ def claim(config: RunConfig, say: Callable[[str], Any] = print) -> Path | None:
                           f"weights or the optimisation: {_listing(decisive)}. Set them back, or pass "
                           "--output.overwrite true to start afresh, or choose another output.dir")
     if decisive:
-        raise DeltaError(f"output.dir {out} holds another run (its config differs: {_listing(decisive)}): {again}")
+        raise DeltaError(f"output.dir {out} holds another run (its config differs: {_another_run(decisive)}).\n"
+                         f"To train this one: {again}")
     found = ckpt.find(out)
     finished = (out / "adapter").exists() or bool(ckpt.steps(out))
     if resume and found.folder is not None:

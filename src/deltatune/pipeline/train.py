@@ -18,12 +18,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
+from ..files import remove_tree, size_text, tensor_bytes, write_atomic, write_failure
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
 from ..planner import check_run
@@ -430,28 +431,25 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     bar.close()
 
     api.finalize(inner)
-    # Everything the run produced is written before the final eval, so an eval that fails never loses the delta.
+    # Everything the run produced is written before the final eval, so an eval that fails never loses the delta;
+    # the adapter first, so a disk too small for the final checkpoint or the merged model never costs it.
     adapter_dir = out / "adapter"
-    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)  # the final state, for continued training
-    if main:
-        dt_io.save(inner, adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        if config.model.task == "seq_cls":
-            write_labels(adapter_dir, inner.config.id2label)  # `deltatune merge` names them as the run did
-        (out / "config.yaml").write_text(_yaml(config.as_dict()))
-    if config.output.merged and main:
-        from .export import export_merged
-
-        export_merged(inner, tokenizer, out / "merged")
+    _on_main(accelerator, lambda: _save_adapter(inner, tokenizer, config, out))
+    if config.output.merged:
+        _on_main(accelerator, lambda: _save_merged(inner, tokenizer, config, out))
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, final=True)
     accelerator.wait_for_everyone()
     metrics = _final_eval(inner, prepared, config, tokenizer, out) if prepared.eval else {}
     if metrics:
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     result = RunResult(output_dir=out, adapter_dir=adapter_dir, steps=step, final_loss=last_loss, metrics=metrics)
     if main:
-        result.summary = write_report(out, config, counts, log, metrics, wall=time.perf_counter() - t_start,
-                                      tokens_per_s=tokens_seen / max(1e-9, train_time), skipped=skipped,
-                                      echo=say)
+        with _writing("the report (summary.json, summary.md)", out, 100_000, lambda: (
+                f"The adapter is saved at {adapter_dir}; only the summary is missing", "evaluate the adapter with "
+                f"`deltatune eval {out / 'config.yaml'} --adapter {adapter_dir}`")):
+            result.summary = write_report(out, config, counts, log, metrics, wall=time.perf_counter() - t_start,
+                                          tokens_per_s=tokens_seen / max(1e-9, train_time),
+                                          skipped=skipped, echo=say)
     return result
 
 
@@ -483,33 +481,114 @@ def _final_eval(model: torch.nn.Module, prepared: Prepared, config: RunConfig, t
 def _claim(accelerator: Any, config: RunConfig, say: Any) -> Path | None:
     """The folder is this run's, checked and claimed (run.json) by the main process before anything loads or
     trains; every process gets the checkpoint to resume from, or the same error (none waits for a failed one)."""
+    found = _on_main(accelerator, lambda: rundir.claim(config, say))
+    return Path(found) if found is not None else None
+
+
+def _on_main(accelerator: Any, action: Callable[[], Any]) -> Any:
+    """Run `action` on the main process alone; every process gets its verdict: its result (a path, or None), or
+    the same error, so none waits at a barrier for a process that has failed."""
     from accelerate.utils import broadcast_object_list
 
-    outcome: list[Any] = [None]
+    outcome: list[Any] = [("ok", None)]
+    failure: BaseException | None = None
     if accelerator.is_main_process:
         try:
-            found = rundir.claim(config, say)
-            outcome[0] = ("ok", str(found) if found is not None else None)
-        except DeltaError as err:
-            outcome[0] = ("config" if isinstance(err, ConfigError) else "error", str(err))
+            value = action()
+            outcome[0] = ("ok", str(value) if isinstance(value, Path) else value)
+        except Exception as err:  # noqa: BLE001 - every process must hear of it, whatever it is
+            failure = err
+            kind = ("config" if isinstance(err, ConfigError) else "training" if isinstance(err, TrainingError)
+                    else "error" if isinstance(err, DeltaError) else "crash")
+            outcome[0] = (kind, str(err) if kind != "crash" else f"{type(err).__name__}: {str(err)[:500]}")
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome)  # plain strings between this run's own processes
     kind, value = outcome[0]
+    if failure is not None:
+        raise failure
+    if kind == "crash":
+        raise TrainingError(f"the main process failed ({value}); this process stops with it")
     if kind != "ok":
-        raise (ConfigError if kind == "config" else DeltaError)(value)
-    return Path(value) if value is not None else None
+        raise {"config": ConfigError, "training": TrainingError}.get(kind, DeltaError)(value)
+    return value
+
+
+@contextlib.contextmanager
+def _writing(what: str, folder: Path, need: int, kept: Callable[[], tuple[str, str]]) -> Iterator[None]:
+    """A write that fails for lack of space or permission becomes a TrainingError that names the folder, the
+    space it needed, what was kept and what to do then (`kept()`, asked only on failure); any other failure
+    passes through."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - matched by what it says (files.write_failure), not by its class
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        saved, then = kept()
+        raise TrainingError(f"{failure[0]}: writing {what} into {folder} failed; it needs about {size_text(need)}. "
+                            f"{saved}.\nTo finish: {failure[1]}, then {then}") from None
+
+
+def _save_adapter(model: torch.nn.Module, tokenizer: Any, config: RunConfig, out: Path) -> None:
+    """The adapter, its tokenizer and config.yaml; a write that fails leaves no adapter folder that could pass
+    for a finished one (the earlier checkpoints stay)."""
+    adapter_dir = out / "adapter"
+    existed = adapter_dir.exists()
+
+    def kept() -> tuple[str, str]:
+        good = ckpt.latest(out)
+        if good is not None:
+            return (f"Nothing was half-written, and the newest checkpoint {good} stays",
+                    "resume with --train.resume true to finish the run from it")
+        return ("Nothing was half-written, but no checkpoint was kept either, so the trained delta is lost",
+                "run it again with --output.overwrite true (train.save_every keeps checkpoints on the way)")
+
+    need = tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    try:
+        with _writing("the adapter", adapter_dir, need, kept):
+            dt_io.save(model, adapter_dir)
+            tokenizer.save_pretrained(adapter_dir)
+            if config.model.task == "seq_cls":
+                write_labels(adapter_dir, model.config.id2label)  # `deltatune merge` names them as the run did
+            write_atomic(out / "config.yaml", _yaml(config.as_dict()).encode())
+    except BaseException:
+        if not existed:
+            remove_tree(adapter_dir)
+        raise
+
+
+def _save_merged(model: torch.nn.Module, tokenizer: Any, config: RunConfig, out: Path) -> None:
+    from .export import export_merged
+
+    need = tensor_bytes(model.parameters())  # about: the base and its merged delta in the export's dtype
+    with _writing("the merged model", out / "merged", need, lambda: (
+                  f"The adapter is saved at {out / 'adapter'}", f"write the merged model from it with `deltatune merge "
+                  f"--model {config.model.name} --adapter {out / 'adapter'} --out {out / 'merged'}`")):
+        export_merged(model, tokenizer, out / "merged")
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                offset: int, config: RunConfig, total: int, warmup: int) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+                offset: int, config: RunConfig, total: int, warmup: int, final: bool = False) -> None:
+    """Written by the main process; every process gets the verdict (a disk-full or non-finite error included)."""
+    def save() -> None:
         _check_finite(model, step)
         state = {"offset": offset, "method": config.method, "total": total, "warmup": warmup}
         try:
             ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last)
         except ckpt.CheckpointSpaceError as err:
-            raise TrainingError(str(err)) from None
+            if not final:
+                raise TrainingError(str(err)) from None
+            kept = f"the checkpoint {err.kept} stays" if err.kept else "no earlier checkpoint was kept"
+            raise TrainingError(
+                f"the run finished and its adapter is saved at {out / 'adapter'} (with config.yaml): the trained delta is "
+                f"safe. Only the final checkpoint did not fit: {err.failure[0]}, and writing {err.folder} needs about "
+                f"{size_text(err.need)} (the optimizer state, needed only to continue this run with more steps); "
+                f"nothing of it was left half-written, and {kept}.\nTo continue the run later: {err.failure[1]}, then "
+                + ("resume with --train.resume true" if err.kept else f"train on from the adapter with --train.init_adapter "
+                   f"{out / 'adapter'} into another output.dir") + "; to use it, load the adapter as it is") from None
+
+    accelerator.wait_for_everyone()
+    _on_main(accelerator, save)
     accelerator.wait_for_everyone()
 
 
