@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DeltaError
+from .config import DeltaError, UserFileError, reading
 
 if TYPE_CHECKING:
     from .pipeline.render import Renderer
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning for transformers models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--version", action="version", version=f"deltatune {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind an error (also DELTATUNE_DEBUG=1); "
+                        "may be given anywhere on the line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="fine-tune a model with a delta (YAML config + flags)")
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=32, help="hidden size (64 for a 4-bit base on a CPU)")
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere (after a subcommand's own options too): no option of any command takes "--debug" as its value
+    debug = "--debug" in argv or os.environ.get("DELTATUNE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    argv = [a for a in argv if a != "--debug"]
     rest: list[str] = []
     if argv and argv[0] in RUN_COMMANDS:
         # CONFIG, the command's own options, then any number of --section.key value flags
@@ -123,12 +130,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, rest)
     except DeltaError as err:
-        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        # a DeltaError is worded for the user: one line, the traceback only on request. Any other exception
+        # is deltatune's bug (a dependency's, met reading the user's files, arrives as a UserFileError) and
+        # shows its traceback.
+        if debug:
+            traceback.print_exc()
+        hint = " (--debug shows the traceback)" if isinstance(err, UserFileError) and not debug else ""
+        print(f"deltatune {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
     except ImportError as err:
+        if debug:
+            traceback.print_exc()
         print(f"deltatune {args.command}: error: {err}; the command needs the pipeline extras: "
               "pip install 'deltatune[pipeline]'", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deltatune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return __version__
 
 
 RUN_COMMANDS = ("train", "eval", "data")
