@@ -300,11 +300,12 @@ def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool)
                "QUESTION_ANS": tf.AutoModelForQuestionAnswering}
     cls = classes.get(task_type or "", tf.AutoModel)
     check_base_model(name, "--model")
-    try:
-        # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
-        model, missing = load_pretrained(cls, name, trust_remote_code=trust_remote_code, dtype="auto")
-    except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
+    with reading(f"the model {name}"):  # what transformers raises beside these
+        try:
+            # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
+            model, missing = load_pretrained(cls, name, trust_remote_code=trust_remote_code, dtype="auto")
+        except (OSError, ValueError) as err:
+            raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
     line = fresh_weights_line(name, missing, None, RESTORED)
     if line is not None:
         print(line)

@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 
 from . import api
-from .config import METHODS, DeltaConfig, DeltaError
+from .config import METHODS, DeltaConfig, DeltaError, one_line, reading
 from .quant import DTYPES, weight_bytes_formula
 from .targets import block_stacks, head_module_names, is_linear_like
 from .summary import replaced_originals
@@ -299,22 +299,23 @@ def load_model_config(model: Any, trust_remote_code: bool = False) -> Any:
     if not path.is_file():
         check_model_path(model, "model")  # a mistyped folder would come back as "Repo id must be in the form ..."
     file = path if path.is_file() else path / "config.json" if (path / "config.json").is_file() else None
-    try:
-        if file is not None:
-            try:
-                data = json.loads(file.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DeltaError(f"{file} is not valid JSON ({err}); it should be a transformers config.json") from None
-            if not isinstance(data, dict) or "model_type" not in data:
-                raise DeltaError(f"{file} has no model_type: it is not a transformers config.json")
-            check_sizes(data, data["model_type"], str(file))  # before transformers, whose errors do not name keys
-        if path.is_file():
-            return tf.AutoConfig.for_model(**data)
-        config = tf.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        if isinstance(err, DeltaError):
-            raise
-        raise DeltaError(f"cannot read the config of {model!r}: {str(err)[:300]}") from None
+    with reading(f"the model config {file if file is not None else model}"):  # what transformers raises beside these
+        try:
+            if file is not None:
+                try:
+                    data = json.loads(file.read_bytes().decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise DeltaError(f"{file} is not valid JSON ({err}); it should be a transformers config.json") from None
+                if not isinstance(data, dict) or "model_type" not in data:
+                    raise DeltaError(f"{file} has no model_type: it is not a transformers config.json")
+                check_sizes(data, data["model_type"], str(file))  # before transformers, whose errors do not name keys
+            if path.is_file():
+                return tf.AutoConfig.for_model(**data)
+            config = tf.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            if isinstance(err, DeltaError):
+                raise
+            raise DeltaError(f"cannot read the config of {model!r}: {one_line(err, 300)}") from None
     if file is None:  # a hub id: the config as transformers read it
         check_sizes({k: v for k, v in config.to_dict().items() if v is not None}, config.model_type, model)
     return config
