@@ -1096,6 +1096,10 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     if task not in TASKS:
         raise DeltaError(f"task = {task!r} is not allowed: expected one of {', '.join(TASKS)}")
     name = model if isinstance(model, str) else type(model).__name__
+    limit = _position_limit(hf_config)
+    check_positions(hf_config, seq, "seq (--seq)", name)
+    if target_seq is not None:
+        check_positions(hf_config, target_seq, "target_seq", name)
     subject = _Subject(hf_config, task, _method_configs(method, fields), trust_remote_code)
     result = _compose(subject, setting, name, budget)
     if task_note:
@@ -1103,9 +1107,6 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     result.activations_by_checkpointing = {
         on: _activations_only(subject, dataclasses.replace(setting, gradient_checkpointing=on)) for on in (False, True)
         if _supports_checkpointing(subject, setting) or not on}
-    limit = _position_limit(hf_config)
-    if limit is not None and seq > limit:
-        result.notes.append(f"seq {seq} is above the model's {limit} positions")
     if budget is not None and search:
         _search(subject, result, limit)
     return result
@@ -1120,12 +1121,25 @@ def _supports_checkpointing(subject: _Subject, s: Setting) -> bool:
     return bool(getattr(full, "supports_gradient_checkpointing", False))
 
 
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def _position_limit(hf_config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(hf_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return next((n for _, n in _position_keys(hf_config)), None)
+
+
+def _position_keys(hf_config: Any) -> list[tuple[str, int]]:
+    return [(k, v) for k in _POSITION_KEYS if isinstance(v := getattr(hf_config, k, None), int) and v > 0]
+
+
+def check_positions(hf_config: Any, length: int, what: str, model: str) -> None:
+    """A sequence longer than the model's positions is refused before anything runs: a forward pass would
+    fail deep in the model (the position embeddings end there), and a plan of it would plan nothing real."""
+    keys = _position_keys(hf_config)
+    if keys and length > keys[0][1]:
+        key, limit = keys[0]
+        raise DeltaError(f"{what} {length} is longer than the {limit} positions of {model} ({key} = {limit} in its "
+                         f"config); lower {what.split()[-1].strip('()')} to {limit} or less")
 
 
 def _total(subject: _Subject, s: Setting, name: str) -> int:

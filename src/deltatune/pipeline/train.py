@@ -26,7 +26,7 @@ from .. import api, io as dt_io
 from ..config import DeltaError, reading
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
-from ..planner import check_run
+from ..planner import check_positions, check_run
 from ..summary import summary
 from . import checkpoint as ckpt, rundir
 from .config import UNUSABLE_OPTIMIZERS, ConfigError, RunConfig, with_step_count
@@ -180,6 +180,13 @@ def _where(name: str, file: str | None = None) -> str:
     return repr(name)
 
 
+def check_max_length(config: RunConfig, model: torch.nn.Module) -> None:
+    """data.max_length longer than the model's positions is refused before any data is encoded: no example
+    could use the positions past the model's last one (and a forward pass would fail on them)."""
+    if config.data.max_length:
+        check_positions(model.config, config.data.max_length, "data.max_length", repr(config.model.name))
+
+
 def model_limit(model: torch.nn.Module, tokenizer: Any) -> int | None:
     limits = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")]
     tok = getattr(tokenizer, "model_max_length", None)
@@ -290,6 +297,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     restored = bool(config.train.init_adapter) or resume_from is not None
     model = load_base(config, tokenizer, labels_hint, say=say,
                       fate=RESTORED if restored else "the delta trains it")
+    check_max_length(config, model)
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
     if config.model.task == "causal_lm" and canonical_format(config.data.format) in CHAT_FORMATS:
         # The template training rendered with is saved with the adapter's tokenizer (and the merged
