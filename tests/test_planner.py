@@ -25,7 +25,7 @@ from deltatune.surgery import get_state
 from test_contract import METHODS
 
 LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=256, max_position_embeddings=512)
+             vocab_size=256, max_position_embeddings=2048)  # plan() refuses a seq past it
 
 
 def llama_config(**kw) -> tf.LlamaConfig:

@@ -7,16 +7,8 @@
     dt.save(model, "out/adapter")
 """
 
-from .api import (active, attach, attached, delta_parameters, detach, disabled, finalize, merge, mixed_batch,
-                  regularization, set_active, set_trainable, step, unmerge)
-from .config import DeltaConfig, DeltaError, METHODS, config_from_dict, config_from_json
-from .io import load, save
-from .quant import load_base, prepare_kbit
-from .methods import (AdaLoraConfig, AdapterConfig, AdapterFusionConfig, BitFitConfig, DiffPruningConfig, FreezeConfig,
-                      FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
-                      PTuningConfig, PTuningV2Config, fusion_attention)
-from .planner import Plan, plan
-from .summary import Summary, summary
+from .config import DeltaConfig, DeltaError, METHODS, UserFileError, config_from_dict, config_from_json
+from .summary import Summary, summary  # here, not lazily: the submodule deltatune.summary would shadow the function
 
 __version__ = "0.1.0"
 
@@ -24,11 +16,30 @@ __all__ = [
     "attach", "save", "load", "merge", "unmerge", "detach", "set_active", "disabled", "summary",
     "active", "attached", "delta_parameters", "set_trainable", "mixed_batch",
     "regularization", "step", "finalize", "DeltaCallback",
-    "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
+    "DeltaConfig", "DeltaError", "UserFileError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
     "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention",
     "Summary", "plan", "Plan", "METHODS", "config_from_dict", "config_from_json", "load_base", "prepare_kbit",
 ]  # fmt: skip
+
+_state = "lazy"  # -> "loading" -> "loaded"
+
+
+def _load() -> None:
+    """The torch-backed API, imported on first use: `deltatune --help` and `--version` start without torch."""
+    global _state
+    _state = "loading"  # meanwhile a submodule's `from . import quant` must find no attribute and import it
+    from .api import (active, attach, attached, delta_parameters, detach, disabled, finalize, merge, mixed_batch,
+                      regularization, set_active, set_trainable, step, unmerge)
+    from .io import load, save
+    from .quant import load_base, prepare_kbit
+    from .methods import (AdaLoraConfig, AdapterConfig, AdapterFusionConfig, BitFitConfig, DiffPruningConfig,
+                          FreezeConfig, FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
+                          PromptTuningConfig, PTuningConfig, PTuningV2Config, fusion_attention)
+    from .planner import Plan, plan
+
+    globals().update({k: v for k, v in locals().items() if not k.startswith("_")})
+    _state = "loaded"
 
 
 def __getattr__(name: str):
@@ -37,4 +48,17 @@ def __getattr__(name: str):
         from .callbacks import DeltaCallback
 
         return DeltaCallback
+    # Only the public names load the API: a submodule's `from . import quant` must find no attribute (and so
+    # import the submodule), or importing deltatune.planner first would start the whole load halfway through.
+    if name in __all__ and _state == "lazy":
+        try:
+            _load()
+        except BaseException:
+            globals()["_state"] = "lazy"
+            raise
+        return globals()[name]
     raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DeltaError
+from .config import DeltaError, UserFileError, reading
 
 if TYPE_CHECKING:
     from .pipeline.render import Renderer
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning for transformers models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--version", action="version", version=f"deltatune {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind an error (also DELTATUNE_DEBUG=1); "
+                        "may be given anywhere on the line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="fine-tune a model with a delta (YAML config + flags)")
@@ -73,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="any other field of the method's config (repeatable), e.g. --set num_virtual_tokens=20")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024, help="max_length: tokens per example")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="dtype of the frozen base")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the frozen base (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--quant", choices=["nf4", "fp4", "int8"], default=None, help="a quantised base (bitsandbytes)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, paged_adamw8bit, paged_adamw, sgd, ...")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--memory", default=None, help="what the device has: 24GB (10^9 bytes) or 24GiB (2^30)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="the device to plan for (default: this machine's, cuda when it has a GPU, else cpu)")
     p.add_argument("--task", choices=["causal_lm", "seq_cls", "seq2seq"], default=None)
     p.add_argument("--attention", choices=["sdpa", "eager"], default=None, help="default: the config's own (sdpa)")
     p.add_argument("--loss", choices=["standard", "chunked", "compiled"], default="standard",
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=32, help="hidden size (64 for a 4-bit base on a CPU)")
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere (after a subcommand's own options too): no option of any command takes "--debug" as its value
+    debug = "--debug" in argv or os.environ.get("DELTATUNE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    argv = [a for a in argv if a != "--debug"]
     rest: list[str] = []
     if argv and argv[0] in RUN_COMMANDS:
         # CONFIG, the command's own options, then any number of --section.key value flags
@@ -123,12 +132,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, rest)
     except DeltaError as err:
-        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        # a DeltaError is worded for the user: one line, the traceback only on request. Any other exception
+        # is deltatune's bug (a dependency's, met reading the user's files, arrives as a UserFileError) and
+        # shows its traceback.
+        if debug:
+            traceback.print_exc()
+        hint = " (--debug shows the traceback)" if isinstance(err, UserFileError) and not debug else ""
+        print(f"deltatune {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
     except ImportError as err:
+        if debug:
+            traceback.print_exc()
         print(f"deltatune {args.command}: error: {err}; the command needs the pipeline extras: "
               "pip install 'deltatune[pipeline]'", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deltatune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return __version__
 
 
 RUN_COMMANDS = ("train", "eval", "data")
@@ -151,7 +179,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from . import io as dt_io
     from .pipeline.data import prepare
     from .pipeline.evaluate import evaluate
-    from .pipeline.train import load_base, load_tokenizer, model_limit
+    from .pipeline.train import check_max_length, load_base, load_tokenizer, model_limit
 
     config = _run_config(args, rest)
     tokenizer = load_tokenizer(config)
@@ -160,6 +188,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
     model = load_base(config, tokenizer, labels, say=print,
                       fate=RESTORED if args.adapter else "evaluated as it is (an untuned baseline)")
+    check_max_length(config, model)
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
     if not prepared.eval:
         raise DeltaError("no eval data: set data.eval (a file) or data.eval_fraction")
@@ -274,11 +303,12 @@ def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool)
                "QUESTION_ANS": tf.AutoModelForQuestionAnswering}
     cls = classes.get(task_type or "", tf.AutoModel)
     check_base_model(name, "--model")
-    try:
-        # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
-        model, missing = load_pretrained(cls, name, trust_remote_code=trust_remote_code, dtype="auto")
-    except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
+    with reading(f"the model {name}"):  # what transformers raises beside these
+        try:
+            # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
+            model, missing = load_pretrained(cls, name, trust_remote_code=trust_remote_code, dtype="auto")
+        except (OSError, ValueError) as err:
+            raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
     line = fresh_weights_line(name, missing, None, RESTORED)
     if line is not None:
         print(line)
@@ -404,12 +434,33 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     if args.target_modules is not None:
         names = [t.strip() for t in args.target_modules.split(",") if t.strip()]
         fields["target_modules"] = "all-linear" if names == ["all-linear"] else names
-    result = plan(args.model, args.method, batch=args.batch, seq=args.seq, dtype=args.dtype, quant=args.quant,
+    device, dtype, assumed = _plan_target(args.device, args.dtype)
+    result = plan(args.model, args.method, batch=args.batch, seq=args.seq, dtype=dtype, quant=args.quant,
                   gradient_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, accum=args.accum,
-                  memory=args.memory, device=args.device, task=args.task, attention=args.attention, loss=args.loss,
+                  memory=args.memory, device=device, task=args.task, attention=args.attention, loss=args.loss,
                   trust_remote_code=args.trust_remote_code, **fields)
+    if assumed:
+        result.notes.append(assumed)
     print(result.table())
     return 0 if result.fits is not False else 1
+
+
+def _plan_target(device: str | None, dtype: str | None) -> tuple[str, str, str | None]:
+    """The device and dtype to plan for: those given, else this machine's (a GPU with bf16, or the CPU with
+    fp32), and a note saying what was assumed and how to choose another."""
+    if device is not None and dtype is not None:
+        return device, dtype, None
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        other, where = ("cpu", "the CPU") if device == "cuda" else ("cuda", "a GPU")
+        dtype, flags = (dtype, "") if dtype is not None else ("bf16" if device == "cuda" else "fp32", None)
+        flags = f"--device {other}" + ("" if flags == "" else f" --dtype {'fp32' if other == 'cpu' else 'bf16'}")
+        why = "this machine has a GPU" if device == "cuda" else "this machine has no GPU"
+        return device, dtype, f"planned for {device}, {dtype} ({why}); pass {flags} to plan for {where}"
+    dtype = "bf16" if device == "cuda" else "fp32"
+    return device, dtype, f"planned with a {dtype} base, the default on {device}; pass --dtype to plan another"
 
 
 def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:

@@ -8,8 +8,10 @@ the delta attaches. The registry is an explicit dict filled by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -22,6 +24,46 @@ if TYPE_CHECKING:
 
 class DeltaError(ValueError):
     """Bad input to deltatune: the message says what was wrong and how to fix it."""
+
+
+class UserFileError(DeltaError):
+    """A file of the user's (a model's config, weights, tokenizer, data) that a dependency could not read.
+
+    The message names the file and the dependency's own message; the dependency's exception is chained
+    (``__cause__``), so ``deltatune --debug`` can show where it was raised."""
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Any:
+    """Inside it, an exception a dependency (transformers, huggingface_hub, tokenizers, ...) raises is
+    re-raised as a :class:`UserFileError` saying "cannot read WHAT: message", chained with the original.
+
+    One raised by deltatune's own code is left alone (a bug shows its traceback), as are DeltaErrors
+    (already worded for the user) and MemoryError."""
+    try:
+        yield
+    except (DeltaError, MemoryError):
+        raise
+    except Exception as err:
+        if _raised_in_deltatune(err):
+            raise
+        raise UserFileError(f"cannot read {what}: {one_line(err)}") from err
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (huggingface_hub's validation errors span several), cut at limit."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _raised_in_deltatune(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here + os.sep)
 
 
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
@@ -299,7 +341,60 @@ class Method:
     depends_on: Callable[[DeltaConfig], list[str]] | None = None
 
 
-METHODS: dict[str, Method] = {}
+class _Registry(dict):
+    """The method registry: filled by ``deltatune.methods`` when it is imported, which the first read does.
+
+    ``import deltatune`` imports nothing heavy (the command line starts without torch), so a module that
+    reads the registry may run before any method module was imported; reading imports them."""
+
+    _state = "empty"  # -> "filling" while deltatune.methods imports (its register calls read) -> "full"
+
+    def _fill(self) -> None:
+        if self._state == "empty":
+            type(self)._state = "filling"
+            try:
+                import importlib
+
+                importlib.import_module(__name__.rsplit(".", 1)[0] + ".methods")
+            except BaseException:
+                type(self)._state = "empty"
+                raise
+            type(self)._state = "full"
+
+    def __contains__(self, key: object) -> bool:
+        self._fill()
+        return super().__contains__(key)
+
+    def __getitem__(self, key: str) -> Method:
+        self._fill()
+        return super().__getitem__(key)
+
+    def __iter__(self) -> Any:
+        self._fill()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._fill()
+        return super().__len__()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._fill()
+        return super().get(key, default)
+
+    def keys(self) -> Any:
+        self._fill()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._fill()
+        return super().values()
+
+    def items(self) -> Any:
+        self._fill()
+        return super().items()
+
+
+METHODS: dict[str, Method] = _Registry()
 
 
 def register(method: Method) -> Method:

@@ -12,13 +12,14 @@ import copy
 import textwrap
 import warnings
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import api
-from .config import METHODS, DeltaError
+from .config import METHODS, DeltaError, one_line, reading
 from .summary import summary
 from .targets import DEFAULT_TARGETS, is_linear_like
 
@@ -31,17 +32,20 @@ def build_on_meta(name: str, trust_remote_code: bool = False) -> nn.Module:
     from .model_files import check_model_path
 
     check_model_path(name, "model")  # a mistyped folder would come back as "Repo id must be in the form ..."
-    try:
-        config = tf.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot read the config of {name!r}: {str(err)[:300]}") from None
-    architectures = getattr(config, "architectures", None) or []
-    cls = next((getattr(tf, a) for a in architectures if hasattr(tf, a)), None)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if cls is not None:
-            return cls(config)
-        return tf.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    path = Path(name)
+    what = f"the model config {path / 'config.json' if path.is_dir() else path if path.is_file() else repr(name)}"
+    with reading(what):  # what transformers raises beside OSError and ValueError (huggingface_hub's validation errors)
+        try:
+            config = tf.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise DeltaError(f"cannot read the config of {name!r}: {one_line(err, 300)}") from None
+        architectures = getattr(config, "architectures", None) or []
+        cls = next((getattr(tf, a) for a in architectures if hasattr(tf, a)), None)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if cls is not None:
+                return cls(config)
+            return tf.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def describe(name: str, trust_remote_code: bool = False) -> str:

@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 
 from . import api
-from .config import METHODS, DeltaConfig, DeltaError
+from .config import METHODS, DeltaConfig, DeltaError, one_line, reading
 from .quant import DTYPES, weight_bytes_formula
 from .targets import block_stacks, head_module_names, is_linear_like
 from .summary import replaced_originals
@@ -299,22 +299,23 @@ def load_model_config(model: Any, trust_remote_code: bool = False) -> Any:
     if not path.is_file():
         check_model_path(model, "model")  # a mistyped folder would come back as "Repo id must be in the form ..."
     file = path if path.is_file() else path / "config.json" if (path / "config.json").is_file() else None
-    try:
-        if file is not None:
-            try:
-                data = json.loads(file.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DeltaError(f"{file} is not valid JSON ({err}); it should be a transformers config.json") from None
-            if not isinstance(data, dict) or "model_type" not in data:
-                raise DeltaError(f"{file} has no model_type: it is not a transformers config.json")
-            check_sizes(data, data["model_type"], str(file))  # before transformers, whose errors do not name keys
-        if path.is_file():
-            return tf.AutoConfig.for_model(**data)
-        config = tf.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        if isinstance(err, DeltaError):
-            raise
-        raise DeltaError(f"cannot read the config of {model!r}: {str(err)[:300]}") from None
+    with reading(f"the model config {file if file is not None else model}"):  # what transformers raises beside these
+        try:
+            if file is not None:
+                try:
+                    data = json.loads(file.read_bytes().decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise DeltaError(f"{file} is not valid JSON ({err}); it should be a transformers config.json") from None
+                if not isinstance(data, dict) or "model_type" not in data:
+                    raise DeltaError(f"{file} has no model_type: it is not a transformers config.json")
+                check_sizes(data, data["model_type"], str(file))  # before transformers, whose errors do not name keys
+            if path.is_file():
+                return tf.AutoConfig.for_model(**data)
+            config = tf.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            if isinstance(err, DeltaError):
+                raise
+            raise DeltaError(f"cannot read the config of {model!r}: {one_line(err, 300)}") from None
     if file is None:  # a hub id: the config as transformers read it
         check_sizes({k: v for k, v in config.to_dict().items() if v is not None}, config.model_type, model)
     return config
@@ -1095,6 +1096,10 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     if task not in TASKS:
         raise DeltaError(f"task = {task!r} is not allowed: expected one of {', '.join(TASKS)}")
     name = model if isinstance(model, str) else type(model).__name__
+    limit = _position_limit(hf_config)
+    check_positions(hf_config, seq, "seq (--seq)", name)
+    if target_seq is not None:
+        check_positions(hf_config, target_seq, "target_seq", name)
     subject = _Subject(hf_config, task, _method_configs(method, fields), trust_remote_code)
     result = _compose(subject, setting, name, budget)
     if task_note:
@@ -1102,9 +1107,6 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     result.activations_by_checkpointing = {
         on: _activations_only(subject, dataclasses.replace(setting, gradient_checkpointing=on)) for on in (False, True)
         if _supports_checkpointing(subject, setting) or not on}
-    limit = _position_limit(hf_config)
-    if limit is not None and seq > limit:
-        result.notes.append(f"seq {seq} is above the model's {limit} positions")
     if budget is not None and search:
         _search(subject, result, limit)
     return result
@@ -1119,12 +1121,25 @@ def _supports_checkpointing(subject: _Subject, s: Setting) -> bool:
     return bool(getattr(full, "supports_gradient_checkpointing", False))
 
 
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def _position_limit(hf_config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(hf_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return next((n for _, n in _position_keys(hf_config)), None)
+
+
+def _position_keys(hf_config: Any) -> list[tuple[str, int]]:
+    return [(k, v) for k in _POSITION_KEYS if isinstance(v := getattr(hf_config, k, None), int) and v > 0]
+
+
+def check_positions(hf_config: Any, length: int, what: str, model: str) -> None:
+    """A sequence longer than the model's positions is refused before anything runs: a forward pass would
+    fail deep in the model (the position embeddings end there), and a plan of it would plan nothing real."""
+    keys = _position_keys(hf_config)
+    if keys and length > keys[0][1]:
+        key, limit = keys[0]
+        raise DeltaError(f"{what} {length} is longer than the {limit} positions of {model} ({key} = {limit} in its "
+                         f"config); lower {what.split()[-1].strip('()')} to {limit} or less")
 
 
 def _total(subject: _Subject, s: Setting, name: str) -> int:

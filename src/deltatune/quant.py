@@ -43,7 +43,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from .config import DeltaError
+from .config import DeltaError, reading
 from .model_files import BASE_LOAD_KWARGS
 
 KINDS = ("nf4", "fp4", "int8")
@@ -367,10 +367,11 @@ def load_base(name: str, quant: str | None = None, *, task: str = "causal_lm", d
         skip = (["lm_head", *CLASSIFIER_HEADS] if task == "seq_cls" else None)
         kwargs["quantization_config"] = quantization_config(quant, torch_dtype, double_quant=double_quant,
                                                             int8_threshold=int8_threshold, skip_modules=skip)
-    try:
-        model = classes[task].from_pretrained(name, dtype=torch_dtype, **BASE_LOAD_KWARGS, **kwargs)
-    except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot load {name!r} as a {task} model: {str(err)[:400]}") from None
+    with reading(f"the model {name}"):  # what transformers raises beside these
+        try:
+            model = classes[task].from_pretrained(name, dtype=torch_dtype, **BASE_LOAD_KWARGS, **kwargs)
+        except (OSError, ValueError) as err:
+            raise DeltaError(f"cannot load {name!r} as a {task} model: {str(err)[:400]}") from None
     keep_trainable_layouts(model)
     return model
 

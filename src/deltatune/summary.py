@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch.nn as nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 from .config import DeltaError
 
@@ -39,6 +42,8 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     The total is the parameters the forward uses: a module trained whole (modules_to_save, a classifier
     head) counts its trained copy, not also the frozen original kept beside it for switching the delta
     off, so full fine-tuning counts 100% and a head does not count twice."""
+    import torch.nn as nn  # here: `import deltatune` (the command line's --help) starts without torch
+
     if not isinstance(model, nn.Module):
         raise DeltaError(f"summary expects a torch.nn.Module, got {type(model).__name__}")
     trainable = total = 0

@@ -23,11 +23,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import api, io as dt_io
-from ..config import DeltaError
+from ..config import DeltaError, reading
 from ..files import remove_tree, size_text, tensor_bytes, write_atomic, write_failure
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
-from ..planner import check_run
+from ..planner import check_positions, check_run
 from ..summary import summary
 from . import checkpoint as ckpt, rundir
 from .config import UNUSABLE_OPTIMIZERS, ConfigError, RunConfig, with_step_count
@@ -72,14 +72,15 @@ def load_tokenizer(config: RunConfig) -> Any:
         raise DeltaError(f"model.name = {name!r}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, "
                          "...); save it beside the model with tokenizer.save_pretrained(folder), or copy the "
                          "tokenizer files of the model it was trained from")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code,
-                                                  revision=config.model.revision)
-    except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot load the tokenizer of {name!r}: {str(err)[:300]}") from None
-    except ImportError as err:  # a slow tokenizer class needs sentencepiece or protobuf
-        raise DeltaError(f"the tokenizer of {name!r} needs a package that is not installed ({str(err).strip()[:200]}); "
-                         "install it, or save a fast tokenizer (tokenizer.json) beside the model") from None
+    with reading(f"the tokenizer of {_where(name)}"):  # what transformers raises beside these
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code,
+                                                      revision=config.model.revision)
+        except (OSError, ValueError) as err:
+            raise DeltaError(f"cannot load the tokenizer of {name!r}: {str(err)[:300]}") from None
+        except ImportError as err:  # a slow tokenizer class needs sentencepiece or protobuf
+            raise DeltaError(f"the tokenizer of {name!r} needs a package that is not installed ({str(err).strip()[:200]}); "
+                             "install it, or save a fast tokenizer (tokenizer.json) beside the model") from None
     if len(tokenizer) == 0:
         raise DeltaError(f"the tokenizer of {name!r} has an empty vocabulary, so every text would become no tokens; "
                          "save the model's real tokenizer beside it with tokenizer.save_pretrained(folder)")
@@ -119,10 +120,11 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     # A head the checkpoint lacks (a classifier's, a resized one) starts from the run's seed, so an untuned
     # baseline, `deltatune eval` of the base and the run itself see the same fresh head every time.
     torch.manual_seed(config.train.seed)
-    try:
-        model, missing = load_pretrained(classes[config.model.task], config.model.name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot load {config.model.name!r} as a {config.model.task} model: {str(err)[:400]}") from None
+    with reading(f"the model {_where(config.model.name)}"):  # what transformers raises beside these
+        try:
+            model, missing = load_pretrained(classes[config.model.task], config.model.name, **kwargs)
+        except (OSError, ValueError) as err:
+            raise DeltaError(f"cannot load {config.model.name!r} as a {config.model.task} model: {str(err)[:400]}") from None
     line = fresh_weights_line(config.model.name, missing, config.train.seed, fate)
     if line is not None and say is not None:
         say(line)
@@ -159,15 +161,31 @@ def _checkpoint_head(config: RunConfig) -> list[str] | None:
     """The labels of the checkpoint's classifier head, or None when it has none (a base model, a causal LM)."""
     from transformers import AutoConfig
 
-    try:
-        base = AutoConfig.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
-                                          revision=config.model.revision)
-    except (OSError, ValueError) as err:
-        raise DeltaError(f"cannot read the config of {config.model.name!r}: {str(err)[:300]}") from None
+    with reading(f"the model config {_where(config.model.name, 'config.json')}"):
+        try:
+            base = AutoConfig.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code,
+                                              revision=config.model.revision)
+        except (OSError, ValueError) as err:
+            raise DeltaError(f"cannot read the config of {config.model.name!r}: {str(err)[:300]}") from None
     # Only a checkpoint saved as a classifier has trained head weights; any other gets a fresh head of any size.
     if not any(a.endswith("ForSequenceClassification") for a in getattr(base, "architectures", None) or []):
         return None
     return [str(base.id2label[i]) for i in sorted(base.id2label)]
+
+
+def _where(name: str, file: str | None = None) -> str:
+    """How an error names what model.name points at: the folder (or a file in it), or the hub id."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder / file) if file else str(folder)
+    return repr(name)
+
+
+def check_max_length(config: RunConfig, model: torch.nn.Module) -> None:
+    """data.max_length longer than the model's positions is refused before any data is encoded: no example
+    could use the positions past the model's last one (and a forward pass would fail on them)."""
+    if config.data.max_length:
+        check_positions(model.config, config.data.max_length, "data.max_length", repr(config.model.name))
 
 
 def model_limit(model: torch.nn.Module, tokenizer: Any) -> int | None:
@@ -280,6 +298,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     restored = bool(config.train.init_adapter) or resume_from is not None
     model = load_base(config, tokenizer, labels_hint, say=say,
                       fate=RESTORED if restored else "the delta trains it")
+    check_max_length(config, model)
     prepared = prepare(config, tokenizer, model_limit(model, tokenizer))
     if config.model.task == "causal_lm" and canonical_format(config.data.format) in CHAT_FORMATS:
         # The template training rendered with is saved with the adapter's tokenizer (and the merged
