@@ -20,6 +20,7 @@ __all__ = [
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
     "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention",
     "Summary", "plan", "Plan", "METHODS", "config_from_dict", "config_from_json", "load_base", "prepare_kbit",
+    "fused_linear_cross_entropy", "lm_loss",
 ]  # fmt: skip
 
 _state = "lazy"  # -> "loading" -> "loaded"
@@ -37,6 +38,7 @@ def _load() -> None:
                           FreezeConfig, FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
                           PromptTuningConfig, PTuningConfig, PTuningV2Config, fusion_attention)
     from .planner import Plan, plan
+    from .losses import fused_linear_cross_entropy, lm_loss
 
     globals().update({k: v for k, v in locals().items() if not k.startswith("_")})
     _state = "loaded"

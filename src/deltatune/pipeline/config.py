@@ -100,6 +100,9 @@ class TrainSection:
     keep_last: int = check(2, gt=0)
     log_every: int = check(10, gt=0)
     on_nan: Literal["stop", "skip"] = "stop"
+    # causal LMs and seq2seq: "fused" computes the head and the loss chunk by chunk (deltatune.losses), never
+    # holding the full logits; "standard" is the model's own loss. Equal to float tolerance.
+    loss: Literal["fused", "standard"] = "fused"
     init_adapter: str | None = None  # continue training this adapter (deltatune's or peft's)
     # continue from the newest complete checkpoint in output.dir (an error when there is none);
     # "auto": continue when there is one, else start afresh. The config must match the run's (see rundir.py)

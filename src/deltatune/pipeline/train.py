@@ -27,6 +27,7 @@ from ..config import DeltaError, reading
 from ..files import remove_tree, size_text, tensor_bytes, write_atomic, write_failure
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
+from ..losses import lm_loss
 from ..planner import check_positions, check_run
 from ..summary import summary
 from . import checkpoint as ckpt, rundir
@@ -366,6 +367,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         f"{config.train.grad_accum} accumulation); {len(prepared.train)} training examples, {len(prepared.eval)} for eval")
     say("the same run as a command: " + config.command())
 
+    fused = config.train.loss == "fused" and config.model.task in ("causal_lm", "seq2seq")
     bar = _progress(total, step, enabled=main and config.train.progress)
     items_of = [loss_items(e, config.model.task) for e in prepared.train]  # counted once, read every step
     # Throughput, one definition for the bar, the log and the summary: non-padding tokens trained per second
@@ -392,9 +394,12 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             syncing = micro == config.train.grad_accum - 1
             with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
-                    output = model(**batch)
-                    # the model's loss is the mean over this micro-batch's items; times items: their sum
-                    token_sum = output.loss * items if items else output.logits.sum() * 0.0
+                    if fused:  # the sum over this micro-batch's label tokens, the full logits never held
+                        token_sum = lm_loss(inner, batch, reduction="sum", forward=model)
+                    else:
+                        output = model(**batch)
+                        # the model's loss is the mean over this micro-batch's items; times items: their sum
+                        token_sum = output.loss * items if items else output.logits.sum() * 0.0
                     regularization = api.regularization(inner)
                     # processes average their gradients, hence x world; the regulariser counts once per step
                     loss = token_sum * (world / max(1, step_items)) + regularization / config.train.grad_accum
