@@ -15,6 +15,7 @@ from .quant import load_base, prepare_kbit
 from .methods import (AdaLoraConfig, AdapterConfig, AdapterFusionConfig, BitFitConfig, DiffPruningConfig, FreezeConfig,
                       FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                       PTuningConfig, PTuningV2Config, fusion_attention)
+from .master import MasterMode, MasterWeights
 from .planner import Plan, plan
 from .summary import Summary, summary
 
@@ -27,7 +28,7 @@ __all__ = [
     "DeltaConfig", "DeltaError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
     "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention",
-    "Summary", "plan", "Plan", "METHODS", "config_from_dict", "config_from_json", "load_base", "prepare_kbit",
+    "Summary", "plan", "Plan", "MasterWeights", "MasterMode", "METHODS", "config_from_dict", "config_from_json", "load_base", "prepare_kbit",
 ]  # fmt: skip
 
 

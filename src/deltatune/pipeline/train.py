@@ -24,6 +24,7 @@ import torch
 
 from .. import api, io as dt_io
 from ..config import DeltaError
+from ..master import MasterWeights
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
 from ..planner import check_run
@@ -324,17 +325,25 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                   max(targets) if targets else None)
 
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = parameter_groups(model, config.train.lr, config.train.head_lr)
+    model = accelerator.prepare(model)  # on its device first: the fp32 masters are made there
+    inner = accelerator.unwrap_model(model)
+    # Trainable weights stored in 16 bits train through fp32 masters (master.py); the optimizer, the clipping and
+    # the checkpoints see the masters, the forward the 16-bit weights. Under DDP the hooks would free gradients
+    # before their reduction: there the gradients are moved over after the last micro-batch.
+    master = MasterWeights(inner, config.train.master_weights, hooks=world == 1, warn=say)
+    if len(master):
+        say(f"fp32 master weights for {len(master)} trainable 16-bit tensors (train.master_weights: fp32; none updates them in 16 bits)")
+    params = master.parameters(p for p in inner.parameters() if p.requires_grad)
+    groups = master.param_groups(parameter_groups(inner, config.train.lr, config.train.head_lr))
     optimizer = make_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay)
     scheduler = make_scheduler(optimizer, config.train.scheduler, warmup, total)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
+    optimizer = accelerator.prepare(optimizer)
 
     step, offset = 0, 0
     log = RunLog(out, enabled=main)
     if resume_from is not None:
         record = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
+        ckpt.load_master(resume_from, master, say)
         rundir.check_schedule(config, record, total, warmup)
         step, offset = record["step"], record["offset"]
         log.truncate_after(step)
@@ -396,15 +405,17 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                     + (f"the last good checkpoint is {good}; " if good else "no checkpoint was written; ")
                     + "lower train.lr, use bf16 instead of fp16, or set train.on_nan: skip to skip such steps")
             optimizer.zero_grad(set_to_none=True)
+            master.zero_grad()  # the 16-bit gradients of the micro-batches before the bad one, and the masters'
             skipped += 1
             step += 1
             scheduler.step()
             log.write({"step": step, "skipped": True, "loss": bad})
             bar.update(1)
             continue
+        master.collect()  # gradients still on 16-bit weights (several processes) into the fp32 masters
         if config.train.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-        optimizer.step()
+            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)  # the masters' gradients
+        master.step(optimizer)  # optimizer.step() on the masters, then the 16-bit weights from them
         step += 1
         api.step(inner, step)  # before zero_grad: AdaLoRA scores importance from these gradients
         scheduler.step()
@@ -426,13 +437,13 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                 say(eval_line(step, total, metrics))
             model.train()
         if config.train.save_every and step % config.train.save_every == 0 and step < total:
-            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)
+            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master)
     bar.close()
 
     api.finalize(inner)
     # Everything the run produced is written before the final eval, so an eval that fails never loses the delta.
     adapter_dir = out / "adapter"
-    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)  # the final state, for continued training
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master)  # the final state, for continued training
     if main:
         dt_io.save(inner, adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
@@ -501,13 +512,13 @@ def _claim(accelerator: Any, config: RunConfig, say: Any) -> Path | None:
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                offset: int, config: RunConfig, total: int, warmup: int) -> None:
+                offset: int, config: RunConfig, total: int, warmup: int, master: MasterWeights) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _check_finite(model, step)
         state = {"offset": offset, "method": config.method, "total": total, "warmup": warmup}
         try:
-            ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last)
+            ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last, master)
         except ckpt.CheckpointSpaceError as err:
             raise TrainingError(str(err)) from None
     accelerator.wait_for_everyone()
