@@ -349,6 +349,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         log.truncate_after(step)
     elif config.train.init_adapter and (Path(config.train.init_adapter) / "trainer_state.json").is_file():
         ckpt.load_optimizer(Path(config.train.init_adapter), optimizer)  # continued training keeps the moments
+        ckpt.load_master(Path(config.train.init_adapter), master, say)  # and the fp32 masters they are over
         say("kept the checkpoint's optimizer state")
     collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
     say(f"training {total} steps of {per_step} examples ({config.train.batch_size} x {world} process(es) x "
