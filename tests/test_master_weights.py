@@ -234,3 +234,35 @@ def test_continued_training_from_a_checkpoint_keeps_its_masters(root):
     error = torch.cat([(got[k] - want[k]).abs().reshape(-1) for k in want]).mean()
     rounding = torch.cat([(t - t.to(torch.bfloat16).float()).abs().reshape(-1) for t in start.values()]).mean()
     assert error < 0.1 * rounding, (float(error), float(rounding))
+
+
+def test_a_skipped_step_drops_the_gradients_its_earlier_micro_batches_left_in_the_masters(root, monkeypatch):
+    import deltatune.api as api
+    from deltatune.master import MasterWeights
+
+    calls, made, seen = {"n": 0}, [], []
+    original, init, zero_grad = api.regularization, MasterWeights.__init__, MasterWeights.zero_grad
+
+    def leftovers() -> int:
+        master = made[0]
+        return sum(m.grad is not None for m in master.masters.values()) + sum(p.grad is not None for p in master.params.values())
+
+    def poisoned(model):  # the 4th forward, the second micro-batch of step 2, is NaN: the first one's gradients are in
+        calls["n"] += 1
+        if calls["n"] == 4:
+            seen.append(leftovers())
+            return float("nan")
+        return original(model)
+
+    def spied(self):
+        zero_grad(self)
+        seen.append(leftovers())
+
+    monkeypatch.setattr(api, "regularization", poisoned)
+    monkeypatch.setattr(MasterWeights, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(MasterWeights, "zero_grad", spied)
+    flags = {"method": "full", "model.dtype": "bf16", "train.lr": 3e-5, "train.batch_size": 2, "train.grad_accum": 2,
+             "train.max_steps": 4, "train.on_nan": "skip"}
+    result = run(_config(root, "skip", **flags), echo=lambda *a, **k: None)
+    assert result.summary["skipped_steps"] == 1 and result.steps == 4
+    assert seen[0] == len(made[0].masters) > 0 and seen[1] == 0  # every master had a gradient; none is left
