@@ -115,6 +115,8 @@ def test_fp32_parameters_get_no_master_and_a_bad_mode_is_named():
     assert len(dt.MasterWeights(model.to(torch.bfloat16).float())) == 0
     with pytest.raises(dt.DeltaError, match="'fp64' is not one deltatune knows; choose one of fp32, none"):
         dt.MasterWeights(model, "fp64")
+    with pytest.raises(dt.DeltaError, match="train.master_weights = 'bf16' is not allowed: expected one of 'fp32', 'none'"):
+        load_run_config(None, {"model.name": "m", "data.train": "d.jsonl", "train.master_weights": "bf16"})
 
 
 # ---------------------------------------------------------------- through the pipeline

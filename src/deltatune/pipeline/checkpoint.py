@@ -197,8 +197,9 @@ def load_master(folder: Path, master: MasterWeights, say: Any = print) -> None:
         return
     path = folder / MASTER_FILE
     if not path.is_file():
-        say(f"{folder} holds no fp32 master weights (written by an older deltatune): the masters start from the "
-            "16-bit weights, so the resumed run is close to, not bit-equal with, one never interrupted")
+        say(f"{folder} holds no fp32 master weights (written with train.master_weights: none, or by an older "
+            "deltatune): the masters start from its 16-bit weights, so training continues close to, not bit-equal "
+            "with, a run that kept them")
         return
     master.load_state_dict(_tensors(path), str(path))
 
