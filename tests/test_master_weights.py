@@ -268,3 +268,64 @@ def test_a_skipped_step_drops_the_gradients_its_earlier_micro_batches_left_in_th
     result = run(_config(root, "skip", **flags), echo=lambda *a, **k: None)
     assert result.summary["skipped_steps"] == 1 and result.steps == 4
     assert seen[0] == len(made[0].masters) > 0 and seen[1] == 0  # every master had a gradient; none is left
+
+
+KILLED = r"""
+import json, os, signal, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+from crash_trainer import config, quiet
+from deltatune.pipeline import checkpoint as ckpt, train
+
+work, flags = Path(sys.argv[1]), {"model.dtype": "bf16", "train.lr": 3e-5, "train.grad_accum": 2}
+torch.set_num_threads(1)
+real_save = ckpt.save_checkpoint
+train.run(config(work, "full", "whole", **flags), echo=quiet)
+pid = os.fork()
+if pid == 0:
+    def save_then_die(output_dir, step, *args, **kwargs):
+        folder = real_save(output_dir, step, *args, **kwargs)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return folder
+    ckpt.save_checkpoint = save_then_die
+    try:
+        train.run(config(work, "full", "killed", **flags), echo=quiet)
+    finally:
+        os._exit(3)
+_, status = os.waitpid(pid, 0)
+said = []
+train.run(config(work, "full", "killed", **flags, **{"train.resume": True}), echo=lambda *a, **k: said.append(str(a)))
+def state(out):
+    found = {}
+    for _, folder in ckpt.steps(out):
+        for name in ("master.safetensors", "optimizer.safetensors", "delta.safetensors"):
+            found.update({f"{folder.name}/{name}/{k}": v for k, v in load_file(str(folder / name)).items()})
+    for file in sorted((out / "adapter").glob("*.safetensors")):
+        found.update({f"adapter/{k}": v for k, v in load_file(str(file)).items()})
+    return found
+a, b = state(work / "full" / "whole"), state(work / "full" / "killed")
+print(json.dumps({"killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
+                  "resumed": any("resuming from" in line and "step-000004" in line for line in said),
+                  "masters": sum("master.safetensors" in k for k in a), "same_keys": a.keys() == b.keys(),
+                  "bf16_adapter": all(v.dtype == torch.bfloat16 for k, v in a.items() if k.startswith("adapter/")
+                                      and v.is_floating_point()),
+                  "unequal": [k for k in a if k in b and not torch.equal(a[k], b[k])][:5]}))
+"""
+
+
+def test_a_bf16_run_killed_with_sigkill_and_resumed_is_bit_equal_to_one_never_killed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path)], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    assert got["killed"] and got["resumed"] and got["masters"] > 0 and got["same_keys"], got
+    assert got["bf16_adapter"] and got["unequal"] == [], got
