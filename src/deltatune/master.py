@@ -33,8 +33,9 @@ in fp32 get no master (the optimizer updates them directly).
         model(**batch).loss.backward()                         # gradients land in the masters
         master.clip_grad_norm_(1.0)                            # optional
         master.step(optimizer)                                 # optimizer.step(), then the 16-bit weights
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)                  # the optimizer's: the gradients are the masters'
 
+(`model.zero_grad()` would not clear them: the 16-bit parameters hold none between backward and step.)
 `state_dict` / `load_state_dict` carry the masters (by parameter name) so that a resumed run
 continues from the fp32 values, not from their rounding. Modes are an enum so that later ones
 (fp16 with dynamic loss scaling, a lean Kahan-summation or stochastic-rounding mode without the
