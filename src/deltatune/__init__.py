@@ -19,8 +19,8 @@ __all__ = [
     "DeltaConfig", "DeltaError", "UserFileError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
     "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention",
-    "Summary", "plan", "Plan", "METHODS", "config_from_dict", "config_from_json", "load_base", "prepare_kbit",
-    "fused_linear_cross_entropy", "lm_loss",
+    "Summary", "plan", "Plan", "MasterWeights", "MasterMode", "METHODS", "config_from_dict", "config_from_json",
+    "load_base", "prepare_kbit", "fused_linear_cross_entropy", "lm_loss",
 ]  # fmt: skip
 
 _state = "lazy"  # -> "loading" -> "loaded"
@@ -39,6 +39,7 @@ def _load() -> None:
                           PromptTuningConfig, PTuningConfig, PTuningV2Config, fusion_attention)
     from .planner import Plan, plan
     from .losses import fused_linear_cross_entropy, lm_loss
+    from .master import MasterMode, MasterWeights
 
     globals().update({k: v for k, v in locals().items() if not k.startswith("_")})
     _state = "loaded"

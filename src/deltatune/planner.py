@@ -15,7 +15,10 @@ and saving (prefix tuning's projection, P-tuning's encoder) is counted as it tra
                    (quant.weight_bytes_formula: NF4/FP4 with double quantisation, about 4.127
                    bits a weight; int8 plus an fp32 scale per row), the output head unquantised.
                    Trainable weights and their gradients: numel x their dtype (fp32 for
-                   added deltas, the base's dtype for selected parameters). Optimizer states
+                   added deltas, the base's dtype for selected parameters). A trainable 16-bit
+                   parameter trains through an fp32 master (master.py, master_weights="fp32",
+                   the default): 4 bytes more for the master, and its gradient and optimizer
+                   states are the master's, fp32. Optimizer states
                    per trainable element: Adam(W) 2 states in the parameter's dtype, SGD
                    none, bitsandbytes 8-bit 2 bytes (+ an fp32 absmax per 256; tensors under
                    4096 elements keep 32-bit states), the paged 32-bit AdamW 8 bytes.
@@ -152,6 +155,7 @@ class Setting:
     loss: str = "standard"  # "chunked": cross-entropy over 8 chunks of the logits (torchtune's CEWithChunkedOutputLoss);
     # "compiled": the same under torch.compile, each chunk's cross-entropy fused (no fp32 copies kept)
     target_seq: int | None = None  # seq2seq: the label length (None: seq)
+    master_weights: str = "fp32"  # trainable 16-bit parameters: "fp32" masters (master.py) or "none"
 
     def check(self) -> None:
         for name in ("batch", "seq", "accum"):
@@ -159,7 +163,8 @@ class Setting:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DeltaError(f"{name} must be a positive integer, got {value!r}")
         choices = {"dtype": DTYPES, "quant": [None, *QUANT_BITS], "device": ["cuda", "cpu"],
-                   "attention": [None, "sdpa", "eager", "flash_attention_2"], "loss": ["standard", "chunked", "compiled"]}
+                   "attention": [None, "sdpa", "eager", "flash_attention_2"], "loss": ["standard", "chunked", "compiled"],
+                   "master_weights": ["fp32", "none"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise DeltaError(f"{name} = {getattr(self, name)!r} is not allowed: expected one of "
@@ -205,6 +210,7 @@ class Plan:
     overhead: int
     total: int
     peak_phase: str  # "backward" (forward/backward peak) or "optimizer step"
+    master_weights: int = 0  # fp32 masters of the trainable 16-bit parameters (their gradients and states are counted there)
     activations_by_checkpointing: dict[bool, int] = field(default_factory=dict)  # the fwd/bwd peak's activations, off/on
     host_copies: int = 0  # originals kept in host RAM (not device memory) on a CUDA plan
     attention: str = "sdpa"  # the attention implementation the model runs (the config's own unless set)
@@ -223,7 +229,7 @@ class Plan:
     def static(self) -> int:
         """Memory held before the first step: weights, kept copies and the process or CUDA context."""
         context = CUDA_CONTEXT if self.setting.device == "cuda" else CPU_PROCESS
-        return self.frozen_weights + self.trainable_weights + self.kept_copies + context
+        return self.frozen_weights + self.trainable_weights + self.master_weights + self.kept_copies + context
 
     @property
     def step_growth(self) -> int:
@@ -252,6 +258,8 @@ class Plan:
         ]
         if self.kept_copies:
             rows.insert(2, ("kept originals", self.kept_copies, ""))
+        if self.master_weights:
+            rows.insert(2, ("fp32 master weights", self.master_weights, "master_weights fp32: gradients, states fp32"))
         lines = [f"{self.model}: {self.architecture}", f"  {method_line}", f"  {run}", ""]
         for name, value, note in rows:
             lines.append(f"  {name:<28}{format_size(value):>12}   {note}".rstrip())
@@ -958,8 +966,19 @@ def _alike(model: nn.Module, stack: str) -> bool:
 # ---------------------------------------------------------------- the plan
 
 
+def _master_bytes(w: _Weights, s: Setting) -> tuple[int, int, int]:
+    """(masters, bytes the optimizer steps over, its largest tensor): with fp32 masters (the default) a trainable
+    16-bit tensor is stepped, and its gradient kept, as its 4-byte master."""
+    if s.master_weights != "fp32":
+        return 0, w.trainable_bytes, w.largest_trainable
+    masters = sum(4 * numel for numel, size in w.trainable_tensors if size < 4)
+    stepped = sum(numel * max(size, 4) for numel, size in w.trainable_tensors)
+    return masters, stepped, max((numel * max(size, 4) for numel, size in w.trainable_tensors), default=0)
+
+
 def _optimizer_bytes(w: _Weights, s: Setting) -> tuple[int, int]:
-    """(states, step temporaries) for the trainable tensors."""
+    """(states, step temporaries) for the trainable tensors (as their fp32 masters, where they have them)."""
+    _, stepped, largest = _master_bytes(w, s)
     name = s.optimizer
     if name in BNB_STATES:
         per = BNB_STATES[name]
@@ -971,12 +990,12 @@ def _optimizer_bytes(w: _Weights, s: Setting) -> tuple[int, int]:
                 states += 8 * numel  # 32-bit states
         return states, 0
     count = TORCH_STATES[name]
-    states = count * w.trainable_bytes
+    states = count * stepped
     if count == 0 or name not in FOREACH_TEMPS:
         return states, 0
     if s.device == "cuda":  # torch's foreach path: sqrt(v) of every tensor at once
-        return states, w.trainable_bytes
-    return states, 2 * w.largest_trainable  # the CPU's per-tensor path: sqrt(v), then / bias correction
+        return states, stepped
+    return states, 2 * largest  # the CPU's per-tensor path: sqrt(v), then / bias correction
 
 
 def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None) -> Plan:
@@ -984,13 +1003,16 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
     w = _weights(full, s.quant)
     peak = subject.peak(s)
     states, temps = _optimizer_bytes(w, s)
-    grads_all = w.trainable_bytes
+    masters, stepped, _ = _master_bytes(w, s)
+    grads_all = stepped  # with masters: the fp32 gradients they accumulate (each 16-bit one freed by its hook)
+    # the simulated backward's gradients are the parameters' own; with masters they are held in fp32 instead
+    peak_grads = peak.gradients * stepped // max(1, w.trainable_bytes)
     dequant = w.largest_quantised * DTYPES[s.dtype].itemsize if s.quant else 0
-    backward_peak = peak.total + states + dequant
+    backward_peak = peak.total - peak.gradients + peak_grads + states + dequant
     step_peak = grads_all + states + temps
     phase = "backward" if backward_peak >= step_peak else "optimizer step"
     if phase == "backward":
-        activations, logits, grads, temporaries = peak.activations + dequant, peak.logits, peak.gradients, 0
+        activations, logits, grads, temporaries = peak.activations + dequant, peak.logits, peak_grads, 0
     else:
         activations, logits, grads, temporaries = 0, 0, grads_all, temps
     dynamic = activations + logits + grads + temporaries
@@ -1000,14 +1022,23 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
     else:
         overhead = CPU_PROCESS
         kept_here, host = w.kept_device + w.kept_host, 0
-    total = w.frozen_bytes + w.trainable_bytes + kept_here + grads + states + temporaries + activations + logits + overhead
+    total = (w.frozen_bytes + w.trainable_bytes + masters + kept_here + grads + states + temporaries + activations
+             + logits + overhead)
     plan = Plan(model=model_name, architecture=f"{type(full).__name__} ({getattr(full.config, 'model_type', '?')}), "
                 f"{w.parameters / 1e9:.2f}B parameters", method=_describe_method(resolved), delta=resolved,
                 setting=s, parameters=w.parameters, trainable=w.trainable, frozen_weights=w.frozen_bytes,
                 trainable_weights=w.trainable_bytes, kept_copies=kept_here, gradients=grads, optimizer_states=states,
                 optimizer_temporaries=temporaries, activations=activations, logits=logits, overhead=overhead,
-                total=total, peak_phase=phase, host_copies=host, memory=memory,
+                total=total, peak_phase=phase, master_weights=masters, host_copies=host, memory=memory,
                 attention=str(getattr(full.config, "_attn_implementation", None) or s.attention or "sdpa"))
+    sixteen = sum(numel for numel, size in w.trainable_tensors if size < 4)
+    if sixteen and s.master_weights == "fp32":
+        plan.notes.append(f"master weights fp32: the {sixteen:,} trainable {s.dtype} parameters train through fp32 "
+                          f"copies ({format_size(masters)}), with fp32 gradients and optimizer states; "
+                          "master_weights 'none' drops them but loses every update under half a 16-bit spacing")
+    elif sixteen:
+        plan.notes.append(f"master weights none: the {sixteen:,} trainable {s.dtype} parameters are updated in "
+                          f"{s.dtype}, gradients and optimizer states too (updates under half a spacing round away)")
     return plan
 
 
@@ -1076,7 +1107,7 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
          quant: str | None = None, gradient_checkpointing: bool = False, optimizer: str = "adamw", accum: int = 1,
          memory: str | int | None = None, device: str = "cuda", task: str | None = None, attention: str | None = None,
          loss: str = "standard", target_seq: int | None = None, search: bool = True, trust_remote_code: bool = False,
-         **fields: Any) -> Plan:
+         master_weights: str = "fp32", **fields: Any) -> Plan:
     """The peak memory of training `model` with `method` in one setting, by what holds it.
 
     model: a hub id, a model folder, a config.json path or a transformers config (only the config is read).
@@ -1085,10 +1116,12 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     memory: what the device has ("24GB", "80GiB", bytes); with it the plan says whether the run fits and, with
     `search`, which changes would make it fit and the largest batch and max_length that fit.
     loss: "standard" is transformers' loss (the logits upcast to fp32 whole); "chunked" is torchtune's chunked
-    cross-entropy; "compiled" the same under torch.compile (only the 16-bit logits kept)."""
+    cross-entropy; "compiled" the same under torch.compile (only the 16-bit logits kept).
+    master_weights: how trainable 16-bit parameters train: "fp32" masters (the pipeline's default, master.py) or
+    "none" (updated in 16 bits)."""
     setting = Setting(batch=batch, seq=seq, dtype=dtype, quant=quant, gradient_checkpointing=gradient_checkpointing,
                       optimizer=optimizer.lower() if isinstance(optimizer, str) else optimizer, accum=accum,
-                      device=device, attention=attention, loss=loss, target_seq=target_seq)
+                      device=device, attention=attention, loss=loss, target_seq=target_seq, master_weights=master_weights)
     setting.check()
     budget = parse_size(memory) if memory is not None else None
     hf_config = load_model_config(model, trust_remote_code)
@@ -1252,7 +1285,8 @@ def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = N
                     config.model.quant is not None and bool(getattr(model, "supports_gradient_checkpointing", False))),
                 optimizer=optimizer, accum=config.train.grad_accum, memory=visible_memory(device), device=device,
                 task=config.model.task, target_seq=target_seq, search=False,
-                trust_remote_code=config.model.trust_remote_code)
+                trust_remote_code=config.model.trust_remote_code,
+                master_weights=getattr(config.train, "master_weights", "fp32"))
 
 
 def check_run(config: Any, model: nn.Module, seq: int, say: Callable[[str], Any],

@@ -22,7 +22,9 @@ Keeping the originals costs a full copy of the model: by default it is kept in C
 parameters with ``"same_device"``, or not at all with ``"none"``: the delta can then
 never be switched off, and detach must keep its weights (``merge=True``).
 
-Trained parameters keep the base's dtype (they are the model's own tensors).
+Trained parameters keep the base's dtype (they are the model's own tensors); on a bf16/fp16 base
+the training loop updates fp32 master copies of them and rounds (deltatune/master.py), since a
+16-bit weight loses every update under half its spacing.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ temporary name and renamed into place. It holds
                                     prefix tuning's projection, diff pruning's log-alpha and mask,
                                     AdaLoRA's importance scores; see api.training_state)
     adapter/                        the folded export dt.load reads (train.init_adapter takes it)
+    master.safetensors              the fp32 master weights of trainable 16-bit parameters (master.py), when
+                                    there are any; the optimizer state is over them
     optimizer.safetensors, rng.safetensors, trainer_state.json
     complete.json                   written last: the size and fingerprint (model_files.fingerprint) of every other file
 
@@ -36,10 +38,12 @@ from safetensors.torch import load_file, save_file
 from .. import api, io as dt_io
 from ..config import DeltaError
 from ..files import TRASH, folder_bytes, fsync_dir, remove_tree, size_text, tensor_bytes, write_failure, write_new
+from ..master import MasterWeights
 from ..model_files import fingerprint
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER = "complete.json"
+MASTER_FILE = "master.safetensors"
 
 
 class CheckpointSpaceError(DeltaError):
@@ -119,7 +123,7 @@ def clear_leftovers(root: Path) -> None:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], keep_last: int) -> Path:
+                    scheduler: Any, state: dict[str, Any], keep_last: int, master: MasterWeights | None = None) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     clear_leftovers(root)
@@ -138,6 +142,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: torch.nn.Mo
         save_file(delta_tensors, str(tmp / "delta.safetensors"))
         _write_text(tmp / "delta.json", json.dumps(delta_meta, indent=1))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if master is not None and len(master):
+            save_file(master.state_dict(), str(tmp / MASTER_FILE))
         save_file(rng, str(tmp / "rng.safetensors"))
         _write_text(tmp / "trainer_state.json", json.dumps(record, indent=1))
         files = {}
@@ -185,6 +191,20 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer, scheduler: A
             torch.cuda.set_rng_state_all(states)
     random.setstate(_tuples(record.pop("python_random")))
     return record
+
+
+def load_master(folder: Path, master: MasterWeights, say: Any = print) -> None:
+    """The fp32 master weights a checkpoint holds, and the 16-bit weights rounded from them. A checkpoint
+    without them (another train.master_weights, an older deltatune) leaves the masters at the 16-bit weights."""
+    if not len(master):
+        return
+    path = folder / MASTER_FILE
+    if not path.is_file():
+        say(f"{folder} holds no fp32 master weights (written with train.master_weights: none, or by an older "
+            "deltatune): the masters start from its 16-bit weights, so training continues close to, not bit-equal "
+            "with, a run that kept them")
+        return
+    master.load_state_dict(_tensors(path), str(path))
 
 
 def load_delta(folder: Path, model: torch.nn.Module) -> None:

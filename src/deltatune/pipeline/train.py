@@ -25,6 +25,7 @@ import torch
 from .. import api, io as dt_io
 from ..config import DeltaError, reading
 from ..files import remove_tree, size_text, tensor_bytes, write_atomic, write_failure
+from ..master import MasterWeights
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
 from ..losses import lm_loss
@@ -345,22 +346,31 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                   max(targets) if targets else None)
 
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = parameter_groups(model, config.train.lr, config.train.head_lr)
+    model = accelerator.prepare(model)  # on its device first: the fp32 masters are made there
+    inner = accelerator.unwrap_model(model)
+    # Trainable weights stored in 16 bits train through fp32 masters (master.py); the optimizer, the clipping and
+    # the checkpoints see the masters, the forward the 16-bit weights. Under DDP the hooks would free gradients
+    # before their reduction: there the gradients are moved over after the last micro-batch.
+    master = MasterWeights(inner, config.train.master_weights, hooks=world == 1, warn=say)
+    if len(master):
+        say(f"fp32 master weights for {len(master)} trainable 16-bit tensors (train.master_weights: fp32; none updates them in 16 bits)")
+    params = master.parameters(p for p in inner.parameters() if p.requires_grad)
+    groups = master.param_groups(parameter_groups(inner, config.train.lr, config.train.head_lr))
     optimizer = make_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay)
     scheduler = make_scheduler(optimizer, config.train.scheduler, warmup, total)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
+    optimizer = accelerator.prepare(optimizer)
 
     step, offset = 0, 0
     log = RunLog(out, enabled=main)
     if resume_from is not None:
         record = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
+        ckpt.load_master(resume_from, master, say)
         rundir.check_schedule(config, record, total, warmup)
         step, offset = record["step"], record["offset"]
         log.truncate_after(step)
     elif config.train.init_adapter and (Path(config.train.init_adapter) / "trainer_state.json").is_file():
         ckpt.load_optimizer(Path(config.train.init_adapter), optimizer)  # continued training keeps the moments
+        ckpt.load_master(Path(config.train.init_adapter), master, say)  # and the fp32 masters they are over
         say("kept the checkpoint's optimizer state")
     collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
     say(f"training {total} steps of {per_step} examples ({config.train.batch_size} x {world} process(es) x "
@@ -421,15 +431,17 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                     + (f"the last good checkpoint is {good}; " if good else "no checkpoint was written; ")
                     + "lower train.lr, use bf16 instead of fp16, or set train.on_nan: skip to skip such steps")
             optimizer.zero_grad(set_to_none=True)
+            master.zero_grad()  # the 16-bit gradients of the micro-batches before the bad one, and the masters'
             skipped += 1
             step += 1
             scheduler.step()
             log.write({"step": step, "skipped": True, "loss": bad})
             bar.update(1)
             continue
+        master.collect()  # gradients still on 16-bit weights (several processes) into the fp32 masters
         if config.train.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-        optimizer.step()
+            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)  # the masters' gradients
+        master.step(optimizer)  # optimizer.step() on the masters, then the 16-bit weights from them
         step += 1
         api.step(inner, step)  # before zero_grad: AdaLoRA scores importance from these gradients
         scheduler.step()
@@ -451,7 +463,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                 say(eval_line(step, total, metrics))
             model.train()
         if config.train.save_every and step % config.train.save_every == 0 and step < total:
-            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup)
+            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master)
     bar.close()
 
     api.finalize(inner)
@@ -461,7 +473,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     _on_main(accelerator, lambda: _save_adapter(inner, tokenizer, config, out))
     if config.output.merged:
         _on_main(accelerator, lambda: _save_merged(inner, tokenizer, config, out))
-    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, final=True)
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master, final=True)
     accelerator.wait_for_everyone()
     metrics = _final_eval(inner, prepared, config, tokenizer, out) if prepared.eval else {}
     if metrics:
@@ -592,13 +604,14 @@ def _save_merged(model: torch.nn.Module, tokenizer: Any, config: RunConfig, out:
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                offset: int, config: RunConfig, total: int, warmup: int, final: bool = False) -> None:
+                offset: int, config: RunConfig, total: int, warmup: int, master: MasterWeights | None = None,
+                final: bool = False) -> None:
     """Written by the main process; every process gets the verdict (a disk-full or non-finite error included)."""
     def save() -> None:
         _check_finite(model, step)
         state = {"offset": offset, "method": config.method, "total": total, "warmup": warmup}
         try:
-            ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last)
+            ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last, master)
         except ckpt.CheckpointSpaceError as err:
             if not final:
                 raise TrainingError(str(err)) from None
