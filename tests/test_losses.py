@@ -187,3 +187,19 @@ def test_the_pipeline_trains_the_same_with_the_fused_and_the_standard_loss(tmp_p
     assert fused_losses == pytest.approx(standard_losses, rel=1e-4) and fused_losses[-1] < fused_losses[0]
     for key, value in standard_weights.items():
         torch.testing.assert_close(fused_weights[key], value, rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the planner models the loss that runs
+
+
+def test_the_planner_models_the_fused_loss_and_says_what_the_standard_one_would_hold():
+    config = tf.Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    standard = dt.plan(config, "lora", batch=1, seq=2048, dtype="fp32", device="cpu", loss="standard", search=False,
+                       task="causal_lm")
+    fused = dt.plan(config, "lora", batch=1, seq=2048, dtype="fp32", device="cpu", loss="fused", search=False,
+                    task="causal_lm")
+    # four logit-sized fp32 buffers (2048 x 151,936 x 4 bytes = 1.16 GiB each) against one chunk at a time
+    assert standard.logits > 2 * 2048 * 151_936 * 4 and fused.logits < standard.logits / 10
+    assert fused.total < standard.total
+    assert any("loss: fused" in note and "standard loss would hold" in note for note in fused.notes)

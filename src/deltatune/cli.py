@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the device to plan for (default: this machine's, cuda when it has a GPU, else cpu)")
     p.add_argument("--task", choices=["causal_lm", "seq_cls", "seq2seq"], default=None)
     p.add_argument("--attention", choices=["sdpa", "eager"], default=None, help="default: the config's own (sdpa)")
-    p.add_argument("--loss", choices=["standard", "chunked", "compiled"], default="standard",
-                   help="standard: transformers' loss; chunked: torchtune's chunked cross-entropy; compiled: "
-                   "chunked and fused by torch.compile")
+    p.add_argument("--loss", choices=["fused", "standard", "chunked", "compiled"], default="fused",
+                   help="fused: deltatune's fused linear + cross-entropy, what `deltatune train` runs (train.loss: fused); "
+                   "standard: transformers' loss; chunked: torchtune's chunked cross-entropy; compiled: chunked and fused "
+                   "by torch.compile")
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("demo", help="the offline demo: fine-tune the pretrained MiniLM on a task built from the stdlib")
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")

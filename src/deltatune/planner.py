@@ -152,7 +152,8 @@ class Setting:
     accum: int = 1
     device: str = "cuda"
     attention: str | None = None  # None: the config's own (transformers picks sdpa where it can)
-    loss: str = "standard"  # "chunked": cross-entropy over 8 chunks of the logits (torchtune's CEWithChunkedOutputLoss);
+    loss: str = "standard"  # "fused": deltatune.losses (head and loss per chunk of rows, no logits kept);
+    # "chunked": cross-entropy over 8 chunks of the logits (torchtune's CEWithChunkedOutputLoss);
     # "compiled": the same under torch.compile, each chunk's cross-entropy fused (no fp32 copies kept)
     target_seq: int | None = None  # seq2seq: the label length (None: seq)
     master_weights: str = "fp32"  # trainable 16-bit parameters: "fp32" masters (master.py) or "none"
@@ -163,7 +164,7 @@ class Setting:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DeltaError(f"{name} must be a positive integer, got {value!r}")
         choices = {"dtype": DTYPES, "quant": [None, *QUANT_BITS], "device": ["cuda", "cpu"],
-                   "attention": [None, "sdpa", "eager", "flash_attention_2"], "loss": ["standard", "chunked", "compiled"],
+                   "attention": [None, "sdpa", "eager", "flash_attention_2"], "loss": ["standard", "fused", "chunked", "compiled"],
                    "master_weights": ["fp32", "none"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -717,6 +718,45 @@ def _chunked_loss(model: nn.Module, inputs: dict[str, torch.Tensor], ledger: _Le
     return total / labels.numel()
 
 
+class _FusedLinearLossMemory(torch.autograd.Function):
+    """Memory of deltatune.losses' fused linear + cross-entropy: the forward keeps the gradient for the hidden
+    states (and an fp32 gradient for the head's weight when it trains), and holds one chunk of fp32 logits and its
+    gradient (plus a 16-bit copy under a 16-bit compute dtype) at a time; the backward only scales."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        z = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)  # a chunk's logits, then dz
+        half = z.to(hidden.dtype) if hidden.dtype != torch.float32 else None  # dz in the compute dtype
+        del z, half
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0, device=hidden.device))
+        ctx.weight_grad = grad_w is not None
+        return hidden.new_empty((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return torch.empty_like(grad_h), (torch.empty_like(grad_w) if ctx.weight_grad else None), None
+
+
+def _fused_linear_loss(model: nn.Module, inputs: dict[str, torch.Tensor], ledger: _Ledger, s: Setting, task: str) -> torch.Tensor:
+    """The fused loss the pipeline runs (train.loss: fused): the model up to its head, then one chunk at a time."""
+    from .losses import chunk_rows, final_hidden, head_of
+
+    labels = inputs.pop("labels")
+    if task == "seq2seq":
+        inputs["decoder_input_ids"] = labels
+    hidden = final_hidden(model, inputs)  # (B, T, h): the head is stood in for, its logits never made
+    ledger.category = LOGITS
+    try:
+        weight = head_of(model.get_output_embeddings()).weight
+    except DeltaError:
+        weight = model.get_output_embeddings().weight
+    rows = min(hidden.shape[0] * hidden.shape[1], chunk_rows(weight.shape[0], s.device if s.device == "cpu" else None))
+    return _FusedLinearLossMemory.apply(hidden, weight, rows)
+
+
 class _MetaSafeAutocast(torch.autocast):
     """torch.autocast for the simulation: transformers 4.x rotary embeddings open
     autocast(device_type=x.device.type, enabled=False), and torch has no autocast for "meta"."""
@@ -781,7 +821,9 @@ def _simulate(model: nn.Module, task: str, s: Setting, marks: list[nn.Module] | 
                     p.grad = torch.zeros_like(p)
                     ledger.retag(p.grad, GRADS)
             inputs = _inputs(model, task, s.batch, s.seq, target)
-            if s.loss != "standard" and task == "causal_lm" and head is not None:
+            if s.loss == "fused" and task in ("causal_lm", "seq2seq") and head is not None:
+                loss = _fused_linear_loss(model, inputs, ledger, s, task)
+            elif s.loss in ("chunked", "compiled") and task == "causal_lm" and head is not None:
                 loss = _chunked_loss(model, inputs, ledger, fused=s.loss == "compiled")
             else:
                 loss = model(**inputs).loss
@@ -1115,7 +1157,8 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     DeltaConfig, or {adapter name: DeltaConfig} attached in order, the last one training (AdapterFusion).
     memory: what the device has ("24GB", "80GiB", bytes); with it the plan says whether the run fits and, with
     `search`, which changes would make it fit and the largest batch and max_length that fit.
-    loss: "standard" is transformers' loss (the logits upcast to fp32 whole); "chunked" is torchtune's chunked
+    loss: "standard" is transformers' loss (the logits upcast to fp32 whole); "fused" deltatune's fused linear +
+    cross-entropy (deltatune.losses, what `deltatune train` runs for causal LMs and seq2seq); "chunked" is torchtune's chunked
     cross-entropy; "compiled" the same under torch.compile (only the 16-bit logits kept).
     master_weights: how trainable 16-bit parameters train: "fp32" masters (the pipeline's default, master.py) or
     "none" (updated in 16 bits)."""
@@ -1137,6 +1180,11 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     result = _compose(subject, setting, name, budget)
     if task_note:
         result.notes.append(task_note)
+    if setting.loss == "fused" and task in ("causal_lm", "seq2seq"):
+        fused, standard = subject.peak(setting), subject.peak(dataclasses.replace(setting, loss="standard"))
+        result.notes.append(f"loss: fused (deltatune.losses; train.loss: fused), {format_size(fused.logits)} at the peak; "
+                            f"transformers' standard loss would hold {format_size(standard.logits)} of logits and loss "
+                            f"buffers, a step peak {format_size(max(0, standard.total - fused.total))} higher")
     result.activations_by_checkpointing = {
         on: _activations_only(subject, dataclasses.replace(setting, gradient_checkpointing=on)) for on in (False, True)
         if _supports_checkpointing(subject, setting) or not on}
@@ -1285,6 +1333,8 @@ def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = N
                     config.model.quant is not None and bool(getattr(model, "supports_gradient_checkpointing", False))),
                 optimizer=optimizer, accum=config.train.grad_accum, memory=visible_memory(device), device=device,
                 task=config.model.task, target_seq=target_seq, search=False,
+                loss="fused" if getattr(config.train, "loss", "standard") == "fused" and config.model.task in (
+                    "causal_lm", "seq2seq") else "standard",
                 trust_remote_code=config.model.trust_remote_code,
                 master_weights=getattr(config.train, "master_weights", "fp32"))
 
