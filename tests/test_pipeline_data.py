@@ -138,11 +138,14 @@ def test_classification_pairs_labels_and_seq2seq(root, tokenizer):
     assert tokenizer.decode(seq.train[0].decoder_labels, skip_special_tokens=True) == "bonjour"
 
 
-def test_packing_fills_rows(root, tokenizer):
-    config = config_for(root, "text", [{"text": "one two three four five six"}] * 20, **{"data.packing": True, "data.max_length": 16})
+def test_packing_fills_rows_with_whole_examples(root, tokenizer):
+    config = config_for(root, "text", [{"text": "one two three four five six"}] * 20, **{"data.packing": True, "data.max_length": 64})
     prepared = prepare(config, tokenizer, 256)
-    assert all(len(e.input_ids) == 16 for e in prepared.train[:-1])
-    assert sum(len(e.input_ids) for e in prepared.train) == 20 * prepared.lengths.p50
+    n = prepared.lengths.p50  # every example has this many tokens
+    per_row = 64 // n
+    assert per_row >= 2 and len(prepared.train) == -(-20 // per_row) and all(len(e.input_ids) <= 64 for e in prepared.train)
+    assert sum(len(e.input_ids) for e in prepared.train) == 20 * n  # nothing cut: the tests in test_packing.py
+    assert prepared.train[0].position_ids == list(range(n)) * per_row
 
 
 # ---------------------------------------------------------------- lengths

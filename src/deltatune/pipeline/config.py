@@ -72,7 +72,10 @@ class DataSection:
     text_split: str = "block"  # .txt files: one document per blank-line-separated block, per line, or per file
     max_length: int | None = check(None, gt=0)  # None: the rule (mean without outliers x 1.5, capped)
     answer_only: bool = True  # instruction/chat: the loss covers the answers only
-    packing: bool = False  # text/instruction/chat: concatenate examples into full-length rows
+    # causal_lm: whole examples share rows of max_length tokens, each computed as if alone (packing.py)
+    packing: bool = False
+    # without packing: batches of similar lengths (less padding); the order stays a function of the seed
+    group_by_length: bool = False
     max_examples: int | None = check(None, gt=0)
     split: str = "train"  # the split of a `datasets` name
     name: str | None = None  # the configuration of a `datasets` name
@@ -443,7 +446,18 @@ def _cross_checks(config: RunConfig) -> None:
         raise ConfigError(f"{where}: model.reinit_head applies to model.task = 'seq_cls' (a classifier head); "
                           f"model.task is {config.model.task!r}: drop model.reinit_head")
     if config.data.packing and config.model.task != "causal_lm":
-        raise ConfigError(f"{where}: data.packing works for causal_lm only")
+        raise ConfigError(f"{where}: data.packing packs causal-LM examples; model.task is {config.model.task!r}, "
+                          "whose examples cannot share a row: set data.packing: false")
+    if config.data.packing:
+        from ..config import method_of
+        from .packing import check_method
+
+        refusal = check_method(config.method, method_of(config.delta).kind)
+        if refusal:
+            raise ConfigError(f"{where}: {refusal}")
+        if config.data.group_by_length:
+            raise ConfigError(f"{where}: data.group_by_length groups unpacked examples by length; packed rows are "
+                              "already full: drop one of data.packing and data.group_by_length")
     if config.train.mixed_precision != "no" and config.model.dtype != "fp32":
         raise ConfigError(f"{where}: train.mixed_precision = {config.train.mixed_precision!r} needs model.dtype = 'fp32' "
                           "(autocast over fp32 weights); a bf16/fp16 base runs in its own dtype with mixed_precision 'no'")

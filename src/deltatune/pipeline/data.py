@@ -24,17 +24,19 @@ user's data.max_length wins; the number of truncated examples is reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..config import DeltaError
 from .config import DataSection, read_utf8
+from .packing import collate_packed, pack
 from .rows import DataError, canonical_format, check_rows  # noqa: F401 - check_rows is part of this module's API
 
 IGNORE = -100
@@ -210,6 +212,7 @@ class Example:
     length: int = 0  # tokens before truncation
     rejected: "Example | None" = None  # preference pairs: this example is the chosen completion
     desirable: bool | None = None  # KTO rows: the completion's label
+    position_ids: list[int] | None = None  # a packed row (packing.py): positions restarting at each example
 
     def __post_init__(self) -> None:
         self.length = self.length or len(self.input_ids)
@@ -369,20 +372,6 @@ def truncate(examples: list[Example], max_length: int) -> tuple[list[Example], i
     return kept, dropped
 
 
-def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate causal-LM examples into rows of max_length tokens (the last row may be shorter)."""
-    rows, ids, labels = [], [], []
-    for e in examples:
-        ids += e.input_ids
-        labels += e.labels
-        while len(ids) >= max_length:
-            rows.append(Example(ids[:max_length], labels[:max_length]))
-            ids, labels = ids[max_length:], labels[max_length:]
-    if ids and any(label != IGNORE for label in labels):
-        rows.append(Example(ids, labels))
-    return rows
-
-
 # ---------------------------------------------------------------- batches
 
 
@@ -392,6 +381,8 @@ class Collator:
     task: str
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if examples[0].position_ids is not None:  # packed rows: position_ids and no attention_mask; use_cache=False
+            return collate_packed(examples, self.pad_id)
         width = max(len(e.input_ids) for e in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -426,19 +417,37 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(count, generator=g).tolist()
 
 
-def global_batch(count: int, seed: int, offset: int, size: int) -> list[int]:
+def global_batch(count: int, seed: int, offset: int, size: int, lengths: "Sequence[int] | None" = None) -> list[int]:
     """The `size` example indices that follow the first `offset` of the endless stream of epochs.
 
     The stream is epoch 0's permutation, then epoch 1's, and so on, so the data position of a
     run is one integer (examples consumed) and a resumed run continues exactly where it stopped.
-    A run on several processes splits each global batch between them.
+    A run on several processes splits each global batch between them. With `lengths`
+    (data.group_by_length) each epoch's order is `grouped_order`'s: batches of similar lengths,
+    still a function of (seed, epoch) alone.
     """
     out: list[int] = []
     while len(out) < size:
         epoch, start = divmod(offset + len(out), count)
-        order = epoch_order(count, seed, epoch)
+        order = epoch_order(count, seed, epoch) if lengths is None else grouped_order(tuple(lengths), seed, epoch, size)
         out += order[start: start + size - len(out)]
     return out
+
+
+GROUP_SPAN = 64  # batches per sorted chunk: wider groups tighter, narrower keeps more of the shuffle
+
+
+@functools.lru_cache(maxsize=4)
+def grouped_order(lengths: tuple[int, ...], seed: int, epoch: int, size: int) -> list[int]:
+    """One epoch's order for length-grouped batches: the epoch's permutation cut into chunks of
+    GROUP_SPAN batches, each chunk sorted by length (longest first) and cut into batches of `size`,
+    then the batches shuffled (seeded by (seed, epoch)), so consecutive batches are not ordered by length."""
+    order = epoch_order(len(lengths), seed, epoch)
+    span = size * GROUP_SPAN
+    ordered = [i for at in range(0, len(order), span) for i in sorted(order[at:at + span], key=lambda i: -lengths[i])]
+    batches = [ordered[at:at + size] for at in range(0, len(ordered), size)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
 
 
 @dataclass
@@ -489,13 +498,12 @@ def prepare(config: Any, tokenizer: Any, model_limit: int | None) -> Prepared:
         notes.append(f"data.max_length {chosen} is above the model's limit {model_limit}; using {model_limit}")
         chosen = model_limit
     report = length_report(train, chosen, recommended, model_limit)
-    if data.packing:  # whole examples are concatenated and cut into rows: nothing is truncated away
-        before = len(train)
+    train, report.lost_answers = truncate(train, chosen)
+    if data.packing and train:  # whole examples share rows, each computed as if alone (packing.py)
+        before, tokens = len(train), sum(len(e.input_ids) for e in train)
         train = pack(train, chosen)
-        report.truncated = 0
-        notes.append(f"packing: {before} examples into {len(train)} rows of up to {chosen} tokens")
-    else:
-        train, report.lost_answers = truncate(train, chosen)
+        notes.append(f"packing: {before} examples into {len(train)} rows of up to {chosen} tokens "
+                     f"({tokens / (len(train) * chosen):.0%} full)")
     evaluation, _ = truncate(evaluation, chosen)
     if not train:
         raise DataError(f"{where}: no example keeps a trained token within max_length {chosen}; raise data.max_length")

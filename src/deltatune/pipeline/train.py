@@ -34,6 +34,7 @@ from ..summary import summary
 from . import checkpoint as ckpt, rundir
 from .config import UNUSABLE_OPTIMIZERS, ConfigError, RunConfig, with_step_count
 from .data import CHAT_FORMATS, IGNORE, Collator, Prepared, global_batch, prepare
+from .packing import check_model as check_packing
 from .evaluate import evaluate
 from .render import Renderer
 from .report import RunLog, write_report
@@ -338,6 +339,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             say(f"{type(model).__name__} does not support gradient checkpointing: training the quantised base without it")
     elif config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.data.packing:  # refuse a model whose attention would let packed examples see each other
+        check_packing(model, len(tokenizer))
     counts = summary(model, print_table=False)
     say(f"{config.method}: {counts.trainable:,} trainable parameters of {counts.total:,} ({counts.percent:.3f}%)")
     if main:  # the memory plan at the longest training example: advice, never a stop
@@ -380,6 +383,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     fused = config.train.loss == "fused" and config.model.task in ("causal_lm", "seq2seq")
     bar = _progress(total, step, enabled=main and config.train.progress)
     items_of = [loss_items(e, config.model.task) for e in prepared.train]  # counted once, read every step
+    lengths = tuple(len(e.input_ids) for e in prepared.train) if config.data.group_by_length else None
     # Throughput, one definition for the bar, the log and the summary: non-padding tokens trained per second
     # of training steps (forward, backward, update), evaluations and checkpoints not counted.
     tokens_seen, train_time, skipped, last_loss = 0, 0.0, 0, float("nan")
@@ -393,13 +397,15 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         size = config.train.batch_size
         micro_batches = []
         for _ in range(config.train.grad_accum):
-            micro_batches.append(global_batch(len(prepared.train), config.train.seed, offset, size * world))
+            micro_batches.append(global_batch(len(prepared.train), config.train.seed, offset, size * world, lengths))
             offset += size * world
         step_items = sum(items_of[i] for indices in micro_batches for i in indices)
         step_loss_sum, step_tokens, bad = 0.0, 0, None
         for micro, indices in enumerate(micro_batches):
             mine = indices[accelerator.process_index * size:(accelerator.process_index + 1) * size]
             batch = {k: v.to(accelerator.device) for k, v in collate([prepared.train[i] for i in mine]).items()}
+            if "position_ids" in batch:  # packed rows: transformers masks per example only without a cache
+                batch["use_cache"] = False
             items = sum(items_of[i] for i in mine)
             syncing = micro == config.train.grad_accum - 1
             with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
@@ -419,7 +425,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                 accelerator.backward(loss)
             reg_value = regularization.item() if torch.is_tensor(regularization) else float(regularization)
             step_loss_sum += token_sum.item() + reg_value * max(1, step_items) / world / config.train.grad_accum
-            step_tokens += int(batch["attention_mask"].sum()) * world
+            step_tokens += sum(len(prepared.train[i].input_ids) for i in mine) * world  # padding not counted
         if bad is None and world > 1:  # the step's loss over every process's items
             step_loss_sum = float(accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum"))
         step_loss = step_loss_sum / max(1, step_items)
