@@ -140,6 +140,20 @@ def test_resume_with_changed_weights_or_optimisation_lists_every_change(root, co
         assert change in message, message
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_holds_its_default(root, copy):
+    """A run.json written by an older deltatune lacks the keys added since (train.master_weights,
+    data.group_by_length, ...): the run ran as their defaults do, so it resumes; a set value still differs."""
+    record = json.loads((copy / "run.json").read_text())
+    for key in ("train.master_weights", "data.group_by_length", "train.loss"):
+        record["config"].pop(key, None)
+    (copy / "run.json").write_text(json.dumps(record))
+    said = resumed(root, copy, **{"train.max_steps": 4})
+    assert any("resuming from" in s for s in said), said
+    (copy / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"train\.master_weights: '\(unset\)' -> 'none'"):
+        resumed(root, copy, **{"train.master_weights": "none"})
+
+
 def test_resume_with_another_rank_is_refused(root, copy):
     with pytest.raises(ConfigError, match=r"lora\.r: 4 -> 8"):
         resumed(root, copy, **{"lora.r": 8})

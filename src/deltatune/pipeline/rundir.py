@@ -55,9 +55,28 @@ def identity(values: dict[str, Any]) -> str:
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The keys whose values differ. A key one side lacks is no difference when the other side holds its
+    default: a run recorded before deltatune had the key (train.master_weights, data.group_by_length) ran as
+    the default does, so it resumes."""
     unset = "(unset)"
     keys = list(dict.fromkeys([*old, *new]))
-    return [(k, old.get(k, unset), new.get(k, unset)) for k in keys if old.get(k, unset) != new.get(k, unset)]
+    changes = [(k, old.get(k, unset), new.get(k, unset)) for k in keys if old.get(k, unset) != new.get(k, unset)]
+    return [(k, a, b) for k, a, b in changes if not ((a == unset and _is_run_default(k, b)) or
+                                                    (b == unset and _is_run_default(k, a)))]
+
+
+def _is_run_default(key: str, value: Any) -> bool:
+    """`value` is what a run section's key ("train.master_weights") has when nobody sets it."""
+    import dataclasses
+
+    from .config import SECTIONS
+
+    section, _, name = key.partition(".")
+    cls = SECTIONS.get(section)
+    if cls is None:
+        return False
+    default = getattr(cls(), name, dataclasses.MISSING)
+    return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == value
 
 
 def _listing(changes: list[tuple[str, Any, Any]]) -> str:
