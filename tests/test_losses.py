@@ -203,3 +203,19 @@ def test_the_planner_models_the_fused_loss_and_says_what_the_standard_one_would_
     assert standard.logits > 2 * 2048 * 151_936 * 4 and fused.logits < standard.logits / 10
     assert fused.total < standard.total
     assert any("loss: fused" in note and "standard loss would hold" in note for note in fused.notes)
+
+
+def test_label_smoothing_is_a_run_setting_of_the_fused_loss(tmp_path):
+    from deltatune.pipeline.config import ConfigError, load_run_config
+
+    base = {"model.name": "m", "data.train": "x.jsonl", "output.dir": str(tmp_path / "o")}
+    assert load_run_config(None, {**base, "train.label_smoothing": 0.1}).train.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match=r"train\.label_smoothing = 0\.1 is applied by the fused loss.*train\.loss: fused"):
+        load_run_config(None, {**base, "train.label_smoothing": 0.1, "train.loss": "standard"})
+    with pytest.raises(ConfigError, match=r"train\.label_smoothing"):
+        load_run_config(None, {**base, "train.label_smoothing": 1.0})
+    model = build_model("llama", build_tokenizer()).eval()
+    batch = batch_for(model, build_tokenizer())
+    logits = model(**batch).logits[:, :-1].float()
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(lm_loss(model, batch, label_smoothing=0.1), want, rtol=1e-5, atol=1e-6)

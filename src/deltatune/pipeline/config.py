@@ -109,6 +109,7 @@ class TrainSection:
     # causal LMs and seq2seq: "fused" computes the head and the loss chunk by chunk (deltatune.losses), never
     # holding the full logits; "standard" is the model's own loss. Equal to float tolerance.
     loss: Literal["fused", "standard"] = "fused"
+    label_smoothing: float = check(0.0, ge=0, lt=1)  # causal LMs and seq2seq, with the fused loss
     init_adapter: str | None = None  # continue training this adapter (deltatune's or peft's)
     # continue from the newest complete checkpoint in output.dir (an error when there is none);
     # "auto": continue when there is one, else start afresh. The config must match the run's (see rundir.py)
@@ -419,6 +420,10 @@ def _cross_checks(config: RunConfig) -> None:
     if not config.output.dir.strip():
         raise ConfigError(f"{where}: output.dir is empty, which would write the run into the current folder; "
                           "name a folder for it, e.g. output.dir: out/run")
+    if config.train.label_smoothing and (config.train.loss != "fused" or config.model.task == "seq_cls"):
+        raise ConfigError(f"{where}: train.label_smoothing = {config.train.label_smoothing} is applied by the fused loss of "
+                          "causal LMs and seq2seq models; set train.loss: fused (the default)" if config.model.task != "seq_cls"
+                          else f"{where}: train.label_smoothing is for causal LMs and seq2seq models, not classifiers; drop it")
     seed = config.train.seed
     if not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"{where}: train.seed = {seed} is not allowed: a seed goes from 0 to 2**32 - 1 ({SEED_MAX}), "

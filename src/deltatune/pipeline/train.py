@@ -411,7 +411,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
                     if fused:  # the sum over this micro-batch's label tokens, the full logits never held
-                        token_sum = lm_loss(inner, batch, reduction="sum", forward=model)
+                        token_sum = lm_loss(inner, batch, reduction="sum", forward=model,
+                                            label_smoothing=config.train.label_smoothing)
                     else:
                         output = model(**batch)
                         # the model's loss is the mean over this micro-batch's items; times items: their sum
