@@ -15,20 +15,14 @@ fused loss drops those rows before the head; the standard loss computes their lo
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import time
 
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+from fresh import in_fresh_process, peak_growth
 
 
-def _measure(kind: str, tokens: int, vocab: int, hidden: int, answer_share: float, threads: int, conn) -> None:
+
+def _measure(kind: str, tokens: int, vocab: int, hidden: int, answer_share: float, threads: int) -> tuple[int, float]:
     import torch
     import torch.nn.functional as F
 
@@ -51,26 +45,16 @@ def _measure(kind: str, tokens: int, vocab: int, hidden: int, answer_share: floa
         h.grad = None
 
     step()  # warm-up: allocator pools and kernels
-    times = []
-    peak = 0
+    times, peaks = [], []
     for _ in range(3):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        base = _status("VmRSS")
         start = time.perf_counter()
-        step()
+        peaks.append(peak_growth(step))
         times.append(time.perf_counter() - start)
-        peak = max(peak, _status("VmHWM") - base)
-    conn.send((peak, statistics.median(times)))
+    return max(peaks), statistics.median(times)
 
 
 def measure(kind: str, tokens: int, vocab: int, hidden: int, answer_share: float, threads: int) -> tuple[int, float]:
-    parent, child = mp.Pipe()
-    process = mp.get_context("fork").Process(target=_measure, args=(kind, tokens, vocab, hidden, answer_share, threads, child))
-    process.start()
-    result = parent.recv()
-    process.join()
-    return result
+    return in_fresh_process(_measure, kind, tokens, vocab, hidden, answer_share, threads)
 
 
 def main() -> None:

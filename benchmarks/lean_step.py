@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
 import random
 import statistics
 import time
 
+from fresh import in_fresh_process, peak_growth
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def examples(tokens: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -65,7 +59,7 @@ def padded_batch(rows: list[tuple[list[int], int]], torch):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _run(variant: str, tokens: int, layers: int, threads: int, conn) -> None:
+def _run(variant: str, tokens: int, layers: int, threads: int) -> tuple[int, float, int]:
     import torch
     import transformers as tf
 
@@ -99,25 +93,16 @@ def _run(variant: str, tokens: int, layers: int, threads: int, conn) -> None:
         return loss.item()
 
     step()  # warm-up: AdamW's states exist, allocator pools are warm
-    times, peak = [], 0
+    times, peaks = [], []
     for _ in range(3):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status("VmRSS")
         start = time.perf_counter()
-        step()
+        peaks.append(peak_growth(step))
         times.append(time.perf_counter() - start)
-        peak = max(peak, _status("VmHWM") - base)
-    conn.send((peak, statistics.median(times), int(batch["input_ids"].numel())))
+    return max(peaks), statistics.median(times), int(batch["input_ids"].numel())
 
 
 def measure(variant: str, tokens: int, layers: int, threads: int) -> tuple[int, float, int]:
-    parent, child = mp.Pipe()
-    process = mp.get_context("fork").Process(target=_run, args=(variant, tokens, layers, threads, child))
-    process.start()
-    result = parent.recv()
-    process.join()
-    return result
+    return in_fresh_process(_run, variant, tokens, layers, threads)
 
 
 def main() -> None:
