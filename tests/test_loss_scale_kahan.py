@@ -187,3 +187,49 @@ def test_a_checkpoint_of_another_mode_is_named():
     kahan = dt.MasterWeights(_full(torch.bfloat16), "kahan")
     with pytest.raises(dt.DeltaError, match="compensation buffers .* is torch.float32 .* model.dtype"):
         kahan.load_state_dict(fp32)
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def test_the_planner_counts_kahan_buffers_and_compares_the_modes():
+    import transformers as tf
+
+    from deltatune.planner import compare_master_modes
+
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    kw = dict(batch=2, seq=16, dtype="bf16", device="cpu", optimizer="adamw", search=False)
+    fp32, kahan = dt.plan(config, "full", **kw), dt.plan(config, "full", master_weights="kahan", **kw)
+    # the real thing: the compensation buffers and AdamW's fp32 states after one kahan step
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    dt.attach(model, dt.FullConfig(originals="none"))
+    master = dt.MasterWeights(model, "kahan")
+    optimizer = torch.optim.AdamW(master.param_groups(model.parameters()))
+    ids = torch.randint(0, 256, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    master.step(optimizer)
+    real_comps = sum(c.numel() * c.element_size() for c in master.comps.values())
+    real_states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    assert kahan.master_weights == real_comps == 2 * kahan.trainable
+    assert kahan.optimizer_states == real_states == 8 * kahan.trainable
+    assert kahan.total < fp32.total and "Kahan compensation" in kahan.table()
+    assert any("master weights kahan" in n for n in kahan.notes)
+    table = compare_master_modes(config, "full", batch=2, seq=16, device="cpu")
+    per = {line.split()[2]: float(line.split()[3]) for line in table.splitlines() if "master_weights" in line}
+    assert per == {"fp32": 18.0, "kahan": 14.0, "none": 8.0}
+    assert "more than 780 GB" in table
+
+
+def test_deltatune_plan_full_prints_the_modes_side_by_side(tmp_path, capsys):
+    import transformers as tf
+
+    from deltatune.cli import main
+
+    tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2).save_pretrained(tmp_path)
+    main(["plan", "--model", str(tmp_path / "config.json"), "--method", "full", "--dtype", "bf16", "--device", "cpu",
+          "--batch", "1", "--seq", "16"])
+    out = capsys.readouterr().out
+    assert "bf16, master_weights kahan" in out and "14.0" in out and "more than 780 GB" in out
