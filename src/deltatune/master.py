@@ -50,9 +50,9 @@ residual keeps ~8 (bf16) significant bits of its own; the micro-batch sum of gra
 
 (`model.zero_grad()` would not clear them: the 16-bit parameters hold none between backward and step.)
 `state_dict` / `load_state_dict` carry the masters (by parameter name) so that a resumed run
-continues from the fp32 values, not from their rounding. Modes are an enum so that later ones
-(fp16 with dynamic loss scaling, a lean Kahan-summation or stochastic-rounding mode without the
-4-byte copy) fit beside these two.
+continues from the fp32 values, not from their rounding (kahan: the compensation buffers). Modes
+are an enum so that later ones (stochastic rounding) fit beside these. fp16 weights also need their
+loss scaled (loss_scale.py): unscale `master.gradients(params)` before clipping and stepping.
 
 Several processes (DDP): the hooks would free gradients DDP has still to reduce, so there the
 gradients accumulate in the parameter's dtype and `collect()` (called by `clip_grad_norm_` and
