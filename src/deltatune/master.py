@@ -47,6 +47,9 @@ Bytes per trained 16-bit parameter with AdamW: weight 2 + compensation 2 + gradi
 also accumulates over micro-batches in 16 bits) + moments 8 = 14, plus a transient fp32 copy and fp32
 gradient of the largest tensor during the step. What it loses: c is itself 16-bit, so an accumulated
 residual keeps ~8 (bf16) significant bits of its own; the micro-batch sum of gradients is in 16 bits.
+The optimizer's step() runs once per 16-bit tensor (it skips parameters without a gradient), which is the
+same update for per-parameter optimizers (Adam(W), SGD, Adafactor, the bitsandbytes ones) but not for one
+that looks across tensors in a step (a global norm, as LAMB's trust ratio over all layers would).
 
 (`model.zero_grad()` would not clear them: the 16-bit parameters hold none between backward and step.)
 `state_dict` / `load_state_dict` carry the masters (by parameter name) so that a resumed run
@@ -91,8 +94,8 @@ def master_mode(value: str | MasterMode) -> MasterMode:
 class MasterWeights:
     """fp32 masters for the trainable 16-bit parameters of `model` (see the module docstring).
 
-    mode: "fp32" (default) or "none" (no copies; the first step warns with the share of weights whose
-    update rounded away). hooks: move each 16-bit gradient into its master as soon as it is accumulated
+    mode: "fp32" (default), "kahan" (16-bit compensation buffers, the optimizer stepped one tensor at a time)
+    or "none" (no copies; the first step warns with the share of weights whose update rounded away). hooks: move each 16-bit gradient into its master as soon as it is accumulated
     (False under DDP; see the module docstring). warn: where the "none" mode's warning goes."""
 
     def __init__(self, model: nn.Module, mode: str | MasterMode = MasterMode.FP32, *, hooks: bool = True,
