@@ -8,14 +8,24 @@ What it does
     the masters read) vs bf16 updated in place (none);
   * `deltatune.pipeline.train.run` of full, freeze (top block) and bitfit (tiny qwen2, it has biases) on 48
     instruction rows, every step the whole set (batch 48, constant lr, so the drop is the run's, not noise):
-    the loss drop (first logged loss minus last) of bf16 runs as a fraction of the fp32 run's.
+    the loss drop (first logged loss minus last) of bf16 runs as a fraction of the fp32 run's;
+  * per mode (fp32 weights, fp32 weights with bf16 autocast as transformers.Trainer's bf16=True, bf16 with fp32
+    masters / kahan / none, fp16 with fp32 masters / kahan under dynamic loss scaling): bytes per trained parameter
+    actually held at the step (weights + masters or compensation + gradients + AdamW states, counted from the
+    tensors), the median time of a training step (forward, backward, step) of a wider llama (hidden 256, 4 layers)
+    on this machine, and the loss drop of `train.run` (full, 8 steps, lr 3e-5) against the fp32 run's.
+
+    --modes-only: only the per-mode table (~1 min)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -60,8 +70,71 @@ RUNS = {"full": {"train.lr": 3e-5, "train.max_steps": 8},
         "bitfit": {"train.lr": 3e-3, "train.max_steps": 8, "arch": "qwen2"}}
 
 
+MODES = {  # label: (model dtype, master_weights, autocast)
+    "fp32 weights": ("fp32", "fp32", False),
+    "fp32 weights + bf16 autocast": ("fp32", "fp32", True),
+    "bf16, master fp32": ("bf16", "fp32", False),
+    "bf16, master kahan": ("bf16", "kahan", False),
+    "bf16, master none": ("bf16", "none", False),
+    "fp16, master fp32 + loss scale": ("fp16", "fp32", False),
+    "fp16, master kahan + loss scale": ("fp16", "kahan", False),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def held_bytes(dtype: str, mode: str, autocast: bool, steps: int = 6) -> tuple[float, float]:
+    """(bytes per trained parameter held at the step, median seconds per training step) on a wider llama."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4)
+    model = tf.AutoModelForCausalLM.from_config(config).to(DTYPES[dtype])
+    dt.attach(model, dt.FullConfig(originals="none"))
+    master = dt.MasterWeights(model, mode, warn=lambda message: None)
+    scaler = dt.LossScaler(enabled=dtype == "fp16")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(master.param_groups(trainable), lr=1e-5)
+    ids = torch.randint(0, 1024, (4, 128))
+    times, grads = [], 0
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        held = master.gradients(trainable)
+        grads = sum(g.numel() * g.element_size() for g in held)
+        if scaler.unscale_(held):
+            master.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    count = sum(p.numel() for p in trainable)
+    weights = sum(p.numel() * p.element_size() for p in trainable)
+    copies = sum(t.numel() * t.element_size() for t in (*master.masters.values(), *master.comps.values()))
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    return (weights + copies + grads + states) / count, statistics.median(times[1:])
+
+
+def modes_table(root: Path) -> None:
+    print("per mode: bytes per trained parameter held at the step, step time (hidden-256 llama, batch 4 x 128, this "
+          "machine), loss drop of train.run (full, 8 steps, lr 3e-5) / the fp32 run's")
+    print(f"  {'mode':<34}{'bytes/param':>12}{'step s':>9}{'drop':>9}{'/ fp32':>8}")
+    ref = None
+    for label, (dtype, mode, autocast) in MODES.items():
+        per, seconds = held_bytes(dtype, mode, autocast)
+        flags = {**RUNS["full"], **({"train.mixed_precision": "bf16"} if autocast else {})}
+        loss_drop = drop(root, "full", dtype, mode, {**flags, "output.dir": str(root / f"modes-{len(label)}-{dtype}-{mode}-{autocast}")})
+        ref = loss_drop if ref is None else ref
+        print(f"  {label:<34}{per:>12.1f}{seconds:>9.3f}{loss_drop:>9.4f}{loss_drop / ref:>8.2f}", flush=True)
+
+
 def main() -> None:
     torch.manual_seed(0)
+    if "--modes-only" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp:
+            modes_table(Path(tmp))
+        return
     print("one AdamW step, lr 1e-5, full fine-tuning, tiny llama: share of weights that move")
     fp32 = moved_share(torch.float32, "fp32")
     print(f"  fp32 model                 {fp32:7.1%}")
@@ -77,6 +150,8 @@ def main() -> None:
             master = drop(root, method, "bf16", "fp32", flags)
             pure = drop(root, method, "bf16", "none", flags)
             print(f"  {method:<8}{flags['train.lr']:>8.0e}{ref:>11.4f}{master / ref:>13.2f}{pure / ref:>11.2f}", flush=True)
+        print()
+        modes_table(root)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ __all__ = [
     "DeltaConfig", "DeltaError", "UserFileError", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig",
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
     "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention",
-    "Summary", "plan", "Plan", "MasterWeights", "MasterMode", "METHODS", "config_from_dict", "config_from_json",
+    "Summary", "plan", "Plan", "MasterWeights", "MasterMode", "LossScaler", "METHODS", "config_from_dict", "config_from_json",
     "load_base", "prepare_kbit", "fused_linear_cross_entropy", "lm_loss",
 ]  # fmt: skip
 
@@ -40,6 +40,7 @@ def _load() -> None:
     from .planner import Plan, plan
     from .losses import fused_linear_cross_entropy, lm_loss
     from .master import MasterMode, MasterWeights
+    from .loss_scale import LossScaler
 
     globals().update({k: v for k, v in locals().items() if not k.startswith("_")})
     _state = "loaded"

@@ -443,6 +443,14 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     if assumed:
         result.notes.append(assumed)
     print(result.table())
+    if result.master_weights:  # trainable 16-bit weights: the ways to train them, side by side
+        from .planner import compare_master_modes
+
+        print("\n" + compare_master_modes(args.model, args.method, batch=args.batch, seq=args.seq, dtype=dtype,
+                                          quant=args.quant, gradient_checkpointing=args.grad_checkpointing,
+                                          optimizer=args.optimizer, accum=args.accum, device=device, task=args.task,
+                                          attention=args.attention, loss=args.loss,
+                                          trust_remote_code=args.trust_remote_code, **fields))
     return 0 if result.fits is not False else 1
 
 

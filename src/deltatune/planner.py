@@ -156,7 +156,7 @@ class Setting:
     # "chunked": cross-entropy over 8 chunks of the logits (torchtune's CEWithChunkedOutputLoss);
     # "compiled": the same under torch.compile, each chunk's cross-entropy fused (no fp32 copies kept)
     target_seq: int | None = None  # seq2seq: the label length (None: seq)
-    master_weights: str = "fp32"  # trainable 16-bit parameters: "fp32" masters (master.py) or "none"
+    master_weights: str = "fp32"  # trainable 16-bit parameters: "fp32" masters (master.py), "kahan" or "none"
 
     def check(self) -> None:
         for name in ("batch", "seq", "accum"):
@@ -165,7 +165,7 @@ class Setting:
                 raise DeltaError(f"{name} must be a positive integer, got {value!r}")
         choices = {"dtype": DTYPES, "quant": [None, *QUANT_BITS], "device": ["cuda", "cpu"],
                    "attention": [None, "sdpa", "eager", "flash_attention_2"], "loss": ["standard", "fused", "chunked", "compiled"],
-                   "master_weights": ["fp32", "none"]}
+                   "master_weights": ["fp32", "none", "kahan"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise DeltaError(f"{name} = {getattr(self, name)!r} is not allowed: expected one of "
@@ -259,7 +259,9 @@ class Plan:
         ]
         if self.kept_copies:
             rows.insert(2, ("kept originals", self.kept_copies, ""))
-        if self.master_weights:
+        if self.master_weights and s.master_weights == "kahan":
+            rows.insert(2, ("Kahan compensation", self.master_weights, "master_weights kahan: 16-bit, states fp32"))
+        elif self.master_weights:
             rows.insert(2, ("fp32 master weights", self.master_weights, "master_weights fp32: gradients, states fp32"))
         lines = [f"{self.model}: {self.architecture}", f"  {method_line}", f"  {run}", ""]
         for name, value, note in rows:
@@ -1010,10 +1012,14 @@ def _alike(model: nn.Module, stack: str) -> bool:
 
 def _master_bytes(w: _Weights, s: Setting) -> tuple[int, int, int]:
     """(masters, bytes the optimizer steps over, its largest tensor): with fp32 masters (the default) a trainable
-    16-bit tensor is stepped, and its gradient kept, as its 4-byte master."""
-    if s.master_weights != "fp32":
+    16-bit tensor is stepped, and its gradient kept, as its 4-byte master; with kahan it keeps a 16-bit
+    compensation buffer (the "masters" here) and is stepped through a transient fp32 stand-in (fp32 states)."""
+    if s.master_weights == "none":
         return 0, w.trainable_bytes, w.largest_trainable
-    masters = sum(4 * numel for numel, size in w.trainable_tensors if size < 4)
+    if s.master_weights == "kahan":
+        masters = sum(numel * size for numel, size in w.trainable_tensors if size < 4)
+    else:
+        masters = sum(4 * numel for numel, size in w.trainable_tensors if size < 4)
     stepped = sum(numel * max(size, 4) for numel, size in w.trainable_tensors)
     return masters, stepped, max((numel * max(size, 4) for numel, size in w.trainable_tensors), default=0)
 
@@ -1033,6 +1039,9 @@ def _optimizer_bytes(w: _Weights, s: Setting) -> tuple[int, int]:
         return states, 0
     count = TORCH_STATES[name]
     states = count * stepped
+    if s.master_weights == "kahan" and any(size < 4 for _, size in w.trainable_tensors):
+        # one 16-bit tensor at a time: its fp32 stand-in and gradient, and the step's own temporaries over it
+        return states, (2 + (1 if name in FOREACH_TEMPS else 0)) * largest
     if count == 0 or name not in FOREACH_TEMPS:
         return states, 0
     if s.device == "cuda":  # torch's foreach path: sqrt(v) of every tensor at once
@@ -1046,9 +1055,10 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
     peak = subject.peak(s)
     states, temps = _optimizer_bytes(w, s)
     masters, stepped, _ = _master_bytes(w, s)
-    grads_all = stepped  # with masters: the fp32 gradients they accumulate (each 16-bit one freed by its hook)
+    # with masters: the fp32 gradients they accumulate (each 16-bit one freed by its hook); kahan keeps the 16-bit ones
+    grads_all = w.trainable_bytes if s.master_weights == "kahan" else stepped
     # the simulated backward's gradients are the parameters' own; with masters they are held in fp32 instead
-    peak_grads = peak.gradients * stepped // max(1, w.trainable_bytes)
+    peak_grads = peak.gradients * grads_all // max(1, w.trainable_bytes)
     dequant = w.largest_quantised * DTYPES[s.dtype].itemsize if s.quant else 0
     backward_peak = peak.total - peak.gradients + peak_grads + states + dequant
     step_peak = grads_all + states + temps
@@ -1078,6 +1088,10 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
         plan.notes.append(f"master weights fp32: the {sixteen:,} trainable {s.dtype} parameters train through fp32 "
                           f"copies ({format_size(masters)}), with fp32 gradients and optimizer states; "
                           "master_weights 'none' drops them but loses every update under half a 16-bit spacing")
+    elif sixteen and s.master_weights == "kahan":
+        plan.notes.append(f"master weights kahan: the {sixteen:,} trainable {s.dtype} parameters keep a {s.dtype} "
+                          f"compensation buffer ({format_size(masters)}) instead of an fp32 copy; gradients stay "
+                          f"{s.dtype}, optimizer states fp32, and one tensor at a time has a transient fp32 copy")
     elif sixteen:
         plan.notes.append(f"master weights none: the {sixteen:,} trainable {s.dtype} parameters are updated in "
                           f"{s.dtype}, gradients and optimizer states too (updates under half a spacing round away)")
@@ -1160,8 +1174,8 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     loss: "standard" is transformers' loss (the logits upcast to fp32 whole); "fused" deltatune's fused linear +
     cross-entropy (deltatune.losses, what `deltatune train` runs for causal LMs and seq2seq); "chunked" is torchtune's chunked
     cross-entropy; "compiled" the same under torch.compile (only the 16-bit logits kept).
-    master_weights: how trainable 16-bit parameters train: "fp32" masters (the pipeline's default, master.py) or
-    "none" (updated in 16 bits)."""
+    master_weights: how trainable 16-bit parameters train: "fp32" masters (the pipeline's default, master.py),
+    "kahan" (a 16-bit compensation buffer instead) or "none" (updated in 16 bits)."""
     setting = Setting(batch=batch, seq=seq, dtype=dtype, quant=quant, gradient_checkpointing=gradient_checkpointing,
                       optimizer=optimizer.lower() if isinstance(optimizer, str) else optimizer, accum=accum,
                       device=device, attention=attention, loss=loss, target_seq=target_seq, master_weights=master_weights)
@@ -1318,6 +1332,33 @@ def visible_memory(device: str) -> int | None:
         return (int(info["MemAvailable"].split()[0]) + int(status["VmRSS"].split()[0])) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+QLORA_65B_FULL_GB = 780  # Dettmers et al. 2023 (QLoRA): 16-bit full fine-tuning of LLaMA 65B needs more than 780 GB
+
+
+def compare_master_modes(model: Any, method: str = "full", **kwargs: Any) -> str:
+    """The same run planned with each way of training 16-bit weights (and on an fp32 base), side by side:
+    total, and bytes per trainable parameter of what the optimizer side holds (weights, masters or compensation,
+    gradients, states). What `deltatune plan --method full` prints under its plan."""
+    kwargs = {**kwargs, "search": False, "memory": None}
+    dtype = kwargs.pop("dtype", "bf16")
+    rows = [(f"{dtype}, master_weights fp32", dtype, "fp32"), (f"{dtype}, master_weights kahan", dtype, "kahan"),
+            (f"{dtype}, master_weights none", dtype, "none"), ("fp32 base", "fp32", "none")]
+    lines = [f"  {'trainable 16-bit weights as':<32}{'bytes/param':>12}{'total':>14}{'':>12}   loses"]
+    loses = {"fp32": "nothing the optimizer computes", "kahan": "the compensation's own 16-bit rounding; 16-bit "
+             "gradient sums", "none": "every update under half a 16-bit spacing"}
+    for label, d, mode in rows:
+        p = plan(model, method, dtype=d, master_weights=mode, **kwargs)
+        # every gradient, as after backward (the plan's own figure is what is held at the peak): 16-bit ones with
+        # kahan and none, the fp32 masters' with fp32 (each 16-bit tensor's master is twice its bytes)
+        grads = p.trainable_weights if mode != "fp32" else p.master_weights + p.trainable_weights - p.master_weights // 2
+        per = (p.trainable_weights + p.master_weights + grads + p.optimizer_states) / max(1, p.trainable)
+        note = "nothing, at twice the weight memory" if d == "fp32" else loses[mode]
+        lines.append(f"  {label:<32}{per:>12.1f}{format_size(p.total):>14}{f'({p.total / 1e9:,.0f} GB)':>12}   {note}")
+    lines.append(f"  (QLoRA paper, Dettmers et al. 2023: 16-bit full fine-tuning of LLaMA-65B needs more than "
+                 f"{QLORA_65B_FULL_GB} GB)")
+    return "\n".join(lines)
 
 
 def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None) -> Plan:

@@ -7,7 +7,7 @@ temporary name and renamed into place. It holds
                                     prefix tuning's projection, diff pruning's log-alpha and mask,
                                     AdaLoRA's importance scores; see api.training_state)
     adapter/                        the folded export dt.load reads (train.init_adapter takes it)
-    master.safetensors              the fp32 master weights of trainable 16-bit parameters (master.py), when
+    master.safetensors              the fp32 master weights (kahan: the 16-bit compensation buffers) of trainable 16-bit parameters (master.py), when
                                     there are any; the optimizer state is over them
     optimizer.safetensors, rng.safetensors, trainer_state.json
     complete.json                   written last: the size and fingerprint (model_files.fingerprint) of every other file
@@ -200,8 +200,9 @@ def load_master(folder: Path, master: MasterWeights, say: Any = print) -> None:
         return
     path = folder / MASTER_FILE
     if not path.is_file():
-        say(f"{folder} holds no fp32 master weights (written with train.master_weights: none, or by an older "
-            "deltatune): the masters start from its 16-bit weights, so training continues close to, not bit-equal "
+        kind = "Kahan compensation buffers" if master.comps else "fp32 master weights"
+        say(f"{folder} holds no {kind} (written with another train.master_weights, or by an older "
+            "deltatune): they start from its 16-bit weights, so training continues close to, not bit-equal "
             "with, a run that kept them")
         return
     master.load_state_dict(_tensors(path), str(path))

@@ -98,8 +98,9 @@ class TrainSection:
     seed: int = 0  # 0 .. 2**32 - 1 (checked in _cross_checks: numpy's seeding takes no more)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # trainable weights stored in 16 bits (full, freeze, bitfit on a bf16/fp16 base): "fp32" keeps an fp32 copy the
-    # optimizer updates (see deltatune/master.py); "none" updates the 16-bit weights themselves (small updates round away)
-    master_weights: Literal["fp32", "none"] = "fp32"
+    # optimizer updates (see deltatune/master.py); "none" updates the 16-bit weights themselves (small updates round away);
+    # "kahan" keeps a 16-bit compensation buffer per weight instead of the fp32 copy (14 bytes a parameter, not 18)
+    master_weights: Literal["fp32", "none", "kahan"] = "fp32"
     gradient_checkpointing: bool = False
     eval_every: int | None = check(None, gt=0)  # optimizer steps; None: at the end only
     save_every: int | None = check(None, gt=0)  # optimizer steps; None: at the end only

@@ -25,6 +25,7 @@ import torch
 from .. import api, io as dt_io
 from ..config import DeltaError, reading
 from ..files import remove_tree, size_text, tensor_bytes, write_atomic, write_failure
+from ..loss_scale import LossScaler, needs_scaling
 from ..master import MasterWeights
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
@@ -355,8 +356,15 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     # the checkpoints see the masters, the forward the 16-bit weights. Under DDP the hooks would free gradients
     # before their reduction: there the gradients are moved over after the last micro-batch.
     master = MasterWeights(inner, config.train.master_weights, hooks=world == 1, warn=say)
-    if len(master):
+    if len(master) and master.comps:
+        say(f"Kahan-compensated 16-bit updates for {len(master)} trainable 16-bit tensors (train.master_weights: kahan; "
+            "fp32 keeps an fp32 copy of each)")
+    elif len(master):
         say(f"fp32 master weights for {len(master)} trainable 16-bit tensors (train.master_weights: fp32; none updates them in 16 bits)")
+    # fp16 weights: the loss is scaled before backward so small gradients do not flush to zero (loss_scale.py)
+    scaler = LossScaler(enabled=needs_scaling(inner))
+    if scaler.enabled:
+        say(f"fp16 weights: dynamic loss scaling (from {scaler.scale_value:g}; overflowing steps are skipped)")
     params = master.parameters(p for p in inner.parameters() if p.requires_grad)
     groups = master.param_groups(parameter_groups(inner, config.train.lr, config.train.head_lr))
     optimizer = make_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay)
@@ -368,6 +376,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     if resume_from is not None:
         record = ckpt.load_checkpoint(resume_from, optimizer, scheduler)
         ckpt.load_master(resume_from, master, say)
+        if scaler.enabled and "loss_scale" in record:
+            scaler.load_state_dict(record["loss_scale"])
         rundir.check_schedule(config, record, total, warmup)
         step, offset = record["step"], record["offset"]
         log.truncate_after(step)
@@ -423,7 +433,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                 if not torch.isfinite(loss.detach()):
                     bad = loss.item()
                     break
-                accelerator.backward(loss)
+                accelerator.backward(scaler.scale(loss))  # the loss checked and logged is the unscaled one
             reg_value = regularization.item() if torch.is_tensor(regularization) else float(regularization)
             step_loss_sum += token_sum.item() + reg_value * max(1, step_items) / world / config.train.grad_accum
             step_tokens += sum(len(prepared.train[i].input_ids) for i in mine) * world  # padding not counted
@@ -446,6 +456,17 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             bar.update(1)
             continue
         master.collect()  # gradients still on 16-bit weights (several processes) into the fp32 masters
+        if not scaler.unscale_(master.gradients(params)):  # fp16: an overflow at this scale, not a bad loss
+            scaler.update(False)
+            optimizer.zero_grad(set_to_none=True)
+            master.zero_grad()
+            skipped += 1
+            step += 1
+            scheduler.step()
+            log.write({"step": step, "skipped": True, "loss": step_loss, "loss_scale": scaler.scale_value})
+            bar.update(1)
+            continue
+        scaler.update(True)
         if config.train.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, config.train.max_grad_norm)  # the masters' gradients
         master.step(optimizer)  # optimizer.step() on the masters, then the 16-bit weights from them
@@ -470,7 +491,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                 say(eval_line(step, total, metrics))
             model.train()
         if config.train.save_every and step % config.train.save_every == 0 and step < total:
-            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master)
+            _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master, scaler)
     bar.close()
 
     api.finalize(inner)
@@ -480,7 +501,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     _on_main(accelerator, lambda: _save_adapter(inner, tokenizer, config, out))
     if config.output.merged:
         _on_main(accelerator, lambda: _save_merged(inner, tokenizer, config, out))
-    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master, final=True)
+    _checkpoint(accelerator, out, step, inner, optimizer, scheduler, offset, config, total, warmup, master, scaler,
+                final=True)
     accelerator.wait_for_everyone()
     metrics = _final_eval(inner, prepared, config, tokenizer, out) if prepared.eval else {}
     if metrics:
@@ -612,11 +634,13 @@ def _save_merged(model: torch.nn.Module, tokenizer: Any, config: RunConfig, out:
 
 def _checkpoint(accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                 offset: int, config: RunConfig, total: int, warmup: int, master: MasterWeights | None = None,
-                final: bool = False) -> None:
+                scaler: LossScaler | None = None, final: bool = False) -> None:
     """Written by the main process; every process gets the verdict (a disk-full or non-finite error included)."""
     def save() -> None:
         _check_finite(model, step)
         state = {"offset": offset, "method": config.method, "total": total, "warmup": warmup}
+        if scaler is not None and scaler.enabled:
+            state["loss_scale"] = scaler.state_dict()  # the scale and its clean-step count: resume stays bit-exact
         try:
             ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, config.train.keep_last, master)
         except ckpt.CheckpointSpaceError as err:
