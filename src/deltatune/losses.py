@@ -234,10 +234,16 @@ def final_hidden(model: nn.Module, batch: dict[str, Any], forward: Any = None) -
         return hidden.new_zeros(*hidden.shape[:-1], 0)
 
     head.forward = stand_in  # an instance attribute: nn.Module.__call__ calls it in place of the class's forward
+    # BART-style models add a bias after the head (final_logits_bias, (1, V)): empty too, for the empty logits
+    bias = getattr(model, "final_logits_bias", None)
+    if torch.is_tensor(bias):
+        model.final_logits_bias = bias[..., :0]
     try:
         (forward or model)(**batch)
     finally:
         del head.forward
+        if torch.is_tensor(bias):
+            model.final_logits_bias = bias
     if len(captured) != 1:
         raise DeltaError(f"{type(model).__name__}'s forward called its output layer {len(captured)} times (once is "
                          "expected); use the standard loss (train.loss: standard)")
@@ -284,6 +290,10 @@ def lm_loss(model: nn.Module, batch: dict[str, Any], *, reduction: str = "mean",
         if low_rank is not None:
             low_rank = (low_rank[0][:, :-1], low_rank[1], low_rank[2])
     logit_scale, softcap = _logit_transform(config)
-    return fused_linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), bias=head.bias, low_rank=low_rank,
+    bias = head.bias
+    after = getattr(model, "final_logits_bias", None)  # BART, mBART, Pegasus, Marian: logits = head(h) + this
+    if torch.is_tensor(after):
+        bias = after.reshape(-1) if bias is None else bias + after.reshape(-1)
+    return fused_linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), bias=bias, low_rank=low_rank,
                                       label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,
                                       reduction=reduction, num_items=num_items, chunk=chunk)
