@@ -322,3 +322,14 @@ def test_a_fresh_classifier_head_starts_from_the_runs_seed(tmp_path):
         model = load_base(config, load_tokenizer(config), ["x", "y"])
         heads.append(model.classifier.weight.detach().clone())
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def test_info_says_how_16_bit_weights_train(tmp_path, capsys):
+    folder = write_tiny("llama", tmp_path / "llama")
+    tf.AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tf.AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "bf16")
+    assert main(["info", str(tmp_path / "bf16")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "weights are bfloat16" in out and "train through fp32 master copies (train.master_weights: fp32, the default" in out
+    assert main(["info", str(folder)]) == 0
+    assert "weights are float32" in " ".join(capsys.readouterr().out.split())

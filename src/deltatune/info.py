@@ -85,7 +85,21 @@ def describe(name: str, trust_remote_code: bool = False) -> str:
             lines += _wrap(head + f"{stored:>15,}  ({100 * stored / total:.4f}%)  ", note)
         else:
             lines.append(head + f"{counts.trainable:>15,}  ({counts.percent:.4f}%)")
+    lines += _wrap("  ", _master_weights_line(model.config))
     return "\n".join(lines)
+
+
+def _master_weights_line(config: Any) -> str:
+    """How the methods that train the base's own weights (full, freeze, BitFit) train them at this dtype."""
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").replace("torch.", "")
+    if dtype not in ("bfloat16", "float16"):
+        return (f"the checkpoint's weights are {dtype}: methods that train the base's own weights (full, freeze, bitfit) "
+                "train them in fp32; loaded with model.dtype bf16 or fp16 they train through fp32 master copies "
+                "(train.master_weights: fp32, the default; kahan or none for less memory)")
+    scaling = "; fp16 adds dynamic loss scaling" if dtype == "float16" else ""
+    return (f"the checkpoint's weights are {dtype}: methods that train the base's own weights (full, freeze, bitfit) "
+            f"train through fp32 master copies (train.master_weights: fp32, the default, 18 bytes per parameter with "
+            f"AdamW; kahan: 14, a 16-bit compensation buffer; none: 16-bit updates, most of which round away){scaling}")
 
 
 def _diff_pruning_storage(model: nn.Module, config: Any, trainable: int) -> tuple[int, str]:
