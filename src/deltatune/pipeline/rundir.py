@@ -25,7 +25,7 @@ from typing import Any, Callable
 from ..config import DeltaError
 from ..files import remove_tree, write_atomic, write_new
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig
+from .config import SECTIONS, ConfigError, RunConfig
 
 RUN_FILE = "run.json"
 # Keys a resumed run may change: they decide neither the weights nor the optimisation (the fused and the
@@ -61,22 +61,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
     unset = "(unset)"
     keys = list(dict.fromkeys([*old, *new]))
     changes = [(k, old.get(k, unset), new.get(k, unset)) for k in keys if old.get(k, unset) != new.get(k, unset)]
-    return [(k, a, b) for k, a, b in changes if not ((a == unset and _is_run_default(k, b)) or
-                                                    (b == unset and _is_run_default(k, a)))]
-
-
-def _is_run_default(key: str, value: Any) -> bool:
-    """`value` is what a run section's key ("train.master_weights") has when nobody sets it."""
-    import dataclasses
-
-    from .config import SECTIONS
-
-    section, _, name = key.partition(".")
-    cls = SECTIONS.get(section)
-    if cls is None:
-        return False
-    default = getattr(cls(), name, dataclasses.MISSING)
-    return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == value
+    # only the run's own sections: a method's unset key is a difference between two methods, counted elsewhere
+    return [(k, a, b) for k, a, b in changes if not (k.partition(".")[0] in SECTIONS and (
+        (a == unset and _is_default(k, b)) or (b == unset and _is_default(k, a))))]
 
 
 def _listing(changes: list[tuple[str, Any, Any]]) -> str:
@@ -84,20 +71,20 @@ def _listing(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def _is_default(key: str, value: Any) -> bool:
-    """`value` is what method `section` of `key` ("lora.r") has when nobody sets it."""
+    """`value` is what `key` has when nobody sets it: a run section's key ("train.master_weights") or a
+    method's ("lora.r")."""
     import dataclasses
 
     from ..config import METHODS
 
     section, _, name = key.partition(".")
-    if section not in METHODS:
+    cls = SECTIONS.get(section) or (METHODS[section].config_cls if section in METHODS else None)
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls is not None else None
+    if field is None:
         return False
-    for f in dataclasses.fields(METHODS[section].config_cls):
-        if f.name == name:
-            default = (f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                       if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-            return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == value
-    return False
+    default = (field.default if field.default is not dataclasses.MISSING else field.default_factory()
+               if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+    return default is not dataclasses.MISSING and json.loads(json.dumps(default, default=str)) == value
 
 
 def _another_run(changes: list[tuple[str, Any, Any]], shown: int = 6) -> str:
