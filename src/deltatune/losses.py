@@ -153,6 +153,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                          f"with {ignore_index}")
     left = right = None
     scale = 0.0
+    if not torch.is_grad_enabled():  # evaluation: the forward then computes no gradients it would throw away
+        rows, weight = rows.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
+        if low_rank is not None:
+            low_rank = (low_rank[0].detach(), low_rank[1].detach(), low_rank[2])
     if low_rank is not None:
         left_all, right, scale = low_rank
         left = left_all.reshape(-1, left_all.shape[-1])[keep]

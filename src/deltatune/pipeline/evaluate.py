@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import DeltaError
+from ..losses import lm_loss
 from .data import IGNORE, Collator, Prepared
 
 
@@ -39,20 +40,28 @@ def _scores(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: 
             predictions += out.logits.argmax(-1).tolist()
             truth += batch["labels"].tolist()
         return classification_metrics(truth, predictions) | {"loss": loss_sum / len(truth)}
+    # the fused loss (losses.py) when training used it: the full logits of an eval batch are the same
+    # (tokens x vocabulary) buffer the training step avoids holding
+    fused = getattr(config.train, "loss", "standard") == "fused"
     total_loss, total_tokens = 0.0, 0
     for i in range(0, len(prepared.eval), size):
         batch = {k: v.to(device) for k, v in collate(prepared.eval[i:i + size]).items()}
-        logits = model(**batch).logits.float()
+        if "position_ids" in batch:
+            batch["use_cache"] = False
         labels = batch["labels"]
-        logits = token_logits(logits, labels)
-        if config.model.task == "causal_lm":
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        n = int((labels != IGNORE).sum())
-        if n:
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=IGNORE, reduction="sum")
-            total_loss += loss.item()
-            total_tokens += n
+        shifted = labels[:, 1:] if config.model.task == "causal_lm" else labels
+        n = int((shifted != IGNORE).sum())
+        if not n:
+            continue
+        if fused:
+            total_loss += lm_loss(model, batch, reduction="sum").item()
+        else:
+            logits = token_logits(model(**batch).logits.float(), labels)
+            if config.model.task == "causal_lm":
+                logits = logits[:, :-1]
+            total_loss += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                            ignore_index=IGNORE, reduction="sum").item()
+        total_tokens += n
     mean = total_loss / max(1, total_tokens)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 

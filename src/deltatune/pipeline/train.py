@@ -29,17 +29,17 @@ from ..loss_scale import LossScaler, needs_scaling
 from ..master import MasterWeights
 from ..model_files import RESTORED, check_base_model, check_model_path, write_labels
 from ..quant import DTYPES
-from ..losses import lm_loss
 from ..planner import check_positions, check_run
 from ..summary import summary
 from . import checkpoint as ckpt, rundir
 from .config import UNUSABLE_OPTIMIZERS, ConfigError, RunConfig, with_step_count
-from .data import CHAT_FORMATS, IGNORE, Collator, Prepared, global_batch, prepare
+from .data import CHAT_FORMATS, Prepared, global_batch, prepare
 from .packing import check_model as check_packing
 from .evaluate import evaluate
 from .render import Renderer
 from .report import RunLog, write_report
 from .rows import canonical_format
+from .stages import stage_for
 
 
 class TrainingError(DeltaError):
@@ -264,14 +264,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
 
 
 # Formats deltatune reads and checks ahead of the stages that will train on them.
-UNTRAINED_FORMATS = {"preference": "preference pairs", "kto": "KTO feedback rows"}
-
-
 def run(config: RunConfig, echo: Any = print) -> RunResult:
-    if config.data.format in UNTRAINED_FORMATS:
-        raise ConfigError(f"{config.source}: data.format = {config.data.format!r}: {UNTRAINED_FORMATS[config.data.format]} "
-                          "are read and checked (`deltatune data` shows them), but no training stage takes them yet; "
-                          "the preference stages (DPO, ORPO, KTO, reward models) are separate work")
+    stage = stage_for(config)  # what the delta trains for; the loop below knows no stage by name
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -385,14 +379,13 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         ckpt.load_optimizer(Path(config.train.init_adapter), optimizer)  # continued training keeps the moments
         ckpt.load_master(Path(config.train.init_adapter), master, say)  # and the fp32 masters they are over
         say("kept the checkpoint's optimizer state")
-    collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
+    collate = stage.collator(config, tokenizer)
     say(f"training {total} steps of {per_step} examples ({config.train.batch_size} x {world} process(es) x "
         f"{config.train.grad_accum} accumulation); {len(prepared.train)} training examples, {len(prepared.eval)} for eval")
     say("the same run as a command: " + config.command())
 
-    fused = config.train.loss == "fused" and config.model.task in ("causal_lm", "seq2seq")
     bar = _progress(total, step, enabled=main and config.train.progress)
-    items_of = [loss_items(e, config.model.task) for e in prepared.train]  # counted once, read every step
+    items_of = [stage.items(e, config) for e in prepared.train]  # counted once, read every step
     lengths = tuple(len(e.input_ids) for e in prepared.train) if config.data.group_by_length else None
     # Throughput, one definition for the bar, the log and the summary: non-padding tokens trained per second
     # of training steps (forward, backward, update), evaluations and checkpoints not counted.
@@ -414,19 +407,10 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         for micro, indices in enumerate(micro_batches):
             mine = indices[accelerator.process_index * size:(accelerator.process_index + 1) * size]
             batch = {k: v.to(accelerator.device) for k, v in collate([prepared.train[i] for i in mine]).items()}
-            if "position_ids" in batch:  # packed rows: transformers masks per example only without a cache
-                batch["use_cache"] = False
-            items = sum(items_of[i] for i in mine)
             syncing = micro == config.train.grad_accum - 1
             with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
-                    if fused:  # the sum over this micro-batch's label tokens, the full logits never held
-                        token_sum = lm_loss(inner, batch, reduction="sum", forward=model,
-                                            label_smoothing=config.train.label_smoothing)
-                    else:
-                        output = model(**batch)
-                        # the model's loss is the mean over this micro-batch's items; times items: their sum
-                        token_sum = output.loss * items if items else output.logits.sum() * 0.0
+                    token_sum = stage.loss(model, inner, batch, config)  # summed over this micro-batch's items
                     regularization = api.regularization(inner)
                     # processes average their gradients, hence x world; the regulariser counts once per step
                     loss = token_sum * (world / max(1, step_items)) + regularization / config.train.grad_accum
@@ -521,16 +505,6 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 def eval_line(step: int, total: int, metrics: dict[str, float]) -> str:
     """One evaluation during training, as printed under the progress bar."""
     return f"eval at step {step}/{total}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def loss_items(example: Any, task: str) -> int:
-    """What the model's mean loss averages over, for one example: its label tokens (after the
-    causal LM's one-token shift), or 1 for a classifier."""
-    if task == "seq_cls":
-        return 1
-    if task == "seq2seq":
-        return sum(t != IGNORE for t in example.decoder_labels)
-    return sum(t != IGNORE for t in example.labels[1:])
 
 
 def _final_eval(model: torch.nn.Module, prepared: Prepared, config: RunConfig, tokenizer: Any, out: Path) -> dict[str, float]:
