@@ -152,3 +152,51 @@ def test_adalora_allocates_its_budget_inside_the_trainer(tmp_path):
     tf.Trainer(model=model, args=args, train_dataset=_four_rows("llama"), callbacks=[dt.DeltaCallback()]).train()
     kept = sum(sum(mask) for mask in dt.attached(model)["default"].rank_pattern.values())
     assert kept == 2 * len(dt.attached(model)["default"].rank_pattern)  # the target budget: target_r per module
+
+
+# ---------------------------------------------------------------- trainable 16-bit weights
+
+
+def _callback_warnings(model, tmp_path, lr=1e-5, callback=None) -> list[str]:
+    import warnings
+
+    callback = callback or dt.DeltaCallback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.on_train_begin(_args(tmp_path, learning_rate=lr), None, None, model=model)
+    callback.on_train_end(_args(tmp_path), None, None, model=model)
+    return [str(w.message) for w in caught if str(w.message).startswith("DeltaCallback")]
+
+
+def test_a_bf16_model_whose_own_weights_train_is_warned_once_with_the_share_that_rounds_away(tmp_path):
+    model = build("llama").to(torch.bfloat16)
+    dt.attach(model, dt.FullConfig(originals="none"))
+    weights = [p for p in model.parameters() if p.requires_grad]
+    # by hand: the weights that an update of the learning rate's size leaves exactly where they were
+    stuck = sum(int(((p.float() + 1e-5).to(torch.bfloat16) == p).sum()) for p in weights)
+    total = sum(p.numel() for p in weights)
+    callback = dt.DeltaCallback()
+    said = _callback_warnings(model, tmp_path, callback=callback)
+    assert len(said) == 1, said
+    assert f"{total:,} of the {total:,} trainable parameters (100%) are bfloat16" in said[0]
+    assert f"an update of the learning rate's size (1e-05) rounds away on {stuck / total:.0%} of them" in said[0]
+    assert stuck / total > 0.5  # the tiny llama's weights are ~0.02: most updates of 1e-5 are lost
+    assert "deltatune train" in said[0] and "torch_dtype=torch.float32" in said[0] and "bf16=True" in said[0]
+    assert _callback_warnings(model, tmp_path, callback=callback) == []  # a second train() with the same callback
+
+
+def test_fp32_weights_and_fp32_deltas_on_a_bf16_base_are_not_warned(tmp_path):
+    full = build("llama")
+    dt.attach(full, dt.FullConfig(originals="none"))
+    lora = build("llama").to(torch.bfloat16)
+    dt.attach(lora, dt.LoraConfig(r=2))  # the base is bf16 but frozen; LoRA's own parameters are fp32
+    assert all(p.dtype == torch.float32 for p in lora.parameters() if p.requires_grad)
+    assert _callback_warnings(full, tmp_path) == [] and _callback_warnings(lora, tmp_path) == []
+
+
+def test_a_trainer_run_on_a_bf16_model_gets_the_warning(tmp_path):
+    model = build("llama").to(torch.bfloat16)
+    dt.attach(model, dt.FreezeConfig(trainable_layers=1))
+    with pytest.warns(UserWarning, match=r"DeltaCallback: [\d,]+ of the [\d,]+ trainable parameters \(100%\) are bfloat16"):
+        tf.Trainer(model=model, args=_args(tmp_path, max_steps=1, learning_rate=1e-5), train_dataset=_four_rows("llama"),
+                   callbacks=[dt.DeltaCallback()]).train()

@@ -236,3 +236,45 @@ def test_deltatune_plan_full_prints_the_modes_side_by_side(tmp_path, capsys):
           "--batch", "1", "--seq", "16"])
     out = capsys.readouterr().out
     assert "bf16, master_weights kahan" in out and "14.0" in out and "more than 780 GB" in out
+
+
+@pytest.mark.parametrize("mode", ["fp32", "kahan", "none"])
+def test_deltatune_plan_master_weights_plans_that_mode_and_says_so(tmp_path, capsys, mode):
+    import transformers as tf
+
+    from deltatune.cli import main
+
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    config.save_pretrained(tmp_path)
+    argv = ["plan", "--model", str(tmp_path / "config.json"), "--method", "full", "--dtype", "bf16", "--device", "cpu",
+            "--batch", "1", "--seq", "16"]
+    assert main(argv + (["--master-weights", mode] if mode != "fp32" else [])) == 0  # fp32: the default, as train's
+    out = capsys.readouterr().out
+    want = dt.plan(str(tmp_path / "config.json"), "full", batch=1, seq=16, dtype="bf16", device="cpu", loss="fused",
+                   master_weights=mode)
+    assert out.startswith(want.table()), out  # the plan printed is the planner's plan for that mode
+    assert f"cpu, master_weights {mode}\n" in out and f"note: master weights {mode}:" in out
+    marked = [line for line in out.splitlines() if "<- the plan above" in line]
+    assert len(marked) == 1 and f"bf16, master_weights {mode} " in marked[0], marked
+    totals = {m: dt.plan(config, "full", batch=1, seq=16, dtype="bf16", device="cpu", search=False,
+                         master_weights=m).total for m in ("fp32", "kahan", "none")}
+    assert totals["fp32"] > totals["kahan"] > totals["none"]  # so the flag changed what was planned
+
+
+def test_deltatune_plan_master_weights_on_fp32_parameters_says_it_changes_nothing(tmp_path, capsys):
+    import transformers as tf
+
+    from deltatune.cli import main
+
+    tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2).save_pretrained(tmp_path)
+    argv = ["plan", "--model", str(tmp_path), "--method", "lora", "--r", "2", "--dtype", "bf16", "--device", "cpu",
+            "--batch", "1", "--seq", "16"]
+    assert main(argv + ["--master-weights", "kahan"]) == 0
+    out = capsys.readouterr().out
+    assert "--master-weights kahan changes nothing here: no trainable parameter is 16-bit (lora on a bf16 base" in out
+    assert "master_weights" not in out and "<- the plan above" not in out  # no mode line, no comparison
+    with pytest.raises(SystemExit):
+        main(argv + ["--master-weights", "bf16"])
+    assert "invalid choice: 'bf16' (choose from" in capsys.readouterr().err

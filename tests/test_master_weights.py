@@ -276,12 +276,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from crash_trainer import config, quiet
+import deltatune.loss_scale as loss_scale
 from deltatune.pipeline import checkpoint as ckpt, train
 
-work, flags = Path(sys.argv[1]), {"model.dtype": "bf16", "train.lr": 3e-5, "train.grad_accum": 2}
+work, setting = Path(sys.argv[1]), json.loads(sys.argv[2])
+flags = {"train.lr": 3e-5, "train.grad_accum": 2, **setting["flags"]}
+if setting.get("growth_interval"):  # fp16: a scale that grows every few steps changes across the kill
+    loss_scale.GROWTH_INTERVAL = setting["growth_interval"]
 torch.set_num_threads(1)
 real_save = ckpt.save_checkpoint
-if len(sys.argv) > 2:  # the run to kill, in a process of its own (a fork would inherit the loader's threads)
+if len(sys.argv) > 3:  # the run to kill, in a process of its own (a fork would inherit the loader's threads)
     def save_then_die(output_dir, step, *args, **kwargs):
         folder = real_save(output_dir, step, *args, **kwargs)
         if step == 4:
@@ -292,28 +296,36 @@ if len(sys.argv) > 2:  # the run to kill, in a process of its own (a fork would 
     sys.exit(3)
 import subprocess
 train.run(config(work, "full", "whole", **flags), echo=quiet)
-status = subprocess.run([sys.executable, "-c", SCRIPT, str(work), "kill"]).returncode
+status = subprocess.run([sys.executable, "-c", SCRIPT, str(work), sys.argv[2], "kill"]).returncode
 said = []
 train.run(config(work, "full", "killed", **flags, **{"train.resume": True}), echo=lambda *a, **k: said.append(str(a)))
 def state(out):
-    found = {}
+    found, scales = {}, {}
     for _, folder in ckpt.steps(out):
         for name in ("master.safetensors", "optimizer.safetensors", "delta.safetensors"):
-            found.update({f"{folder.name}/{name}/{k}": v for k, v in load_file(str(folder / name)).items()})
+            if name != "master.safetensors" or (folder / name).exists():  # master_weights none keeps no masters
+                found.update({f"{folder.name}/{name}/{k}": v for k, v in load_file(str(folder / name)).items()})
+        scales[folder.name] = json.loads((folder / "trainer_state.json").read_text()).get("loss_scale")
     for file in sorted((out / "adapter").glob("*.safetensors")):
         found.update({f"adapter/{k}": v for k, v in load_file(str(file)).items()})
-    return found
-a, b = state(work / "full" / "whole"), state(work / "full" / "killed")
+    return found, scales
+(a, scale_a), (b, scale_b) = state(work / "full" / "whole"), state(work / "full" / "killed")
+masters = {k: v for k, v in a.items() if "master.safetensors" in k}
 print(json.dumps({"killed": status == -signal.SIGKILL,
                   "resumed": any("resuming from" in line and "step-000004" in line for line in said),
-                  "masters": sum("master.safetensors" in k for k in a), "same_keys": a.keys() == b.keys(),
-                  "bf16_adapter": all(v.dtype == torch.bfloat16 for k, v in a.items() if k.startswith("adapter/")
-                                      and v.is_floating_point()),
+                  "masters": len(masters), "master_dtypes": sorted({str(v.dtype) for v in masters.values()}),
+                  "compensated": sum(int(v.count_nonzero()) for v in masters.values()),
+                  "same_keys": a.keys() == b.keys(),
+                  "adapter_dtypes": sorted({str(v.dtype) for k, v in a.items() if k.startswith("adapter/")
+                                            and v.is_floating_point()}),
+                  "loss_scales": [scale_a, scale_b],
                   "unequal": [k for k in a if k in b and not torch.equal(a[k], b[k])][:5]}))
 """
 
 
-def test_a_bf16_run_killed_with_sigkill_and_resumed_is_bit_equal_to_one_never_killed(tmp_path):
+def killed_and_resumed(tmp_path: Path, flags: dict, growth_interval: int | None = None) -> dict:
+    """Train a tiny full fine-tuning run whole; train it again in a child process that SIGKILLs itself right after
+    its step-4 checkpoint, and resume that; what the two runs left (checkpoints, masters, adapter), compared."""
     import os
     import subprocess
     import sys
@@ -322,9 +334,16 @@ def test_a_bf16_run_killed_with_sigkill_and_resumed_is_bit_equal_to_one_never_ki
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     script = KILLED.replace("SCRIPT", repr(KILLED))
-    child = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
-                           timeout=600)
+    setting = json.dumps({"flags": flags, "growth_interval": growth_interval})
+    child = subprocess.run([sys.executable, "-c", script, str(tmp_path), setting], capture_output=True, text=True,
+                           env=env, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     got = json.loads(child.stdout.strip().splitlines()[-1])
-    assert got["killed"] and got["resumed"] and got["masters"] > 0 and got["same_keys"], got
-    assert got["bf16_adapter"] and got["unequal"] == [], got
+    assert got["killed"] and got["resumed"] and got["same_keys"], got
+    assert got["unequal"] == [], got
+    return got
+
+
+def test_a_bf16_run_killed_with_sigkill_and_resumed_is_bit_equal_to_one_never_killed(tmp_path):
+    got = killed_and_resumed(tmp_path, {"model.dtype": "bf16"})
+    assert got["masters"] > 0 and got["master_dtypes"] == ["torch.float32"] and got["adapter_dtypes"] == ["torch.bfloat16"], got

@@ -18,10 +18,17 @@ The penalty reaches the gradient only through the model's own ``loss``: a Traine
 computes the loss from the logits instead (``label_smoothing_factor``, or a
 ``compute_loss_func``) would drop it. The first is refused at train begin; with the
 second, add ``dt.regularization(model)`` in that function yourself.
+
+Trainable 16-bit weights (full fine-tuning, layer freezing or BitFit on a model loaded in bf16/fp16): the
+Trainer's optimizer steps them in their own dtype, with no fp32 master copy, and every update under half a
+16-bit spacing rounds away (master.py explains the arithmetic). The callback does not rewire the
+Trainer's optimizer; at train begin it warns once with the share of those weights that an update of the
+learning rate's size leaves where they were, and the two ways out.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -30,6 +37,7 @@ from transformers import TrainerCallback
 
 from . import api
 from .config import DeltaError
+from .master import SAMPLE, SIXTEEN_BITS
 from .surgery import get_state
 
 
@@ -44,6 +52,7 @@ class DeltaCallback(TrainerCallback):
         self.finalize = finalize
         self.handle: Any = None
         self.accumulation = 1
+        self.warned_sixteen_bit = False  # the 16-bit warning is said once per callback, not once per train()
 
     # ------------------------------------------------------------ the loss hook
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -76,6 +85,11 @@ class DeltaCallback(TrainerCallback):
                 "the loss yourself and add dt.regularization(model)"
             )
         self.accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+        if not self.warned_sixteen_bit:
+            message = sixteen_bit_warning(model, float(getattr(args, "learning_rate", 0.0) or 0.0))
+            if message is not None:
+                self.warned_sixteen_bit = True
+                warnings.warn(message, UserWarning, stacklevel=2)
         self._remove()  # a run that ended in an exception never reached on_train_end
         self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -94,3 +108,30 @@ class DeltaCallback(TrainerCallback):
 def _has_regularization(model: nn.Module) -> bool:
     state = get_state(model)
     return bool(state) and any(state.deltas[n].method.regularization is not None for n in state.active)
+
+
+def sixteen_bit_warning(model: nn.Module, lr: float) -> str | None:
+    """What a Trainer loses stepping `model`'s trainable 16-bit weights in 16 bits, or None when none train.
+
+    An Adam(W) update is about lr in size, so the share reported is of the 16-bit weights w for which
+    round16(w + lr) == w: those the first steps leave exactly where they were (sampled, SAMPLE elements per
+    tensor, so a billion-parameter model is checked in a moment)."""
+    sixteen = [p for p in model.parameters() if p.requires_grad and p.dtype in SIXTEEN_BITS]
+    if not sixteen:
+        return None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    count = sum(p.numel() for p in sixteen)
+    dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in sixteen}))
+    stuck = seen = 0
+    with torch.no_grad():
+        for p in sixteen:
+            w = p.detach().reshape(-1)[:SAMPLE]
+            stuck += int(((w.float() + lr).to(p.dtype) == w).sum())
+            seen += w.numel()
+    return (f"DeltaCallback: {count:,} of the {trainable:,} trainable parameters ({count / trainable:.0%}) are {dtypes}, "
+            f"and transformers.Trainer's optimizer updates them in {dtypes}, without fp32 master weights: an update of "
+            f"the learning rate's size ({lr:g}) rounds away on {stuck / max(1, seen):.0%} of them (lost, not deferred: "
+            "nothing accumulates them). "
+            "Fix: train with deltatune's pipeline (`deltatune train`; train.master_weights: fp32 keeps fp32 master "
+            "weights), or load the model in fp32 (torch_dtype=torch.float32) and pass bf16=True to TrainingArguments, "
+            "so the weights stay fp32 and the forward runs under bf16 autocast")

@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, paged_adamw8bit, paged_adamw, sgd, ...")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--master-weights", choices=["fp32", "kahan", "none"], default="fp32",
+                   help="how trainable 16-bit weights (full, freeze, bitfit on a bf16/fp16 base) train: fp32 master "
+                   "copies (default, what `deltatune train` uses: train.master_weights), kahan (16-bit compensation "
+                   "buffers) or none (pure 16-bit updates)")
     p.add_argument("--memory", default=None, help="what the device has: 24GB (10^9 bytes) or 24GiB (2^30)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="the device to plan for (default: this machine's, cuda when it has a GPU, else cpu)")
@@ -439,18 +443,23 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     result = plan(args.model, args.method, batch=args.batch, seq=args.seq, dtype=dtype, quant=args.quant,
                   gradient_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, accum=args.accum,
                   memory=args.memory, device=device, task=args.task, attention=args.attention, loss=args.loss,
-                  trust_remote_code=args.trust_remote_code, **fields)
+                  trust_remote_code=args.trust_remote_code, master_weights=args.master_weights, **fields)
     if assumed:
         result.notes.append(assumed)
+    if args.master_weights != "fp32" and not result.sixteen_bit_trainable:
+        # a flag the plan could not apply is said, not silently dropped
+        result.notes.append(f"--master-weights {args.master_weights} changes nothing here: no trainable parameter is "
+                            f"16-bit ({args.method} on {'a' if dtype == 'bf16' else 'an'} {dtype} base trains fp32 parameters)")
     print(result.table())
-    if result.master_weights:  # trainable 16-bit weights: the ways to train them, side by side
+    if result.sixteen_bit_trainable:  # trainable 16-bit weights: the ways to train them, side by side
         from .planner import compare_master_modes
 
         print("\n" + compare_master_modes(args.model, args.method, batch=args.batch, seq=args.seq, dtype=dtype,
                                           quant=args.quant, gradient_checkpointing=args.grad_checkpointing,
                                           optimizer=args.optimizer, accum=args.accum, device=device, task=args.task,
                                           attention=args.attention, loss=args.loss,
-                                          trust_remote_code=args.trust_remote_code, **fields))
+                                          trust_remote_code=args.trust_remote_code, planned=args.master_weights,
+                                          **fields))
     return 0 if result.fits is not False else 1
 
 

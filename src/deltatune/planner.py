@@ -212,6 +212,7 @@ class Plan:
     total: int
     peak_phase: str  # "backward" (forward/backward peak) or "optimizer step"
     master_weights: int = 0  # fp32 masters of the trainable 16-bit parameters (their gradients and states are counted there)
+    sixteen_bit_trainable: int = 0  # trainable parameters stored in 16 bits: those setting.master_weights applies to
     activations_by_checkpointing: dict[bool, int] = field(default_factory=dict)  # the fwd/bwd peak's activations, off/on
     host_copies: int = 0  # originals kept in host RAM (not device memory) on a CUDA plan
     attention: str = "sdpa"  # the attention implementation the model runs (the config's own unless set)
@@ -243,7 +244,8 @@ class Plan:
         base = f"{s.quant} base ({s.dtype} compute)" if s.quant else f"{s.dtype} base"
         run = (f"batch {s.batch} x seq {s.seq}" + (f" x accum {s.accum}" if s.accum > 1 else "")
                + f", {base}, {s.optimizer}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
-               f"{self.attention} attention, {s.device}")
+               f"{self.attention} attention, {s.device}"
+               + (f", master_weights {s.master_weights}" if self.sixteen_bit_trainable else ""))
         ckpt = self.activations_by_checkpointing
         rows = [
             ("frozen base weights", self.frozen_weights, ""),
@@ -1083,7 +1085,7 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
                 optimizer_temporaries=temporaries, activations=activations, logits=logits, overhead=overhead,
                 total=total, peak_phase=phase, master_weights=masters, host_copies=host, memory=memory,
                 attention=str(getattr(full.config, "_attn_implementation", None) or s.attention or "sdpa"))
-    sixteen = sum(numel for numel, size in w.trainable_tensors if size < 4)
+    sixteen = plan.sixteen_bit_trainable = sum(numel for numel, size in w.trainable_tensors if size < 4)
     if sixteen and s.master_weights == "fp32":
         plan.notes.append(f"master weights fp32: the {sixteen:,} trainable {s.dtype} parameters train through fp32 "
                           f"copies ({format_size(masters)}), with fp32 gradients and optimizer states; "
@@ -1337,10 +1339,11 @@ def visible_memory(device: str) -> int | None:
 QLORA_65B_FULL_GB = 780  # Dettmers et al. 2023 (QLoRA): 16-bit full fine-tuning of LLaMA 65B needs more than 780 GB
 
 
-def compare_master_modes(model: Any, method: str = "full", **kwargs: Any) -> str:
+def compare_master_modes(model: Any, method: str = "full", *, planned: str | None = None, **kwargs: Any) -> str:
     """The same run planned with each way of training 16-bit weights (and on an fp32 base), side by side:
     total, and bytes per trainable parameter of what the optimizer side holds (weights, masters or compensation,
-    gradients, states). What `deltatune plan --method full` prints under its plan."""
+    gradients, states). What `deltatune plan --method full` prints under its plan; `planned` (a mode) marks the
+    row that plan is, so the reader finds it among the others."""
     kwargs = {**kwargs, "search": False, "memory": None}
     dtype = kwargs.pop("dtype", "bf16")
     rows = [(f"{dtype}, master_weights fp32", dtype, "fp32"), (f"{dtype}, master_weights kahan", dtype, "kahan"),
@@ -1355,7 +1358,8 @@ def compare_master_modes(model: Any, method: str = "full", **kwargs: Any) -> str
         grads = p.trainable_weights if mode != "fp32" else p.master_weights + p.trainable_weights - p.master_weights // 2
         per = (p.trainable_weights + p.master_weights + grads + p.optimizer_states) / max(1, p.trainable)
         note = "nothing, at twice the weight memory" if d == "fp32" else loses[mode]
-        lines.append(f"  {label:<32}{per:>12.1f}{format_size(p.total):>14}{f'({p.total / 1e9:,.0f} GB)':>12}   {note}")
+        mark = "   <- the plan above" if d == dtype and mode == planned else ""
+        lines.append(f"  {label:<32}{per:>12.1f}{format_size(p.total):>14}{f'({p.total / 1e9:,.0f} GB)':>12}   {note}{mark}")
     lines.append(f"  (QLoRA paper, Dettmers et al. 2023: 16-bit full fine-tuning of LLaMA-65B needs more than "
                  f"{QLORA_65B_FULL_GB} GB)")
     return "\n".join(lines)
