@@ -214,3 +214,28 @@ def test_a_length_grouped_run_trains(tmp_path):
     result = run(packing_config(tmp_path, **{"data.packing": False, "data.group_by_length": True}), echo=lambda *a: None)
     losses = [r["loss"] for r in map(json.loads, (result.output_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 12 and losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- the attention kernel
+
+
+def test_model_attention_picks_the_kernel_and_a_packed_eager_run_trains(tmp_path, monkeypatch):
+    seen: list[str] = []
+    forward = tf.LlamaForCausalLM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.config._attn_implementation)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.LlamaForCausalLM, "forward", spy)
+    result = run(packing_config(tmp_path, **{"model.attention": "eager", "train.max_steps": 4}), echo=lambda *a, **k: None)
+    assert seen and set(seen) == {"eager"}  # the packing check's forwards and the training steps alike
+    assert (result.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU flash_attention_2 may be usable")
+def test_flash_attention_without_a_gpu_is_refused_before_loading(tmp_path):
+    config = packing_config(tmp_path, **{"model.attention": "flash_attention_2"})
+    with pytest.raises(ConfigError, match=r"flash_attention_2' needs a CUDA GPU.*model.attention: sdpa"):
+        run(config, echo=lambda *a, **k: None)
+    assert not (tmp_path / "packed" / "adapter").exists()

@@ -46,6 +46,9 @@ class ModelSection:
     quant: Literal["nf4", "fp4", "int8"] | None = None  # a quantised frozen base (bitsandbytes); dtype: its compute dtype
     double_quant: bool = True  # nf4/fp4: 8-bit absmax scales (4.127 bits per weight instead of 4.5)
     int8_threshold: float = check(6.0, ge=0)  # int8: LLM.int8()'s outlier threshold (0: no 16-bit columns)
+    # the attention kernel (transformers' attn_implementation); None: the model's default (sdpa). With
+    # flash_attention_2 (a CUDA GPU and the flash-attn package) packed rows take the varlen path, no mask built.
+    attention: Literal["sdpa", "eager", "flash_attention_2"] | None = None
 
 
 @dataclass(kw_only=True)

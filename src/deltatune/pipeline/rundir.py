@@ -31,7 +31,8 @@ RUN_FILE = "run.json"
 # Keys a resumed run may change: they decide neither the weights nor the optimisation (the fused and the
 # standard loss are the same loss, equal to float tolerance).
 SAFE = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every", "train.keep_last",
-        "train.progress", "train.resume", "train.gradient_checkpointing", "train.loss", "output.", "eval.")
+        "train.progress", "train.resume", "train.gradient_checkpointing", "train.loss", "model.attention", "output.",
+        "eval.")
 
 
 def flat(config: RunConfig) -> dict[str, Any]:

@@ -107,6 +107,9 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
                "seq2seq": tf.AutoModelForSeq2SeqLM}
     kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision,
                               "dtype": DTYPES[config.model.dtype]}
+    if config.model.attention is not None:
+        check_attention(config.model.attention)
+        kwargs["attn_implementation"] = config.model.attention
     if config.model.task == "seq_cls":
         count = check_head(config, labels)
         kwargs.update(num_labels=count)
@@ -135,6 +138,20 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def check_attention(kind: str) -> None:
+    """flash_attention_2 needs a CUDA GPU and the flash-attn package; say so before transformers' own error."""
+    if kind != "flash_attention_2":
+        return
+    import importlib.util
+
+    missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     ("the flash-attn package (pip install flash-attn)",
+                                      importlib.util.find_spec("flash_attn") is not None)) if not ok]
+    if missing:
+        raise ConfigError(f"model.attention = 'flash_attention_2' needs {' and '.join(missing)}, which this machine lacks; "
+                          "use model.attention: sdpa (the default), which packs as exactly")
 
 
 def check_head(config: RunConfig, labels: list[str] | None) -> int:
