@@ -34,6 +34,16 @@ def in_fresh_process(target: Callable[..., Any], *args: Any) -> Any:
 
     process = mp.get_context("fork").Process(target=body)
     process.start()
-    result = parent.recv()
+    child.close()  # only the child holds its end now: its death (the OOM killer, say) ends recv() with EOFError
+    try:
+        result = parent.recv()
+    except EOFError:
+        process.join()
+        raise MeasurementFailed(f"the measuring process died (exit code {process.exitcode}; -9 is SIGKILL, "
+                                "usually the kernel's out-of-memory killer)") from None
     process.join()
     return result
+
+
+class MeasurementFailed(RuntimeError):
+    """The fresh process ended without a result."""
