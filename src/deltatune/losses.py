@@ -20,7 +20,9 @@ throughout; half-precision inputs are multiplied in their own dtype, as the stan
 
 `fused_linear_cross_entropy` is the function on tensors; `lm_loss(model, batch)` runs a transformers
 causal LM or seq2seq model up to its head (the model-level hooks of prompts and prefixes included) and
-applies it, for users of their own loops and of `transformers.Trainer` (`compute_loss`).
+applies it, for users of their own loops and of `transformers.Trainer` (`compute_loss`);
+`sequence_log_probs(model, batch)` gives each row's summed log-probability of its labelled tokens the same
+way (what preference losses such as DPO's compare).
 """
 
 from __future__ import annotations
