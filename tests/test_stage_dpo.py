@@ -170,3 +170,11 @@ def test_a_dpo_section_for_an_sft_run_and_sft_on_pairs_are_refused(tmp_path):
     config = load_run_config(None, _flags(tmp_path, stage="sft"))
     with pytest.raises(ConfigError, match=r"stage = 'sft' does not train on data.format = 'preference'; set stage: dpo"):
         stage_for(config)
+
+
+def test_accumulated_micro_batches_give_the_step_the_same_loss_and_rewards(tmp_path):
+    whole = _records(run(load_run_config(None, _flags(tmp_path, **{"output.dir": str(tmp_path / "a")})), **QUIET).output_dir)
+    split = _records(run(load_run_config(None, _flags(tmp_path, **{"output.dir": str(tmp_path / "b"), "train.batch_size": 2,
+                                                                  "train.grad_accum": 2})), **QUIET).output_dir)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert [r[key] for r in split] == pytest.approx([r[key] for r in whole], abs=1e-5), key
