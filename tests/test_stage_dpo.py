@@ -178,3 +178,17 @@ def test_accumulated_micro_batches_give_the_step_the_same_loss_and_rewards(tmp_p
                                                                   "train.grad_accum": 2})), **QUIET).output_dir)
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert [r[key] for r in split] == pytest.approx([r[key] for r in whole], abs=1e-5), key
+
+
+def test_a_resumed_dpo_run_continues_as_the_uninterrupted_one_and_its_config_yaml_reloads(tmp_path):
+    common = {"train.scheduler": "constant", "train.save_every": 2, "dpo.beta": 0.2}
+    whole = run(load_run_config(None, _flags(tmp_path, **common, **{"train.max_steps": 4, "output.dir": str(tmp_path / "a")})),
+                **QUIET)
+    part = _flags(tmp_path, **common, **{"train.max_steps": 2, "output.dir": str(tmp_path / "b")})
+    run(load_run_config(None, part), **QUIET)
+    resumed = run(load_run_config(None, {**part, "train.max_steps": 4, "train.resume": True}), **QUIET)
+    assert [r["loss"] for r in _records(resumed.output_dir)] == pytest.approx([r["loss"] for r in _records(whole.output_dir)],
+                                                                               abs=1e-6)
+    again = load_run_config(whole.output_dir / "config.yaml")  # the saved config, dpo section and all
+    assert again.stage_settings["dpo"].beta == 0.2 and again.as_dict() == load_run_config(None, _flags(
+        tmp_path, **common, **{"train.max_steps": 4, "output.dir": str(tmp_path / "a")})).as_dict()
