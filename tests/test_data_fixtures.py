@@ -46,7 +46,7 @@ CASES = {
     "openai_tools": (str(DATA / "openai_tools.jsonl"), {"data.format": "chat"}, ["get_weather", "Clear skies"], ['"sky"']),
     "openai_parts": (str(DATA / "openai_parts.jsonl"), {"data.format": "chat"}, ["C-A-T."], ["Spell cat."]),
     "reasoning": (str(DATA / "reasoning.jsonl"), {"data.format": "chat"}, ["Three fours make twelve.", "12."], ["Think first."]),
-    # read and checked; no stage trains them yet
+    # preference pairs (trained by the DPO stage); KTO rows are read and checked, no stage trains them yet
     "lf_dpo_sharegpt": (f"{INFO}#dpo_en_demo", {}, ["Yes, the sun is a star."], ["Is the sun a star?"]),
     "lf_dpo_alpaca": (f"{INFO}#dpo_alpaca", {}, ["Yes, it is."], ["Is the sun a star?"]),
     "lf_v1_dpo": (str(DATA / "v1_dpo_demo.jsonl"), {"data.format": "preference"}, ["Yes."], ["Is the sun"]),
@@ -55,7 +55,7 @@ CASES = {
     "trl_preference_messages": (str(DATA / "trl_preference_messages.jsonl"), {"data.format": "preference"}, ["Yes."], ["Is the sun"]),
     "trl_kto": (str(DATA / "trl_kto.jsonl"), {"data.format": "kto"}, ["Yes."], ["Is the sun"]),
 }
-UNTRAINED = {"lf_dpo_sharegpt", "lf_dpo_alpaca", "lf_v1_dpo", "lf_kto", "trl_preference", "trl_preference_messages", "trl_kto"}
+UNTRAINED = {"lf_kto", "trl_kto"}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_each_trainable_format_trains_a_few_steps(root, case):
 
 
 @pytest.mark.parametrize("case", sorted(UNTRAINED))
-def test_preference_and_kto_data_are_refused_by_train_with_the_reason(root, case):
+def test_kto_data_is_refused_by_train_with_the_reason(root, case):
     with pytest.raises(ConfigError, match=r"are read and checked \(`deltatune data` shows them\), but no training stage"):
         run(load_run_config(None, flags_for(root, case)), echo=lambda *a, **k: None)
 

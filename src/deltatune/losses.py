@@ -20,7 +20,9 @@ throughout; half-precision inputs are multiplied in their own dtype, as the stan
 
 `fused_linear_cross_entropy` is the function on tensors; `lm_loss(model, batch)` runs a transformers
 causal LM or seq2seq model up to its head (the model-level hooks of prompts and prefixes included) and
-applies it, for users of their own loops and of `transformers.Trainer` (`compute_loss`).
+applies it, for users of their own loops and of `transformers.Trainer` (`compute_loss`);
+`sequence_log_probs(model, batch)` gives each row's summed log-probability of its labelled tokens the same
+way (what preference losses such as DPO's compare).
 """
 
 from __future__ import annotations
@@ -266,13 +268,9 @@ def _logit_transform(config: Any) -> tuple[float, float | None]:
     return scale, (float(cap) if cap else None)
 
 
-def lm_loss(model: nn.Module, batch: dict[str, Any], *, reduction: str = "mean", num_items: int | torch.Tensor | None = None,
-            label_smoothing: float = 0.0, chunk: int | None = None, forward: Any = None) -> torch.Tensor:
-    """A causal LM's or seq2seq model's loss on `batch` (which holds `labels`) through the fused loss: equal to
-    `model(**batch).loss` (reduction "mean") to float tolerance, with every gradient, holding no full logits.
-    Causal LMs predict labels[t + 1] from position t; seq2seq models predict the labels at the decoder
-    positions (decoder inputs made from the labels when the batch has none, as the model does). `forward`: what
-    to call instead of the model itself (a DistributedDataParallel wrapper of it, so gradients are reduced)."""
+def _head_inputs(model: nn.Module, batch: dict[str, Any], forward: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(hidden, labels, head keywords) lined up for `fused_linear_cross_entropy`: the model run to its head,
+    causal LMs shifted by one (labels[t + 1] predicted at t), a soft prompt's virtual positions predicting nothing."""
     batch = dict(batch)
     labels = batch.pop("labels", None)
     if labels is None:
@@ -299,6 +297,34 @@ def lm_loss(model: nn.Module, batch: dict[str, Any], *, reduction: str = "mean",
     after = getattr(model, "final_logits_bias", None)  # BART, mBART, Pegasus, Marian: logits = head(h) + this
     if torch.is_tensor(after):
         bias = after.reshape(-1) if bias is None else bias + after.reshape(-1)
-    return fused_linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), bias=bias, low_rank=low_rank,
-                                      label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,
-                                      reduction=reduction, num_items=num_items, chunk=chunk)
+    return hidden, labels.to(hidden.device), dict(weight=head.weight, bias=bias, low_rank=low_rank, softcap=softcap,
+                                                  logit_scale=logit_scale)
+
+
+def lm_loss(model: nn.Module, batch: dict[str, Any], *, reduction: str = "mean", num_items: int | torch.Tensor | None = None,
+            label_smoothing: float = 0.0, chunk: int | None = None, forward: Any = None) -> torch.Tensor:
+    """A causal LM's or seq2seq model's loss on `batch` (which holds `labels`) through the fused loss: equal to
+    `model(**batch).loss` (reduction "mean") to float tolerance, with every gradient, holding no full logits.
+    Causal LMs predict labels[t + 1] from position t; seq2seq models predict the labels at the decoder
+    positions (decoder inputs made from the labels when the batch has none, as the model does). `forward`: what
+    to call instead of the model itself (a DistributedDataParallel wrapper of it, so gradients are reduced)."""
+    hidden, labels, head = _head_inputs(model, batch, forward)
+    return fused_linear_cross_entropy(hidden, labels=labels, label_smoothing=label_smoothing, reduction=reduction,
+                                      num_items=num_items, chunk=chunk, **head)
+
+
+def sequence_log_probs(model: nn.Module, batch: dict[str, Any], *, chunk: int | None = None,
+                       forward: Any = None) -> torch.Tensor:
+    """log p(labelled tokens of row b) for each row b of `batch`, shape (B,): the sum of the labelled tokens'
+    log-probabilities (what preference losses call log pi(y|x)), with gradients, holding no full logits.
+
+    One forward pass for the whole batch; then the fused cross-entropy row by row (reduction "sum"), since
+    its backward scales one stored gradient by one incoming number, and each row gets its own."""
+    hidden, labels, head = _head_inputs(model, batch, forward)
+    low_rank = head.pop("low_rank")
+    rows = []
+    for b in range(hidden.shape[0]):
+        row_rank = (low_rank[0][b], low_rank[1], low_rank[2]) if low_rank is not None else None
+        rows.append(-fused_linear_cross_entropy(hidden[b], labels=labels[b], reduction="sum", chunk=chunk,
+                                                low_rank=row_rank, **head))
+    return torch.stack(rows)

@@ -10,7 +10,9 @@
 A flag overrides a key by its dotted path: `--train.lr 1e-4 --method lora --lora.r 16`
 (the value is read as YAML, so `16` is an int, `[q, v]` a list, `null` None). The
 section named after the method holds that method's config fields (LoraConfig's for
-`lora`); every other key is one of the dataclasses below. Unknown keys and values of
+`lora`). `stage` (sft, dpo) picks what the run trains for, by default the stage the
+data format implies (pipeline/stages); a stage's own settings are the section named
+after it (`dpo: {beta: 0.1}`). Every other key is one of the dataclasses below. Unknown keys and values of
 the wrong type or range are errors naming the key, what is allowed and the file.
 """
 
@@ -152,12 +154,27 @@ class RunConfig:
     # Method config fields the pipeline sets from the run rather than the user (AdaLoRA's total_step):
     # they hold a placeholder until train.run knows the step count (see with_step_count).
     filled: tuple[str, ...] = ()
+    stage: str | None = None  # the training stage the run names; None: the one its data format implies
+    # the settings of every stage that has some (section name -> its dataclass), defaults where not given
+    stage_settings: dict[str, Any] = field(default_factory=dict)
+
+    def _stage_section(self) -> str | None:
+        """The settings section of the stage this run trains with, if that stage has one."""
+        from .stages import active_stage
+
+        stage = active_stage(self)
+        return stage.name if stage is not None and stage.name in self.stage_settings else None
 
     def as_dict(self) -> dict[str, Any]:
         """The config as YAML-ready data (what `deltatune train` prints and saves beside the run)."""
         out: dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["method"] = self.method
         out[self.method] = {k: v for k, v in self.delta.to_dict().items() if k != "method" and k not in self.filled}
+        if self.stage is not None:  # only when named: a run recorded before stages had names resumes as it was
+            out["stage"] = self.stage
+        section = self._stage_section()
+        if section is not None:
+            out[section] = dataclasses.asdict(self.stage_settings[section])
         return out
 
     def command(self) -> str:
@@ -175,6 +192,14 @@ class RunConfig:
             value = getattr(self.delta, f.name)
             if f.metadata.get("serialise", True) and f.name not in self.filled and value != _default(f):
                 flags.append(f"--{self.method}.{f.name} {_flag_value(value)}")
+        if self.stage is not None:
+            flags.append(f"--stage {self.stage}")
+        section = self._stage_section()
+        if section is not None:
+            settings = self.stage_settings[section]
+            default = type(settings)()
+            flags += [f"--{section}.{f.name} {_flag_value(getattr(settings, f.name))}" for f in dataclasses.fields(settings)
+                      if getattr(settings, f.name) != getattr(default, f.name)]
         return "deltatune train " + " ".join(flags)
 
 
@@ -318,20 +343,46 @@ def build_run_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     method = data.get("method", "lora")
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"{source}: method = {method!r} is not allowed: expected one of {', '.join(sorted(METHODS))}")
-    known = set(SECTIONS) | {"method"} | set(METHODS)
+    from .stages import names as stage_names, settings_classes
+
+    stage_sections = settings_classes()
+    known = set(SECTIONS) | {"method", "stage"} | set(METHODS) | set(stage_sections)
     unknown = [k for k in data if k not in known]
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{_suggest(unknown[0], known)}; the keys are "
-                          f"{', '.join(sorted(SECTIONS))}, method, and a section named after the method ({method})")
+                          f"{', '.join(sorted(SECTIONS))}, method, stage, a section named after the method ({method}) "
+                          f"and one named after the stage ({', '.join(sorted(stage_sections))})")
+    stage = data.get("stage")
+    if stage is not None and (not isinstance(stage, str) or stage not in stage_names()):
+        raise ConfigError(f"{source}: stage = {stage!r} is not allowed: expected one of {', '.join(stage_names())} "
+                          "(or no stage: the one the data format implies)")
     other_methods = [k for k in data if k in METHODS and k != method]
     if other_methods:
         raise ConfigError(f"{source}: section {other_methods[0]!r} does not apply: method is {method!r} "
                           f"(set --method {other_methods[0]} to use it)")
     sections = {name: _section(cls, data.get(name), name, source) for name, cls in SECTIONS.items()}
     delta, filled = _method_config(method, data.get(method), source, sections["train"])
-    config = RunConfig(method=method, delta=delta, source=source, filled=filled, **sections)
+    settings = {name: _section(cls, data.get(name), name, source) for name, cls in stage_sections.items()}
+    config = RunConfig(method=method, delta=delta, source=source, filled=filled, stage=stage, stage_settings=settings,
+                       **sections)
     _cross_checks(config)
+    _stage_checks(config, [name for name in stage_sections if name in data])
     return config
+
+
+def _stage_checks(config: RunConfig, given: list[str]) -> None:
+    """The stage's own refusals, and a stage section given for a stage the run does not train with."""
+    from .stages import active_stage
+
+    stage = active_stage(config)
+    for name in given:
+        if stage is None or name != stage.name:
+            raise ConfigError(f"{config.source}: section {name!r} does not apply: the run trains with stage "
+                              f"{stage.name if stage else None!r} (data.format {config.data.format!r}); set stage: {name} "
+                              f"to use it, or drop the section")
+    refusal = stage.check(config) if stage is not None and stage.check is not None else None
+    if refusal:
+        raise ConfigError(f"{config.source}: {refusal}")
 
 
 def _section(cls: type, values: Any, name: str, source: str) -> Any:

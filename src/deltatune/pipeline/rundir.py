@@ -63,7 +63,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
     keys = list(dict.fromkeys([*old, *new]))
     changes = [(k, old.get(k, unset), new.get(k, unset)) for k in keys if old.get(k, unset) != new.get(k, unset)]
     # only the run's own sections: a method's unset key is a difference between two methods, counted elsewhere
-    return [(k, a, b) for k, a, b in changes if not (k.partition(".")[0] in SECTIONS and (
+    from .stages import settings_classes
+
+    own = set(SECTIONS) | set(settings_classes())  # the run's sections and its stage's
+    return [(k, a, b) for k, a, b in changes if not (k.partition(".")[0] in own and (
         (a == unset and _is_default(k, b)) or (b == unset and _is_default(k, a))))]
 
 
@@ -72,14 +75,16 @@ def _listing(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def _is_default(key: str, value: Any) -> bool:
-    """`value` is what `key` has when nobody sets it: a run section's key ("train.master_weights") or a
-    method's ("lora.r")."""
+    """`value` is what `key` has when nobody sets it: a run section's key ("train.master_weights"), a
+    stage's ("dpo.beta") or a method's ("lora.r")."""
     import dataclasses
 
     from ..config import METHODS
+    from .stages import settings_classes
 
     section, _, name = key.partition(".")
-    cls = SECTIONS.get(section) or (METHODS[section].config_cls if section in METHODS else None)
+    cls = (SECTIONS.get(section) or settings_classes().get(section)
+           or (METHODS[section].config_cls if section in METHODS else None))
     field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls is not None else None
     if field is None:
         return False

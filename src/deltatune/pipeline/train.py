@@ -421,6 +421,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             offset += size * world
         step_items = sum(items_of[i] for indices in micro_batches for i in indices)
         step_loss_sum, step_tokens, bad = 0.0, 0, None
+        metric_sums: dict[str, float] = {}  # a stage's own metrics (DPO's rewards), summed over the step's items
         for micro, indices in enumerate(micro_batches):
             mine = indices[accelerator.process_index * size:(accelerator.process_index + 1) * size]
             batch = {k: v.to(accelerator.device) for k, v in collate([prepared.train[i] for i in mine]).items()}
@@ -428,6 +429,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             with accelerator.no_sync(model) if not syncing and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
                     token_sum = stage.loss(model, inner, batch, config)  # summed over this micro-batch's items
+                    token_sum, sums = token_sum if isinstance(token_sum, tuple) else (token_sum, {})
                     regularization = api.regularization(inner)
                     # processes average their gradients, hence x world; the regulariser counts once per step
                     loss = token_sum * (world / max(1, step_items)) + regularization / config.train.grad_accum
@@ -437,9 +439,15 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                 accelerator.backward(scaler.scale(loss))  # the loss checked and logged is the unscaled one
             reg_value = regularization.item() if torch.is_tensor(regularization) else float(regularization)
             step_loss_sum += token_sum.item() + reg_value * max(1, step_items) / world / config.train.grad_accum
+            for name, value in sums.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
             step_tokens += sum(len(prepared.train[i].input_ids) for i in mine) * world  # padding not counted
-        if bad is None and world > 1:  # the step's loss over every process's items
+        if bad is None and world > 1:  # the step's loss (and metrics) over every process's items
             step_loss_sum = float(accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum"))
+            if metric_sums:
+                names = sorted(metric_sums)
+                reduced = accelerator.reduce(torch.tensor([metric_sums[n] for n in names], device=accelerator.device), "sum")
+                metric_sums = dict(zip(names, reduced.tolist()))
         step_loss = step_loss_sum / max(1, step_items)
         if bad is not None:
             if config.train.on_nan == "stop":
@@ -484,7 +492,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         bar.update(1)
         if step % config.train.log_every == 0 or step == total:
-            log.write({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": rate, "elapsed_s": elapsed})
+            log.write({"step": step, "loss": step_loss, **{n: v / max(1, step_items) for n, v in metric_sums.items()},
+                       "lr": lr, "tokens_per_s": rate, "elapsed_s": elapsed})
         if config.train.eval_every and step % config.train.eval_every == 0 and step < total and prepared.eval:
             metrics = evaluate(inner, prepared, config, tokenizer)
             log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})

@@ -6,7 +6,11 @@ over the batch's items). Everything else (devices, accumulation, clipping, fp32 
 the schedule, checkpoints, logs) is the loop's, in train.run, which knows no stage by name: it asks
 `stage_for(config)` and calls the record it gets.
 
-A new stage (DPO, KTO, ORPO, a reward model, GRPO) is one file here and one entry in STAGES.
+A run picks its stage with the top-level `stage` key, or leaves it to the data: the first stage that takes
+data.format (SFT takes every format but preference and KTO rows; DPO takes preference pairs). A stage with
+settings of its own reads them from the section named after it (`dpo:`), as a method does (`lora:`).
+
+A new stage (KTO, ORPO, a reward model, GRPO) is one file here and one entry in `_stages`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,17 @@ class Stage:
     items: Callable[["Example", "RunConfig"], int]
     # (config, tokenizer) -> a function from a list of examples to a batch of CPU tensors
     collator: Callable[["RunConfig", Any], Callable[[list["Example"]], dict[str, Any]]]
-    # (forward, model, batch, config) -> the loss summed over the batch's items. `forward` is what to call
-    # for the forward pass (a DistributedDataParallel wrapper, so gradients are reduced); `model` the model itself.
-    loss: Callable[[Callable[..., Any], torch.nn.Module, dict[str, Any], "RunConfig"], torch.Tensor]
+    # (forward, model, batch, config) -> the loss summed over the batch's items, or (that loss, {metric: its sum
+    # over the batch's items}); the loop logs each metric per step divided by the step's items. `forward` is what
+    # to call for the forward pass (a DistributedDataParallel wrapper, so gradients are reduced); `model` the model.
+    loss: Callable[[Callable[..., Any], torch.nn.Module, dict[str, Any], "RunConfig"],
+                   "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
     # formats read and checked by `deltatune data` that this stage refuses, with what they are (for the error)
     refuses: tuple[str, ...] = ()
+    # the dataclass of the config section named after the stage (`dpo:`), or None when it has no settings
+    settings: type | None = None
+    # (config) -> why this run cannot train with the stage, or None; asked when the config is read
+    check: Callable[["RunConfig"], str | None] | None = None
 
 
 # formats that are read and checked but that no stage trains on yet: what they are, for the error message
@@ -42,9 +52,34 @@ NOT_YET_TRAINED = {"preference": "preference pairs", "kto": "KTO feedback rows"}
 
 
 def _stages() -> dict[str, Stage]:
+    from .dpo import DPO
     from .sft import SFT
 
-    return {SFT.name: SFT}
+    return {SFT.name: SFT, DPO.name: DPO}
+
+
+def names() -> list[str]:
+    return list(_stages())
+
+
+def settings_classes() -> dict[str, type]:
+    """Section name -> dataclass, for the stages that have settings of their own."""
+    return {name: stage.settings for name, stage in _stages().items() if stage.settings is not None}
+
+
+def takes(stage: Stage, fmt: str) -> bool:
+    return fmt not in stage.refuses and (stage.formats is None or fmt in stage.formats)
+
+
+def active_stage(config: "RunConfig") -> Stage | None:
+    """The stage the run names (`stage:`), or else the first that takes its data format; None if none does."""
+    from ..rows import canonical_format
+
+    registry = _stages()
+    if config.stage is not None:
+        return registry.get(config.stage)
+    fmt = canonical_format(config.data.format)
+    return next((stage for stage in registry.values() if takes(stage, fmt)), None)
 
 
 def stage_for(config: "RunConfig") -> Stage:
@@ -53,11 +88,14 @@ def stage_for(config: "RunConfig") -> Stage:
     from ..rows import canonical_format
 
     fmt = canonical_format(config.data.format)
-    for stage in _stages().values():
-        if fmt in stage.refuses:
-            continue
-        if stage.formats is None or fmt in stage.formats:
-            return stage
+    stage = active_stage(config)
+    if stage is not None and takes(stage, fmt):
+        return stage
+    if stage is not None:  # named by the run, but not for this data
+        others = [s.name for s in _stages().values() if takes(s, fmt)]
+        fix = f"set stage: {others[0]} (or drop stage)" if others else "no stage trains this format yet"
+        raise ConfigError(f"{config.source}: stage = {stage.name!r} does not train on data.format = {config.data.format!r}; "
+                          f"{fix}")
     what = NOT_YET_TRAINED.get(fmt, f"rows of format {fmt!r}")
     raise ConfigError(f"{config.source}: data.format = {config.data.format!r}: {what} are read and checked (`deltatune "
                       "data` shows them), but no training stage takes them yet; the preference stages (DPO, ORPO, KTO, "

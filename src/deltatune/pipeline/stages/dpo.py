@@ -1,0 +1,130 @@
+"""Direct preference optimisation: train the delta so the model prefers the chosen completion of each pair.
+
+For a prompt x with a chosen completion y_w and a rejected one y_l, log pi(y|x) is the sum of the completion's
+token log-probabilities (the prompt never counts, nor padding); pi_ref is the reference, here the same model with
+the delta switched off (`dt.disabled`), so no second copy of the model is held. With beta > 0:
+
+    h = beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))]
+    sigmoid (DPO, Rafailov et al. 2023):      loss = -(1 - e) log sigma(h) - e log sigma(-h)
+                                              (e = dpo.label_smoothing: conservative DPO; e = 0 is plain DPO)
+    ipo (IPO, Azar et al. 2023):              loss = (h / beta - 1 / (2 beta))^2, with the log-probabilities
+                                              averaged over each completion's tokens (as TRL computes IPO)
+
+One pair is one loss item: the stage returns the sum over the batch's pairs and the loop divides by the step's
+pairs. Per pair it also sums what TRL logs: rewards/chosen = beta (log pi(y_w|x) - log pi_ref(y_w|x)),
+rewards/rejected likewise for y_l, rewards/margins their difference, rewards/accuracies 1 where the margin is > 0.
+
+A batch of B pairs is one padded batch of 2B rows (chosen rows, then rejected rows), run once through the policy
+and once, under no_grad, through the reference; the log-probabilities come from the fused head + cross-entropy
+(losses.sequence_log_probs), so the full logits are never held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ... import api
+from ...config import check, method_of
+from ...losses import sequence_log_probs
+from ..data import IGNORE, Collator
+from . import Stage
+
+
+@dataclass(kw_only=True)
+class DpoSection:
+    """The `dpo:` section of a run config (TRL's defaults)."""
+
+    beta: float = check(0.1, gt=0)  # how far the policy may move from the reference (larger: closer)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    # conservative DPO: the share of pairs whose preference is taken to be flipped (sigmoid only)
+    label_smoothing: float = check(0.0, ge=0, le=0.5)
+
+
+def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """The loss of each pair, (P,), from the policy's and the reference's log-probabilities of the completions
+    (sums for sigmoid, per-token means for ipo)."""
+    h = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (P,)
+    if loss_type == "ipo":
+        return (h / beta - 1.0 / (2.0 * beta)) ** 2
+    return -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+
+def items(example: Any, config: Any) -> int:
+    return 1  # one pair, one loss item, whatever its length
+
+
+def collator(config: Any, tokenizer: Any) -> Callable[[list[Any]], dict[str, Any]]:
+    rows = Collator(pad_id=tokenizer.pad_token_id, task="causal_lm")
+
+    def collate(examples: list[Any]) -> dict[str, Any]:
+        # chosen rows first, then the rejected ones, padded to one width: one forward for both
+        return rows(list(examples) + [e.rejected for e in examples])
+
+    return collate
+
+
+def completion_log_probs(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
+                         average: bool) -> torch.Tensor:
+    """log pi(y|x) of each row (the sum over its labelled tokens; the mean over them when `average`), (2B,)."""
+    logps = sequence_log_probs(model, batch, forward=forward)
+    if average:
+        tokens = (batch["labels"][:, 1:] != IGNORE).sum(-1).clamp(min=1)  # the causal shift: position 0 predicts nothing
+        logps = logps / tokens.to(logps.dtype)
+    return logps
+
+
+def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
+         config: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    settings: DpoSection = config.stage_settings["dpo"]
+    average = settings.loss_type == "ipo"
+    # the reference: the same weights with the delta off; no gradient, and the model itself rather than a
+    # DistributedDataParallel wrapper, since nothing of it is reduced
+    with torch.no_grad(), api.disabled(model):
+        reference = completion_log_probs(model, model, batch, average).float()
+    policy = completion_log_probs(forward, model, batch, average).float()
+    pairs = policy.shape[0] // 2
+    chosen, rejected = policy[:pairs], policy[pairs:]
+    ref_chosen, ref_rejected = reference[:pairs], reference[pairs:]
+    losses = pair_losses(chosen, rejected, ref_chosen, ref_rejected, settings.beta, settings.loss_type,
+                         settings.label_smoothing)
+    with torch.no_grad():
+        reward_chosen = settings.beta * (chosen - ref_chosen)
+        reward_rejected = settings.beta * (rejected - ref_rejected)
+        margin = reward_chosen - reward_rejected
+        metrics = {"rewards/chosen": reward_chosen.sum(), "rewards/rejected": reward_rejected.sum(),
+                   "rewards/margins": margin.sum(), "rewards/accuracies": (margin > 0).float().sum()}
+    return losses.sum(), metrics
+
+
+def check_config(config: Any) -> str | None:
+    """Why this run cannot train with DPO, or None."""
+    fmt = config.data.format
+    if fmt != "preference":
+        return (f"stage = 'dpo' trains on preference pairs, but data.format is {fmt!r}: use data.format: preference "
+                "(columns prompt, chosen, rejected), or drop stage for the format's own stage")
+    if config.model.task != "causal_lm":
+        return f"stage = 'dpo' trains causal LMs; model.task is {config.model.task!r}: set model.task: causal_lm"
+    if config.data.packing:
+        return ("stage = 'dpo' does not pack: each pair's two completions are scored as whole rows; "
+                "set data.packing: false")
+    if method_of(config.delta).kind == "select":
+        return (f"stage = 'dpo' compares the model with its reference, the same model with the delta switched off; "
+                f"method {config.method!r} trains the base weights themselves, and a separate reference copy is not "
+                "supported yet: use a delta method such as lora")
+    if config.train.label_smoothing:
+        return ("train.label_smoothing smooths the SFT loss; for DPO use dpo.label_smoothing (conservative DPO) "
+                "and drop train.label_smoothing")
+    settings = config.stage_settings["dpo"]
+    if settings.label_smoothing and settings.loss_type != "sigmoid":
+        return (f"dpo.label_smoothing applies to dpo.loss_type: sigmoid (conservative DPO); loss_type is "
+                f"{settings.loss_type!r}: drop dpo.label_smoothing or set dpo.loss_type: sigmoid")
+    return None
+
+
+DPO = Stage(name="dpo", formats=frozenset({"preference"}), items=items, collator=collator, loss=loss,
+            settings=DpoSection, check=check_config)

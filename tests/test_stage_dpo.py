@@ -1,0 +1,194 @@
+"""The DPO stage: the loss formulas, the per-sequence log-probabilities, the step-0 value, a short run that
+learns the preference, the config keys and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.pipeline import rundir
+from deltatune.pipeline.config import ConfigError, load_run_config
+from deltatune.pipeline.data import IGNORE, prepare
+from deltatune.pipeline.stages import stage_for
+from deltatune.pipeline.stages.dpo import DPO, completion_log_probs, pair_losses
+from deltatune.pipeline.train import load_base, load_tokenizer, run
+from pipeline_models import save_tiny, write_jsonl
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+ROWS = [{"prompt": f"Repeat {w}:", "chosen": f" {w} {w}", "rejected": " no idea"} for w in WORDS]
+QUIET = {"echo": lambda *a, **k: None}
+
+
+def _flags(tmp_path, **extra) -> dict:
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    return {"model.name": str(save_tiny(tmp_path, "llama")), "data.train": str(data), "data.format": "preference",
+            "method": "lora", "lora.r": 4, "train.max_steps": 2, "train.batch_size": 4, "train.lr": 1e-2,
+            "train.log_every": 1, "train.progress": False, "output.dir": str(tmp_path / "out"), **extra}
+
+
+def _records(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]
+
+
+# ---------------------------------------------------------------- the formulas
+
+
+def test_the_pair_losses_are_the_formulas():
+    chosen, rejected = torch.tensor([-3.0, -5.0, -2.5]), torch.tensor([-4.0, -4.5, -6.0])
+    ref_chosen, ref_rejected = torch.tensor([-3.2, -4.0, -2.0]), torch.tensor([-3.9, -4.9, -5.0])
+    beta = 0.3
+    for i in range(3):
+        h = beta * ((chosen[i] - ref_chosen[i]) - (rejected[i] - ref_rejected[i])).item()
+        sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+        by_hand = {"sigmoid": -math.log(sig(h)), "cdpo": -0.9 * math.log(sig(h)) - 0.1 * math.log(sig(-h)),
+                   "ipo": (h / beta - 1 / (2 * beta)) ** 2}
+        got = {"sigmoid": pair_losses(chosen, rejected, ref_chosen, ref_rejected, beta)[i].item(),
+               "cdpo": pair_losses(chosen, rejected, ref_chosen, ref_rejected, beta, "sigmoid", 0.1)[i].item(),
+               "ipo": pair_losses(chosen, rejected, ref_chosen, ref_rejected, beta, "ipo")[i].item()}
+        for kind in by_hand:
+            assert got[kind] == pytest.approx(by_hand[kind], rel=1e-6), kind
+
+
+# ---------------------------------------------------------------- on a tiny llama
+
+
+def _model_and_batch(tmp_path, **extra):
+    config = load_run_config(None, _flags(tmp_path, **extra))
+    tokenizer = load_tokenizer(config)
+    model = load_base(config, tokenizer)
+    dt.attach(model, config.delta)
+    prepared = prepare(config, tokenizer, None)
+    batch = DPO.collator(config, tokenizer)(prepared.train[:3])
+    return config, model, batch
+
+
+def test_the_sequence_log_probs_equal_those_of_the_full_logits(tmp_path):
+    config, model, batch = _model_and_batch(tmp_path)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)  # LoRA's B starts at zero: make the delta change the log-probabilities
+    assert batch["input_ids"].shape[0] == 6  # three pairs: chosen rows, then rejected rows, one padded batch
+    for average in (False, True):
+        fused = completion_log_probs(model, model, batch, average)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        picked = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        full = (picked * mask).sum(-1)
+        if average:
+            full = full / mask.sum(-1)
+        assert fused.detach() == pytest.approx(full.detach(), abs=1e-4)
+        # and the gradients a delta parameter gets agree too
+        lora = next(p for n, p in model.named_parameters() if "lora_A" in n)
+        g_fused = torch.autograd.grad(fused.sum(), lora)[0]
+        g_full = torch.autograd.grad(full.sum(), lora)[0]
+        assert torch.allclose(g_fused, g_full, atol=1e-5)
+    # the prompt never counts: every row's first labelled token comes after its prompt
+    assert all((row[: 3] == IGNORE).all() for row in batch["labels"])
+
+
+def test_at_step_zero_the_policy_is_the_reference_so_the_loss_is_log_2(tmp_path):
+    config, model, batch = _model_and_batch(tmp_path)
+    total, metrics = DPO.loss(model, model, batch, config)  # LoRA's B = 0: the delta changes nothing yet
+    assert total.item() / 3 == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-6)
+    total.backward()  # and the loss has gradients for the delta
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_a_short_dpo_run_learns_the_preference(tmp_path):
+    config = load_run_config(None, _flags(tmp_path, **{"train.max_steps": 10, "train.lr": 5e-2, "train.scheduler": "constant"}))
+    assert stage_for(config).name == "dpo"  # preference data implies the DPO stage
+    records = _records(run(config, **QUIET).output_dir)
+    assert len(records) == 10
+    first, last = records[0], records[-1]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # before any update the policy is the reference
+    assert first["rewards/accuracies"] == 0.0 and first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # on this tiny random model beta = 0.1 moves slowly; measured: 0.693 -> 0.58, margin 0 -> 0.24 in 10 steps
+    assert last["loss"] < first["loss"] - 0.05
+    assert last["rewards/accuracies"] >= 0.75 and last["rewards/margins"] > max(0.1, records[1]["rewards/margins"])
+    assert all(k in last for k in ("rewards/chosen", "rewards/rejected"))
+
+
+def test_an_ipo_run_takes_its_settings(tmp_path):
+    config = load_run_config(None, _flags(tmp_path, **{"dpo": {"loss_type": "ipo", "beta": 0.5}, "train.max_steps": 1}))
+    assert config.stage_settings["dpo"].loss_type == "ipo"
+    records = _records(run(config, **QUIET).output_dir)
+    assert records[0]["loss"] == pytest.approx((1 / (2 * 0.5)) ** 2, rel=1e-5)  # h = 0 at step 0: (0 - 1/(2 beta))^2
+
+
+# ---------------------------------------------------------------- config and refusals
+
+
+def test_the_dpo_keys_round_trip_and_an_older_run_without_a_new_key_resumes(tmp_path):
+    config = load_run_config(None, _flags(tmp_path, **{"stage": "dpo", "dpo.beta": 0.2, "dpo.label_smoothing": 0.1}))
+    values = config.as_dict()
+    assert values["stage"] == "dpo" and values["dpo"] == {"beta": 0.2, "loss_type": "sigmoid", "label_smoothing": 0.1}
+    assert "--stage dpo" in config.command() and "--dpo.beta 0.2" in config.command()
+    # a run recorded before dpo.label_smoothing existed ran with its default: no difference
+    plain = rundir.flat(load_run_config(None, _flags(tmp_path)))
+    older = {k: v for k, v in plain.items() if k != "dpo.label_smoothing"}
+    assert rundir.differences(older, plain) == []
+    # an SFT run records neither stage nor a dpo section: older SFT runs resume as before
+    sft = load_run_config(None, {**_flags(tmp_path), "data.format": "instruction",
+                                 "data.train": str(write_jsonl(tmp_path / "i.jsonl", [{"instruction": "a", "output": "b"}]))})
+    assert "stage" not in sft.as_dict() and "dpo" not in sft.as_dict()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"stage": "dpo", "data.format": "instruction"}, r"stage = 'dpo' trains on preference pairs, but data.format is 'instruction'"),
+    ({"method": "full", "lora.r": None}, r"method 'full' trains the base weights.*reference copy is not supported yet.*lora"),
+    ({"method": "bitfit", "lora.r": None}, r"method 'bitfit' trains the base weights"),
+    ({"data.packing": True}, r"stage = 'dpo' does not pack.*data.packing: false"),
+    ({"model.task": "seq_cls"}, r"data.format = 'preference' does not fit model.task = 'seq_cls'"),
+    ({"dpo.loss_type": "kto"}, r"dpo.loss_type = 'kto' is not allowed"),
+    ({"dpo.beta": 0}, r"dpo.beta"),
+    ({"dpo.loss_type": "ipo", "dpo.label_smoothing": 0.1}, r"dpo.label_smoothing applies to dpo.loss_type: sigmoid"),
+    ({"train.label_smoothing": 0.1}, r"for DPO use dpo.label_smoothing"),
+    ({"stage": "ppo"}, r"stage = 'ppo' is not allowed: expected one of sft, dpo"),
+])
+def test_the_refusals_name_the_problem_and_the_fix(tmp_path, flags, message):
+    values = _flags(tmp_path)
+    for key, value in flags.items():
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, values)
+
+
+def test_a_dpo_section_for_an_sft_run_and_sft_on_pairs_are_refused(tmp_path):
+    data = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(ConfigError, match=r"section 'dpo' does not apply: the run trains with stage 'sft'.*set stage: dpo"):
+        load_run_config(None, {**_flags(tmp_path), "data.format": "instruction", "data.train": str(data), "dpo.beta": 0.2})
+    config = load_run_config(None, _flags(tmp_path, stage="sft"))
+    with pytest.raises(ConfigError, match=r"stage = 'sft' does not train on data.format = 'preference'; set stage: dpo"):
+        stage_for(config)
+
+
+def test_accumulated_micro_batches_give_the_step_the_same_loss_and_rewards(tmp_path):
+    whole = _records(run(load_run_config(None, _flags(tmp_path, **{"output.dir": str(tmp_path / "a")})), **QUIET).output_dir)
+    split = _records(run(load_run_config(None, _flags(tmp_path, **{"output.dir": str(tmp_path / "b"), "train.batch_size": 2,
+                                                                  "train.grad_accum": 2})), **QUIET).output_dir)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert [r[key] for r in split] == pytest.approx([r[key] for r in whole], abs=1e-5), key
+
+
+def test_a_resumed_dpo_run_continues_as_the_uninterrupted_one_and_its_config_yaml_reloads(tmp_path):
+    common = {"train.scheduler": "constant", "train.save_every": 2, "dpo.beta": 0.2}
+    whole = run(load_run_config(None, _flags(tmp_path, **common, **{"train.max_steps": 4, "output.dir": str(tmp_path / "a")})),
+                **QUIET)
+    part = _flags(tmp_path, **common, **{"train.max_steps": 2, "output.dir": str(tmp_path / "b")})
+    run(load_run_config(None, part), **QUIET)
+    resumed = run(load_run_config(None, {**part, "train.max_steps": 4, "train.resume": True}), **QUIET)
+    assert [r["loss"] for r in _records(resumed.output_dir)] == pytest.approx([r["loss"] for r in _records(whole.output_dir)],
+                                                                               abs=1e-6)
+    again = load_run_config(whole.output_dir / "config.yaml")  # the saved config, dpo section and all
+    assert again.stage_settings["dpo"].beta == 0.2 and again.as_dict() == load_run_config(None, _flags(
+        tmp_path, **common, **{"train.max_steps": 4, "output.dir": str(tmp_path / "a")})).as_dict()
