@@ -15,6 +15,7 @@ from deltatune.cli import main as cli
 from deltatune.pipeline.config import ConfigError, load_run_config
 from deltatune.pipeline.data import IGNORE, prepare
 from deltatune.pipeline.rows import DataError
+from deltatune.pipeline.stages import stage_for
 from deltatune.pipeline.train import run
 from deltatune.tiny import write_tiny
 from pipeline_models import tokenizer_folder
@@ -46,7 +47,7 @@ CASES = {
     "openai_tools": (str(DATA / "openai_tools.jsonl"), {"data.format": "chat"}, ["get_weather", "Clear skies"], ['"sky"']),
     "openai_parts": (str(DATA / "openai_parts.jsonl"), {"data.format": "chat"}, ["C-A-T."], ["Spell cat."]),
     "reasoning": (str(DATA / "reasoning.jsonl"), {"data.format": "chat"}, ["Three fours make twelve.", "12."], ["Think first."]),
-    # preference pairs (trained by the DPO stage); KTO rows are read and checked, no stage trains them yet
+    # preference pairs (trained by the DPO stage) and KTO rows (by the KTO stage)
     "lf_dpo_sharegpt": (f"{INFO}#dpo_en_demo", {}, ["Yes, the sun is a star."], ["Is the sun a star?"]),
     "lf_dpo_alpaca": (f"{INFO}#dpo_alpaca", {}, ["Yes, it is."], ["Is the sun a star?"]),
     "lf_v1_dpo": (str(DATA / "v1_dpo_demo.jsonl"), {"data.format": "preference"}, ["Yes."], ["Is the sun"]),
@@ -55,7 +56,7 @@ CASES = {
     "trl_preference_messages": (str(DATA / "trl_preference_messages.jsonl"), {"data.format": "preference"}, ["Yes."], ["Is the sun"]),
     "trl_kto": (str(DATA / "trl_kto.jsonl"), {"data.format": "kto"}, ["Yes."], ["Is the sun"]),
 }
-UNTRAINED = {"lf_kto", "trl_kto"}
+KTO_CASES = {"lf_kto", "trl_kto"}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_refused_files_name_file_row_and_column(root, tokenizer, source, flags, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(set(CASES) - UNTRAINED))
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_each_trainable_format_trains_a_few_steps(root, case):
     result = run(load_run_config(None, flags_for(root, case)), echo=lambda *a, **k: None)
     losses = [json.loads(line)["loss"] for line in (result.output_dir / "log.jsonl").read_text().splitlines()
@@ -162,10 +163,9 @@ def test_each_trainable_format_trains_a_few_steps(root, case):
     assert losses and all(math.isfinite(loss) for loss in losses)
 
 
-@pytest.mark.parametrize("case", sorted(UNTRAINED))
-def test_kto_data_is_refused_by_train_with_the_reason(root, case):
-    with pytest.raises(ConfigError, match=r"are read and checked \(`deltatune data` shows them\), but no training stage"):
-        run(load_run_config(None, flags_for(root, case)), echo=lambda *a, **k: None)
+@pytest.mark.parametrize("case", sorted(KTO_CASES))
+def test_kto_data_trains_with_the_kto_stage(root, case):
+    assert stage_for(load_run_config(None, flags_for(root, case))).name == "kto"
 
 
 @pytest.mark.slow

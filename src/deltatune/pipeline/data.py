@@ -13,7 +13,7 @@ the chat template and tokenised whole; trained tokens are found by character off
     segments        segments [{text, label}]              axolotl input_output; loss where label is true
     tokenized       input_ids (+ labels, attention_mask)  used as they are
     preference      prompt, chosen, rejected              read and checked (no stage trains them yet)
-    kto             prompt, completion, label             read and checked (no stage trains them yet)
+    kto             prompt, completion, label             the KTO stage (stage: kto)
     classification  text, text_pair (optional), label     sequence classification
     seq2seq         source, target                        encoder-decoder
 

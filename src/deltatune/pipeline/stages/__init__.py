@@ -48,14 +48,15 @@ class Stage:
 
 
 # formats that are read and checked but that no stage trains on yet: what they are, for the error message
-NOT_YET_TRAINED = {"preference": "preference pairs", "kto": "KTO feedback rows"}
+NOT_YET_TRAINED = {"preference": "preference pairs"}
 
 
 def _stages() -> dict[str, Stage]:
     from .dpo import DPO
+    from .kto import KTO
     from .sft import SFT
 
-    return {SFT.name: SFT, DPO.name: DPO}
+    return {SFT.name: SFT, DPO.name: DPO, KTO.name: KTO}
 
 
 def names() -> list[str]:
