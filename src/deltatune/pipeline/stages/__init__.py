@@ -54,9 +54,10 @@ NOT_YET_TRAINED = {"preference": "preference pairs"}
 def _stages() -> dict[str, Stage]:
     from .dpo import DPO
     from .kto import KTO
+    from .orpo import ORPO
     from .sft import SFT
 
-    return {SFT.name: SFT, DPO.name: DPO, KTO.name: KTO}
+    return {SFT.name: SFT, DPO.name: DPO, KTO.name: KTO, ORPO.name: ORPO}  # preference data: DPO unless stage: orpo
 
 
 def names() -> list[str]:
