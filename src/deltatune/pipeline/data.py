@@ -12,7 +12,7 @@ the chat template and tokenised whole; trained tokens are found by character off
                     the assistant turns (not those marked train: false, never on tool results)
     segments        segments [{text, label}]              axolotl input_output; loss where label is true
     tokenized       input_ids (+ labels, attention_mask)  used as they are
-    preference      prompt, chosen, rejected              read and checked (no stage trains them yet)
+    preference      prompt, chosen, rejected              the DPO stage (stage: orpo for ORPO)
     kto             prompt, completion, label             the KTO stage (stage: kto)
     classification  text, text_pair (optional), label     sequence classification
     seq2seq         source, target                        encoder-decoder

@@ -7,7 +7,8 @@ the schedule, checkpoints, logs) is the loop's, in train.run, which knows no sta
 `stage_for(config)` and calls the record it gets.
 
 A run picks its stage with the top-level `stage` key, or leaves it to the data: the first stage that takes
-data.format (SFT takes every format but preference and KTO rows; DPO takes preference pairs). A stage with
+data.format (SFT takes every format but preference and KTO rows; DPO takes preference pairs, KTO its rows; ORPO takes
+preference pairs when named). A stage with
 settings of its own reads them from the section named after it (`dpo:`), as a method does (`lora:`).
 
 A new stage (KTO, ORPO, a reward model, GRPO) is one file here and one entry in `_stages`.
@@ -48,7 +49,8 @@ class Stage:
 
 
 # formats that are read and checked but that no stage trains on yet: what they are, for the error message
-NOT_YET_TRAINED = {"preference": "preference pairs"}
+# (every format has a stage today; a format added to the readers before its stage goes here)
+NOT_YET_TRAINED: dict[str, str] = {}
 
 
 def _stages() -> dict[str, Stage]:
@@ -100,5 +102,6 @@ def stage_for(config: "RunConfig") -> Stage:
                           f"{fix}")
     what = NOT_YET_TRAINED.get(fmt, f"rows of format {fmt!r}")
     raise ConfigError(f"{config.source}: data.format = {config.data.format!r}: {what} are read and checked (`deltatune "
-                      "data` shows them), but no training stage takes them yet; the preference stages (DPO, ORPO, KTO, "
-                      "reward models) are separate work")
+                      "data` shows them), but no training stage takes them yet; the stages are: "
+                      + ", ".join(f"{s.name} ({'every format' if s.formats is None else ', '.join(sorted(s.formats))})"
+                                  for s in _stages().values()))
