@@ -128,8 +128,15 @@ def test_an_ipo_run_takes_its_settings(tmp_path):
 def test_the_dpo_keys_round_trip_and_an_older_run_without_a_new_key_resumes(tmp_path):
     config = load_run_config(None, _flags(tmp_path, **{"stage": "dpo", "dpo.beta": 0.2, "dpo.label_smoothing": 0.1}))
     values = config.as_dict()
-    assert values["stage"] == "dpo" and values["dpo"] == {"beta": 0.2, "loss_type": "sigmoid", "label_smoothing": 0.1}
-    assert "--stage dpo" in config.command() and "--dpo.beta 0.2" in config.command()
+    assert values["dpo"] == {"beta": 0.2, "loss_type": "sigmoid", "label_smoothing": 0.1}
+    assert "--dpo.beta 0.2" in config.command()
+    # naming the stage the data implies is the same run as leaving it out: recorded the same, so either resumes the other
+    assert "stage" not in values and "--stage" not in config.command()
+    implied = load_run_config(None, _flags(tmp_path, **{"dpo.beta": 0.2, "dpo.label_smoothing": 0.1}))
+    assert rundir.differences(rundir.flat(implied), rundir.flat(config)) == []
+    assert rundir.identity(rundir.flat(implied)) == rundir.identity(rundir.flat(config))
+    orpo = load_run_config(None, _flags(tmp_path, stage="orpo"))  # another stage than the implied one is recorded
+    assert orpo.as_dict()["stage"] == "orpo" and "--stage orpo" in orpo.command()
     # a run recorded before dpo.label_smoothing existed ran with its default: no difference
     plain = rundir.flat(load_run_config(None, _flags(tmp_path)))
     older = {k: v for k, v in plain.items() if k != "dpo.label_smoothing"}

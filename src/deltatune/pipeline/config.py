@@ -165,12 +165,20 @@ class RunConfig:
         stage = active_stage(self)
         return stage.name if stage is not None and stage.name in self.stage_settings else None
 
+    def _implied_stage(self) -> str | None:
+        from .stages import active_stage
+
+        implied = active_stage(dataclasses.replace(self, stage=None))
+        return implied.name if implied is not None else None
+
     def as_dict(self) -> dict[str, Any]:
         """The config as YAML-ready data (what `deltatune train` prints and saves beside the run)."""
         out: dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["method"] = self.method
         out[self.method] = {k: v for k, v in self.delta.to_dict().items() if k != "method" and k not in self.filled}
-        if self.stage is not None:  # only when named: a run recorded before stages had names resumes as it was
+        if self.stage is not None and self.stage != self._implied_stage():
+            # only when it is not the one the data implies: a run recorded before stages had names, or one that
+            # named its implied stage, resumes as it was
             out["stage"] = self.stage
         section = self._stage_section()
         if section is not None:
@@ -192,7 +200,7 @@ class RunConfig:
             value = getattr(self.delta, f.name)
             if f.metadata.get("serialise", True) and f.name not in self.filled and value != _default(f):
                 flags.append(f"--{self.method}.{f.name} {_flag_value(value)}")
-        if self.stage is not None:
+        if self.stage is not None and self.stage != self._implied_stage():
             flags.append(f"--stage {self.stage}")
         section = self._stage_section()
         if section is not None:
