@@ -302,3 +302,47 @@ def test_simpo_refusals(tmp_path):
     # DPO's refusal of methods without a delta points at simpo
     with pytest.raises(ConfigError, match=r"dpo.loss_type: simpo, which needs no reference"):
         load_run_config(None, {k: v for k, v in _flags(tmp_path, method="bitfit").items() if k != "lora.r"})
+
+
+# ---------------------------------------------------------------- what a pair holds: the memory plan, tokens/s
+
+
+def test_the_memory_plan_counts_both_rows_of_a_pair_and_tokens_per_second_counts_the_rejected_tokens(tmp_path,
+                                                                                                      monkeypatch):
+    from types import SimpleNamespace
+
+    from deltatune.pipeline import train as train_module
+
+    planned = []
+    monkeypatch.setattr(train_module, "check_run", lambda *a, **k: planned.append((a, k)))
+    # a clock that advances one second per reading: each step then takes exactly one second of train time
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    rows = [dict(r, rejected=" no idea at all, none whatsoever") for r in ROWS]  # rejected rows longer than chosen
+    flags = _flags(tmp_path, **{"data.train": str(write_jsonl(tmp_path / "long.jsonl", rows)), "train.batch_size": 8})
+    config = load_run_config(None, flags)
+    out = run(config, **QUIET).output_dir
+    tokenizer = load_tokenizer(config)
+    prepared = prepare(config, tokenizer, None)
+    (args, kwargs), = planned
+    assert kwargs["rows_per_example"] == 2  # the chosen and the rejected row of each pair
+    assert args[2] == max(len(e.rejected.input_ids) for e in prepared.train)  # the longest row, here a rejected one
+    assert args[2] > max(len(e.input_ids) for e in prepared.train)
+    # all 8 pairs each step, one second a step: tokens/s is the pair's chosen plus rejected tokens
+    pair_tokens = sum(len(e.input_ids) + len(e.rejected.input_ids) for e in prepared.train)
+    assert [r["tokens_per_s"] for r in _records(out)] == [pair_tokens, pair_tokens]
+
+
+def test_plan_run_plans_batch_times_rows_per_example(tmp_path):
+    from deltatune.planner import plan_run
+
+    config, model, _ = _model_and_batch(tmp_path)
+    one, two = plan_run(config, model, 16), plan_run(config, model, 16, rows_per_example=2)
+    assert one.setting.batch == 4 and two.setting.batch == 8
+    assert two.total > one.total and any("2 rows in the forward" in note for note in two.notes)
+    assert not any("rows in the forward" in note for note in one.notes)
+    # what the loop plans and counts by: a pair is its two rows, any other example itself (SFT: len(input_ids))
+    from deltatune.pipeline.stages.sft import SFT
+
+    example = prepare(config, load_tokenizer(config), None).train[0]
+    assert DPO.rows_of(example) == (example, example.rejected) and SFT.rows_of(example) == (example,)
