@@ -302,6 +302,9 @@ def test_simpo_refusals(tmp_path):
     # DPO's refusal of methods without a delta points at simpo
     with pytest.raises(ConfigError, match=r"dpo.loss_type: simpo, which needs no reference"):
         load_run_config(None, {k: v for k, v in _flags(tmp_path, method="bitfit").items() if k != "lora.r"})
+    for method in ("full", "freeze", "bitfit"):  # which SimPO takes: it has no reference to switch the delta off for
+        values = {k: v for k, v in _flags(tmp_path, method=method, **{"dpo.loss_type": "simpo"}).items() if k != "lora.r"}
+        assert load_run_config(None, values).stage_settings["dpo"].loss_type == "simpo"
 
 
 # ---------------------------------------------------------------- what a pair holds: the memory plan, tokens/s
