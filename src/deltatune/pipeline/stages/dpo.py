@@ -47,7 +47,7 @@ from . import Stage
 
 @dataclass(kw_only=True)
 class DpoSection:
-    """The `dpo:` section of a run config (TRL's defaults)."""
+    """The `dpo:` section of a run config (TRL's defaults for sigmoid and ipo; the SimPO paper's for simpo)."""
 
     # how far the policy may move from the reference (larger: closer); for simpo the scale of the reward.
     # None: 0.1 for sigmoid and ipo, 2.0 for simpo (filled in when the section is read, so runs record the number)
