@@ -1365,30 +1365,40 @@ def compare_master_modes(model: Any, method: str = "full", *, planned: str | Non
     return "\n".join(lines)
 
 
-def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None) -> Plan:
+def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None, rows_per_example: int = 1) -> Plan:
     """The plan of a `deltatune train` run: its model config, method, batch, data length and optimizer
-    (a quantised base trains with checkpointing on where the model supports it, as the pipeline sets it)."""
+    (a quantised base trains with checkpointing on where the model supports it, as the pipeline sets it).
+
+    rows_per_example: the rows each example puts into the training forward (its stage says: a preference pair's
+    chosen and rejected completion are 2), so the plan simulates train.batch_size x that many rows. A stage's
+    extra forward without gradients (DPO's reference) frees its activations before the training forward keeps
+    any, so it does not raise the peak."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     optimizer = config.train.optimizer.lower()
     if optimizer not in TORCH_STATES and optimizer not in BNB_STATES:
         optimizer = "adamw"
-    return plan(model.config, config.delta, batch=config.train.batch_size, seq=max(1, seq),
-                dtype=config.model.dtype, quant=config.model.quant,
-                gradient_checkpointing=config.train.gradient_checkpointing or (
-                    config.model.quant is not None and bool(getattr(model, "supports_gradient_checkpointing", False))),
-                optimizer=optimizer, accum=config.train.grad_accum, memory=visible_memory(device), device=device,
-                task=config.model.task, target_seq=target_seq, search=False,
-                loss="fused" if getattr(config.train, "loss", "standard") == "fused" and config.model.task in (
-                    "causal_lm", "seq2seq") else "standard",
-                trust_remote_code=config.model.trust_remote_code,
-                master_weights=getattr(config.train, "master_weights", "fp32"))
+    rows = config.train.batch_size * rows_per_example
+    result = plan(model.config, config.delta, batch=rows, seq=max(1, seq),
+                  dtype=config.model.dtype, quant=config.model.quant,
+                  gradient_checkpointing=config.train.gradient_checkpointing or (
+                      config.model.quant is not None and bool(getattr(model, "supports_gradient_checkpointing", False))),
+                  optimizer=optimizer, accum=config.train.grad_accum, memory=visible_memory(device), device=device,
+                  task=config.model.task, target_seq=target_seq, search=False,
+                  loss="fused" if getattr(config.train, "loss", "standard") == "fused" and config.model.task in (
+                      "causal_lm", "seq2seq") else "standard",
+                  trust_remote_code=config.model.trust_remote_code,
+                  master_weights=getattr(config.train, "master_weights", "fp32"))
+    if rows_per_example > 1:
+        result.notes.append(f"each example is {rows_per_example} rows in the forward: planned for batch "
+                            f"{config.train.batch_size} x {rows_per_example} = {rows} rows")
+    return result
 
 
 def check_run(config: Any, model: nn.Module, seq: int, say: Callable[[str], Any],
-              target_seq: int | None = None) -> Plan | None:
+              target_seq: int | None = None, rows_per_example: int = 1) -> Plan | None:
     """Print the run's memory plan; warn when its total exceeds what this machine can give."""
     try:
-        result = plan_run(config, model, seq, target_seq)
+        result = plan_run(config, model, seq, target_seq, rows_per_example)
     except Exception as err:  # a plan is advice: it never stops a run
         say(f"memory plan unavailable: {str(err).splitlines()[0][:200]}")
         return None

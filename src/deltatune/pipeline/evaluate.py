@@ -1,5 +1,5 @@
 """Metrics: accuracy and macro-F1 for classification, loss and perplexity for language
-modelling, and exact match, BLEU (sacrebleu) and ROUGE-L (rouge-score) for generation
+modelling, a stage's own metrics where it has them (DPO's loss and rewards on preference pairs), and exact match, BLEU (sacrebleu) and ROUGE-L (rouge-score) for generation
 when the data has references (seq2seq targets, instruction outputs, the last assistant turn)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from ..config import DeltaError
 from ..losses import lm_loss
 from .data import IGNORE, Collator, Prepared
+from .stages import stage_for
 
 
 @torch.no_grad()
@@ -28,6 +29,9 @@ def evaluate(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer:
 
 
 def _scores(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: Any) -> dict[str, float]:
+    stage = stage_for(config)
+    if stage.evaluate is not None:  # a stage that scores its own way (DPO: its loss and rewards over the eval pairs)
+        return stage.evaluate(model, prepared, config, tokenizer)
     collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
     device = next(model.parameters()).device
     size = config.eval.batch_size

@@ -355,10 +355,12 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         check_packing(model, len(tokenizer))
     counts = summary(model, print_table=False)
     say(f"{config.method}: {counts.trainable:,} trainable parameters of {counts.total:,} ({counts.percent:.3f}%)")
-    if main:  # the memory plan at the longest training example: advice, never a stop
+    # the rows each example puts into the forward (one; a preference pair's two), for the plan and the tokens/s
+    rows_of = [stage.rows_of(e) for e in prepared.train]
+    if main:  # the memory plan at the longest training row: advice, never a stop
         targets = [len(e.decoder_labels) for e in prepared.train if e.decoder_labels is not None]
-        check_run(config, model, max((len(e.input_ids) for e in prepared.train), default=1), say,
-                  max(targets) if targets else None)
+        check_run(config, model, max((len(r.input_ids) for rows in rows_of for r in rows), default=1), say,
+                  max(targets) if targets else None, rows_per_example=max((len(rows) for rows in rows_of), default=1))
 
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
     model = accelerator.prepare(model)  # on its device first: the fp32 masters are made there
@@ -403,6 +405,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
 
     bar = _progress(total, step, enabled=main and config.train.progress)
     items_of = [stage.items(e, config) for e in prepared.train]  # counted once, read every step
+    tokens_of = [sum(len(r.input_ids) for r in rows) for rows in rows_of]  # a pair's rejected tokens train too
     lengths = tuple(len(e.input_ids) for e in prepared.train) if config.data.group_by_length else None
     # Throughput, one definition for the bar, the log and the summary: non-padding tokens trained per second
     # of training steps (forward, backward, update), evaluations and checkpoints not counted.
@@ -441,7 +444,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
             step_loss_sum += token_sum.item() + reg_value * max(1, step_items) / world / config.train.grad_accum
             for name, value in sums.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
-            step_tokens += sum(len(prepared.train[i].input_ids) for i in mine) * world  # padding not counted
+            step_tokens += sum(tokens_of[i] for i in mine) * world  # padding not counted
         if bad is None and world > 1:  # the step's loss (and metrics) over every process's items
             step_loss_sum = float(accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum"))
             if metric_sums:

@@ -46,6 +46,16 @@ class Stage:
     settings: type | None = None
     # (config) -> why this run cannot train with the stage, or None; asked when the config is read
     check: Callable[["RunConfig"], str | None] | None = None
+    # (model, prepared, config, tokenizer) -> the stage's own eval metrics over prepared.eval, in eval batches, under
+    # no_grad (DPO's loss and rewards); None: evaluate.py's metrics for the task (loss and perplexity, accuracy)
+    evaluate: Callable[[torch.nn.Module, Any, "RunConfig", Any], dict[str, float]] | None = None
+    # example -> the rows it puts into the training forward (a pair: its chosen and its rejected row); what the
+    # memory plan sizes the batch by and what tokens/s counts. None: the example is one row
+    rows: Callable[["Example"], tuple["Example", ...]] | None = None
+
+    def rows_of(self, example: "Example") -> tuple["Example", ...]:
+        """The rows `example` puts into a training forward of this stage."""
+        return (example,) if self.rows is None else self.rows(example)
 
 
 # formats that are read and checked but that no stage trains on yet: what they are, for the error message

@@ -9,10 +9,19 @@ the delta switched off (`dt.disabled`), so no second copy of the model is held. 
                                               (e = dpo.label_smoothing: conservative DPO; e = 0 is plain DPO)
     ipo (IPO, Azar et al. 2023):              loss = (h / beta - 1 / (2 beta))^2, with the log-probabilities
                                               averaged over each completion's tokens (as TRL computes IPO)
+    simpo (SimPO, Meng et al. 2024):          loss = -log sigma(beta (avg log pi(y_w|x) - avg log pi(y_l|x)) - gamma)
+                                              no reference at all; avg: the mean over the completion's tokens;
+                                              gamma = dpo.simpo_gamma (default beta / 2, the paper's gamma/beta = 0.5)
+
+beta's default depends on the loss: 0.1 for sigmoid and ipo (TRL's), 2.0 for simpo (the paper's range is 2.0-2.5:
+a per-token mean is a far smaller number than a sum, so it needs the larger scale). Since SimPO has no reference, it
+trains any method, `full`, `freeze` and `bitfit` included; sigmoid and ipo need a delta to switch off.
 
 One pair is one loss item: the stage returns the sum over the batch's pairs and the loop divides by the step's
 pairs. Per pair it also sums what TRL logs: rewards/chosen = beta (log pi(y_w|x) - log pi_ref(y_w|x)),
-rewards/rejected likewise for y_l, rewards/margins their difference, rewards/accuracies 1 where the margin is > 0.
+rewards/rejected likewise for y_l, rewards/margins their difference, rewards/accuracies 1 where the margin is > 0
+(for simpo, with no reference: rewards/chosen = beta avg log pi(y_w|x), and so on). At evaluation the same five,
+loss included, are means over the eval pairs (the loop logs them as eval_loss, eval_rewards/chosen, ...).
 
 A batch of B pairs is one padded batch of 2B rows (chosen rows, then rejected rows), run once through the policy
 and once, under no_grad, through the reference; the log-probabilities come from the fused head + cross-entropy
@@ -21,6 +30,7 @@ and once, under no_grad, through the reference; the log-probabilities come from 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -30,18 +40,35 @@ import torch.nn.functional as F
 from ... import api
 from ...config import check, method_of
 from ...losses import sequence_log_probs
+from ...surgery import get_state
 from ..data import IGNORE, Collator
 from . import Stage
 
 
 @dataclass(kw_only=True)
 class DpoSection:
-    """The `dpo:` section of a run config (TRL's defaults)."""
+    """The `dpo:` section of a run config (TRL's defaults for sigmoid and ipo; the SimPO paper's for simpo)."""
 
-    beta: float = check(0.1, gt=0)  # how far the policy may move from the reference (larger: closer)
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    # how far the policy may move from the reference (larger: closer); for simpo the scale of the reward.
+    # None: 0.1 for sigmoid and ipo, 2.0 for simpo (filled in when the section is read, so runs record the number)
+    beta: float | None = check(None, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
     # conservative DPO: the share of pairs whose preference is taken to be flipped (sigmoid only)
     label_smoothing: float = check(0.0, ge=0, le=0.5)
+    # simpo's target reward margin gamma; None: beta / 2 (the paper's gamma/beta = 0.5)
+    simpo_gamma: float | None = check(None, ge=0)
+
+    def __post_init__(self) -> None:
+        if self.beta is None:
+            self.beta = SIMPO_BETA if self.loss_type == "simpo" else DPO_BETA
+
+    @property
+    def gamma(self) -> float:
+        return self.beta / 2.0 if self.simpo_gamma is None else self.simpo_gamma
+
+
+DPO_BETA = 0.1  # TRL's default for sigmoid and ipo
+SIMPO_BETA = 2.0  # the low end of SimPO's published 2.0-2.5
 
 
 def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -52,6 +79,11 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.
     if loss_type == "ipo":
         return (h / beta - 1.0 / (2.0 * beta)) ** 2
     return -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+
+def simpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO's loss of each pair, (P,), from the policy's per-token mean log-probabilities of the completions."""
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma)
 
 
 def items(example: Any, config: Any) -> int:
@@ -78,13 +110,27 @@ def completion_log_probs(forward: Callable[..., Any], model: torch.nn.Module, ba
     return logps
 
 
-def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
-         config: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    settings: DpoSection = config.stage_settings["dpo"]
-    average = settings.loss_type == "ipo"
-    # the reference: the same weights with the delta off; no gradient, and the model itself rather than a
-    # DistributedDataParallel wrapper, since nothing of it is reduced
-    with torch.no_grad(), api.disabled(model):
+def _reference(model: torch.nn.Module) -> Any:
+    """The reference: the model with its delta off; a model with no delta (`deltatune eval` of the base alone) is
+    its own reference."""
+    state = get_state(model)
+    return api.disabled(model) if state is not None and state.deltas else contextlib.nullcontext()
+
+
+def pair_terms(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
+               settings: DpoSection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of each pair of the batch and its rewards for the chosen and the rejected completion, each (P,);
+    the rewards carry no gradient."""
+    average = settings.loss_type in ("ipo", "simpo")
+    if settings.loss_type == "simpo":  # no reference forward at all: half the compute of DPO
+        policy = completion_log_probs(forward, model, batch, average).float()
+        pairs = policy.shape[0] // 2
+        chosen, rejected = policy[:pairs], policy[pairs:]
+        losses = simpo_losses(chosen, rejected, settings.beta, settings.gamma)
+        return losses, settings.beta * chosen.detach(), settings.beta * rejected.detach()
+    # the reference first, so its activations are gone before the policy's forward keeps its own; no gradient,
+    # and the model itself rather than a DistributedDataParallel wrapper, since nothing of it is reduced
+    with torch.no_grad(), _reference(model):
         reference = completion_log_probs(model, model, batch, average).float()
     policy = completion_log_probs(forward, model, batch, average).float()
     pairs = policy.shape[0] // 2
@@ -92,13 +138,41 @@ def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, A
     ref_chosen, ref_rejected = reference[:pairs], reference[pairs:]
     losses = pair_losses(chosen, rejected, ref_chosen, ref_rejected, settings.beta, settings.loss_type,
                          settings.label_smoothing)
-    with torch.no_grad():
-        reward_chosen = settings.beta * (chosen - ref_chosen)
-        reward_rejected = settings.beta * (rejected - ref_rejected)
-        margin = reward_chosen - reward_rejected
-        metrics = {"rewards/chosen": reward_chosen.sum(), "rewards/rejected": reward_rejected.sum(),
-                   "rewards/margins": margin.sum(), "rewards/accuracies": (margin > 0).float().sum()}
-    return losses.sum(), metrics
+    return losses, settings.beta * (chosen - ref_chosen).detach(), settings.beta * (rejected - ref_rejected).detach()
+
+
+def _sums(losses: torch.Tensor, reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch's sums of what is logged per pair (TRL's names)."""
+    margin = reward_chosen - reward_rejected
+    return {"rewards/chosen": reward_chosen.sum(), "rewards/rejected": reward_rejected.sum(),
+            "rewards/margins": margin.sum(), "rewards/accuracies": (margin > 0).float().sum()}
+
+
+def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
+         config: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    losses, reward_chosen, reward_rejected = pair_terms(forward, model, batch, config.stage_settings["dpo"])
+    return losses.sum(), _sums(losses, reward_chosen, reward_rejected)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, prepared: Any, config: Any, tokenizer: Any) -> dict[str, float]:
+    """The loss and rewards over the eval pairs, means per pair; eval.batch_size pairs (2x the rows) a batch."""
+    settings: DpoSection = config.stage_settings["dpo"]
+    collate = collator(config, tokenizer)
+    device = next(model.parameters()).device
+    totals: dict[str, float] = {}
+    pairs = 0
+    for i in range(0, len(prepared.eval), config.eval.batch_size):
+        batch = {k: v.to(device) for k, v in collate(prepared.eval[i:i + config.eval.batch_size]).items()}
+        losses, reward_chosen, reward_rejected = pair_terms(model, model, batch, settings)
+        for name, value in {"loss": losses.sum(), **_sums(losses, reward_chosen, reward_rejected)}.items():
+            totals[name] = totals.get(name, 0.0) + value.item()
+        pairs += losses.numel()
+    return {name: value / max(1, pairs) for name, value in totals.items()}
+
+
+def rows(example: Any) -> tuple[Any, ...]:
+    return (example, example.rejected)  # both completions run in the policy's forward
 
 
 def check_config(config: Any) -> str | None:
@@ -112,14 +186,15 @@ def check_config(config: Any) -> str | None:
     if config.data.packing:
         return ("stage = 'dpo' does not pack: each pair's two completions are scored as whole rows; "
                 "set data.packing: false")
-    if method_of(config.delta).kind == "select":
+    settings = config.stage_settings["dpo"]
+    if method_of(config.delta).kind == "select" and settings.loss_type != "simpo":
         return (f"stage = 'dpo' compares the model with its reference, the same model with the delta switched off; "
                 f"method {config.method!r} trains the base weights themselves, and a separate reference copy is not "
-                "supported yet: use a delta method such as lora")
+                "supported yet: use a delta method such as lora, or dpo.loss_type: simpo, which needs no reference "
+                f"(with dpo.beta around 2; {SIMPO_BETA} when not set)")
     if config.train.label_smoothing:
         return ("train.label_smoothing smooths the SFT loss; for DPO use dpo.label_smoothing (conservative DPO) "
                 "and drop train.label_smoothing")
-    settings = config.stage_settings["dpo"]
     if settings.label_smoothing and settings.loss_type != "sigmoid":
         return (f"dpo.label_smoothing applies to dpo.loss_type: sigmoid (conservative DPO); loss_type is "
                 f"{settings.loss_type!r}: drop dpo.label_smoothing or set dpo.loss_type: sigmoid")
@@ -127,4 +202,4 @@ def check_config(config: Any) -> str | None:
 
 
 DPO = Stage(name="dpo", formats=frozenset({"preference"}), items=items, collator=collator, loss=loss,
-            settings=DpoSection, check=check_config)
+            settings=DpoSection, check=check_config, evaluate=evaluate, rows=rows)
