@@ -135,3 +135,18 @@ def test_the_refusals_name_the_problem_and_the_fix(tmp_path, flags, message):
             values[key] = value
     with pytest.raises(ConfigError, match=message):
         stage_for(load_run_config(None, values))
+
+
+def test_an_orpo_run_plans_and_counts_both_rows_of_a_pair(tmp_path, monkeypatch):
+    from deltatune.pipeline import train as train_module
+    from deltatune.pipeline.data import prepare
+    from deltatune.pipeline.train import load_tokenizer
+
+    planned = []
+    monkeypatch.setattr(train_module, "check_run", lambda *a, **k: planned.append((a, k)))
+    config = load_run_config(None, _flags(tmp_path, **{"train.max_steps": 1}))
+    run(config, **QUIET)
+    prepared = prepare(config, load_tokenizer(config), None)
+    (args, kwargs), = planned
+    assert kwargs["rows_per_example"] == 2  # ORPO's forward runs the chosen and the rejected row of each pair
+    assert args[2] == max(len(r.input_ids) for e in prepared.train for r in (e, e.rejected))

@@ -1,8 +1,9 @@
 """Training stages: what a run trains its delta *for*.
 
-A stage says three things and nothing else: which data formats it takes, how many loss items an example
-holds (what token-weighted accumulation weighs by), and how a batch of its examples becomes a loss (the sum
-over the batch's items). Everything else (devices, accumulation, clipping, fp32 masters and loss scaling,
+A stage says which data formats it takes, how many loss items an example holds (what token-weighted
+accumulation weighs by), how a batch of its examples becomes a loss (the sum over the batch's items, with
+metric sums beside it), and optionally its settings, its refusals, its evaluation and the rows an example
+puts into the forward (what the memory plan and tokens/s count). Everything else (devices, accumulation, clipping, fp32 masters and loss scaling,
 the schedule, checkpoints, logs) is the loop's, in train.run, which knows no stage by name: it asks
 `stage_for(config)` and calls the record it gets.
 

@@ -35,6 +35,7 @@ from ...config import check
 from ...losses import sequence_log_probs
 from ..data import IGNORE, Collator, Example
 from . import Stage
+from .dpo import rows as pair_rows  # a pair is two rows of the forward, as in DPO
 
 CERTAIN = -1e-6  # the highest mean log-probability used: keeps log(1 - p) finite
 
@@ -115,4 +116,4 @@ def check_config(config: Any) -> str | None:
 
 
 ORPO = Stage(name="orpo", formats=frozenset({"preference"}), items=items, collator=collator, loss=loss,
-             settings=OrpoSection, check=check_config)
+             settings=OrpoSection, check=check_config, rows=pair_rows)
