@@ -10,7 +10,7 @@
 A flag overrides a key by its dotted path: `--train.lr 1e-4 --method lora --lora.r 16`
 (the value is read as YAML, so `16` is an int, `[q, v]` a list, `null` None). The
 section named after the method holds that method's config fields (LoraConfig's for
-`lora`). `stage` (sft, dpo, kto, orpo) picks what the run trains for, by default the stage the
+`lora`). `stage` (sft, dpo, kto, orpo, reward) picks what the run trains for, by default the stage the
 data format implies (pipeline/stages); a stage's own settings are the section named
 after it (`dpo: {beta: 0.1}`). Every other key is one of the dataclasses below. Unknown keys and values of
 the wrong type or range are errors naming the key, what is allowed and the file.
@@ -508,6 +508,12 @@ def _cross_checks(config: RunConfig) -> None:
     task_formats = {"causal_lm": {"text", "instruction", "chat", "segments", "tokenized", "preference", "kto"},
                     "seq_cls": {"classification"}, "seq2seq": {"seq2seq", "instruction"}}
     if config.data.format not in task_formats[config.model.task]:
+        from .stages import active_stage
+
+        stage = active_stage(config)  # a stage that loads its own model class says why model.task does not fit it
+        refusal = stage.check(config) if stage is not None and stage.task is not None and stage.check else None
+        if refusal:
+            raise ConfigError(f"{where}: {refusal}")
         raise ConfigError(f"{where}: data.format = {config.data.format!r} does not fit model.task = {config.model.task!r}; "
                           f"use one of {', '.join(sorted(task_formats[config.model.task]))}")
     if config.model.reinit_head and config.model.task != "seq_cls":

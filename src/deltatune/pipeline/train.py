@@ -39,7 +39,7 @@ from .evaluate import evaluate
 from .render import Renderer
 from .report import RunLog, write_report
 from .rows import canonical_format
-from .stages import stage_for
+from .stages import active_stage, stage_for
 
 
 class TrainingError(DeltaError):
@@ -110,7 +110,13 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     if config.model.attention is not None:
         check_attention(config.model.attention)
         kwargs["attn_implementation"] = config.model.attention
-    if config.model.task == "seq_cls":
+    stage = active_stage(config)
+    # the model class: model.task's, or the stage's own (a reward model loads a causal LM's checkpoint as a
+    # one-output sequence classifier)
+    task = stage.task if stage is not None and stage.task is not None else config.model.task
+    if task == "seq_cls" and stage is not None and stage.num_labels is not None:
+        kwargs.update(num_labels=stage.num_labels)  # the stage's head: no labels of the data to name
+    elif task == "seq_cls":
         count = check_head(config, labels)
         kwargs.update(num_labels=count)
         if labels and len(labels) == count:
@@ -120,7 +126,7 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     if config.model.quant is not None:
         from ..quant import CLASSIFIER_HEADS, quantization_config
 
-        heads = ["lm_head", *CLASSIFIER_HEADS] if config.model.task == "seq_cls" else None  # a head trained whole stays full precision
+        heads = ["lm_head", *CLASSIFIER_HEADS] if task == "seq_cls" else None  # a head trained whole stays full precision
         kwargs["quantization_config"] = quantization_config(config.model.quant, DTYPES[config.model.dtype],
                                                             double_quant=config.model.double_quant,
                                                             int8_threshold=config.model.int8_threshold, skip_modules=heads)
@@ -129,9 +135,9 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     torch.manual_seed(config.train.seed)
     with reading(f"the model {_where(config.model.name)}"):  # what transformers raises beside these
         try:
-            model, missing = load_pretrained(classes[config.model.task], config.model.name, **kwargs)
+            model, missing = load_pretrained(classes[task], config.model.name, **kwargs)
         except (OSError, ValueError) as err:
-            raise DeltaError(f"cannot load {config.model.name!r} as a {config.model.task} model: {str(err)[:400]}") from None
+            raise DeltaError(f"cannot load {config.model.name!r} as a {task} model: {str(err)[:400]}") from None
     line = fresh_weights_line(config.model.name, missing, config.train.seed, fate)
     if line is not None and say is not None:
         say(line)

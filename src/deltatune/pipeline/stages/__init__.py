@@ -8,8 +8,8 @@ the schedule, checkpoints, logs) is the loop's, in train.run, which knows no sta
 `stage_for(config)` and calls the record it gets.
 
 A run picks its stage with the top-level `stage` key, or leaves it to the data: the first stage that takes
-data.format (SFT takes every format but preference and KTO rows; DPO takes preference pairs, KTO its rows; ORPO takes
-preference pairs when named). A stage with
+data.format (SFT takes every format but preference and KTO rows; DPO takes preference pairs, KTO its rows; ORPO and
+reward take preference pairs when named). A stage with
 settings of its own reads them from the section named after it (`dpo:`), as a method does (`lora:`).
 
 A new stage (KTO, ORPO, a reward model, GRPO) is one file here and one entry in `_stages`.
@@ -53,6 +53,10 @@ class Stage:
     # example -> the rows it puts into the training forward (a pair: its chosen and its rejected row); what the
     # memory plan sizes the batch by and what tokens/s counts. None: the example is one row
     rows: Callable[["Example"], tuple["Example", ...]] | None = None
+    # the model class the stage trains, when it is not model.task's (a reward model: "seq_cls" on a causal LM's
+    # checkpoint), and its head's output count; load_base loads the base so. None: model.task decides, as for SFT
+    task: str | None = None
+    num_labels: int | None = None
 
     def rows_of(self, example: "Example") -> tuple["Example", ...]:
         """The rows `example` puts into a training forward of this stage."""
@@ -68,9 +72,11 @@ def _stages() -> dict[str, Stage]:
     from .dpo import DPO
     from .kto import KTO
     from .orpo import ORPO
+    from .reward import REWARD
     from .sft import SFT
 
-    return {SFT.name: SFT, DPO.name: DPO, KTO.name: KTO, ORPO.name: ORPO}  # preference data: DPO unless stage: orpo
+    # preference data: DPO unless stage: orpo or stage: reward
+    return {SFT.name: SFT, DPO.name: DPO, KTO.name: KTO, ORPO.name: ORPO, REWARD.name: REWARD}
 
 
 def names() -> list[str]:
