@@ -1,0 +1,161 @@
+"""The reward-model stage: the Bradley-Terry loss by hand, the scores being the classifier's own logits, a short run
+that learns the preference, the saved adapter scoring the same on a fresh base, the config keys and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers as tf
+
+import deltatune as dt
+from deltatune.pipeline.config import ConfigError, load_run_config
+from deltatune.pipeline.data import prepare
+from deltatune.pipeline.stages import stage_for
+from deltatune.pipeline.stages.reward import REWARD, evaluate, pair_losses, scores
+from deltatune.pipeline.train import load_base, load_tokenizer, run
+from pipeline_models import save_tiny, write_jsonl
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+# the chosen completion ends in "good", the rejected one in "bad"; the score is read at the end of the turn after it
+ROWS = [{"prompt": f"Rate {w}:", "chosen": f" {w} good", "rejected": f" {w} bad"} for w in WORDS]
+QUIET = {"echo": lambda *a, **k: None}
+
+
+def _flags(tmp_path, **extra) -> dict:
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    return {"model.name": str(save_tiny(tmp_path, "llama")), "data.train": str(data), "data.format": "preference",
+            "stage": "reward", "method": "lora", "lora.r": 4, "train.max_steps": 2, "train.batch_size": 4,
+            "train.lr": 1e-2, "train.log_every": 1, "train.progress": False, "output.dir": str(tmp_path / "out"), **extra}
+
+
+def _records(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# ---------------------------------------------------------------- the formula
+
+
+def test_the_pair_losses_are_the_bradley_terry_formula():
+    chosen, rejected = torch.tensor([1.5, -0.2, 0.3]), torch.tensor([0.5, 0.4, 0.3])
+    margin = torch.tensor([0.0, 0.5, 1.0])
+    plain = pair_losses(chosen, rejected)
+    with_margin = pair_losses(chosen, rejected, margin)
+    centred = pair_losses(chosen, rejected, margin, center=0.01)
+    for i in range(3):
+        w, l, m = chosen[i].item(), rejected[i].item(), margin[i].item()
+        assert plain[i].item() == pytest.approx(-math.log(_sigmoid(w - l)), rel=1e-6)
+        assert with_margin[i].item() == pytest.approx(-math.log(_sigmoid(w - l - m)), rel=1e-6)
+        assert centred[i].item() == pytest.approx(-math.log(_sigmoid(w - l - m)) + 0.01 * (w + l) ** 2, rel=1e-6)
+    assert plain[2].item() == pytest.approx(math.log(2))  # equal scores: log 2
+
+
+# ---------------------------------------------------------------- on a tiny llama
+
+
+def test_the_scores_are_the_classifiers_own_logits_and_the_loss_their_formula(tmp_path):
+    config = load_run_config(None, _flags(tmp_path, **{"reward.center_rewards_coefficient": 0.05}))
+    tokenizer = load_tokenizer(config)
+    model = load_base(config, tokenizer)
+    assert isinstance(model, tf.LlamaForSequenceClassification) and model.config.num_labels == 1
+    dt.attach(model, config.delta)
+    assert model.score.modules_to_save["default"].weight.requires_grad  # the fresh head trains whole
+    examples = prepare(config, tokenizer, None).train[:3]
+    batch = REWARD.collator(config, tokenizer)(examples)
+    assert batch["input_ids"].shape[0] == 6 and "labels" not in batch  # chosen rows, then rejected rows
+    values = scores(model, batch)
+    # each row scored alone, unpadded: the head's output at its last token
+    alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0, 0].item()
+             for e in [*examples, *(e.rejected for e in examples)]]
+    assert values.detach().tolist() == pytest.approx(alone, abs=1e-5)
+    total, metrics = REWARD.loss(model, model, batch, config)
+    expected = pair_losses(values[:3], values[3:], center=0.05)
+    assert total.item() == pytest.approx(expected.sum().item(), abs=1e-5)
+    margin = values[:3] - values[3:]
+    assert metrics["accuracy"].item() == (margin > 0).sum().item()
+    assert metrics["margin"].item() == pytest.approx(margin.sum().item(), abs=1e-5)
+    total.backward()
+    assert model.score.modules_to_save["default"].weight.grad.abs().sum() > 0
+
+
+def test_the_fresh_score_head_is_seeded_from_train_seed(tmp_path):
+    def head(seed: int) -> torch.Tensor:
+        config = load_run_config(None, _flags(tmp_path, **{"train.seed": seed}))
+        return load_base(config, load_tokenizer(config)).score.weight.detach().clone()
+
+    assert torch.equal(head(1), head(1)) and not torch.equal(head(1), head(2))
+
+
+def test_a_short_reward_run_learns_the_preference_and_its_adapter_scores_the_same_on_a_fresh_base(tmp_path):
+    values = _flags(tmp_path, **{"train.max_steps": 8, "train.lr": 3e-2, "train.scheduler": "constant",
+                                 "data.eval": str(tmp_path / "pairs.jsonl")})
+    config = load_run_config(None, values)
+    assert stage_for(config).name == "reward"
+    result = run(config, **QUIET)
+    records = _records(result.output_dir)
+    assert len(records) == 8
+    first, last = records[0], records[-1]
+    # measured on this tiny random model: loss 0.694 -> 0.023, accuracy 0.0 -> 1.0 in 8 steps
+    assert last["loss"] < first["loss"] - 0.3
+    assert last["accuracy"] > first["accuracy"] and last["accuracy"] == 1.0 and last["margin"] > first["margin"]
+    assert all(k in last for k in ("rewards/chosen", "rewards/rejected"))
+    assert set(result.metrics) == {"loss", "accuracy", "margin"} and result.metrics["accuracy"] == 1.0
+
+    # the documented way to score with the trained model: a one-output classifier + dt.load (the head is in the adapter)
+    adapter = result.adapter_dir
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+    torch.manual_seed(12345)  # another fresh head than the run's: the adapter's head must replace it
+    tokenizer = tf.AutoTokenizer.from_pretrained(adapter)
+    fresh = tf.AutoModelForSequenceClassification.from_pretrained(config.model.name, num_labels=1,
+                                                                  pad_token_id=tokenizer.pad_token_id)
+    dt.load(fresh, adapter)
+    again = evaluate(fresh, prepare(config, tokenizer, None), config, tokenizer)
+    assert again == pytest.approx(result.metrics, abs=1e-5)
+
+    # config.yaml reloads as a reward run
+    assert stage_for(load_run_config(result.output_dir / "config.yaml", {})).name == "reward"
+
+
+# ---------------------------------------------------------------- config and refusals
+
+
+def test_preference_data_stays_dpo_unless_the_run_names_reward(tmp_path):
+    values = _flags(tmp_path)
+    assert stage_for(load_run_config(None, values)).name == "reward"
+    values.pop("stage")
+    assert stage_for(load_run_config(None, values)).name == "dpo"
+
+
+def test_the_reward_keys_round_trip(tmp_path):
+    config = load_run_config(None, _flags(tmp_path, **{"reward.center_rewards_coefficient": 0.01}))
+    assert config.as_dict()["stage"] == "reward"
+    assert config.as_dict()["reward"] == {"center_rewards_coefficient": 0.01}
+    assert "--reward.center_rewards_coefficient 0.01" in config.command()
+    assert load_run_config(None, _flags(tmp_path)).stage_settings["reward"].center_rewards_coefficient is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"data.format": "kto", "data.train": None}, r"stage = 'reward' trains on preference pairs, but data.format is 'kto'.*drop stage"),
+    ({"data.packing": True}, r"stage = 'reward' does not pack.*data.packing: false"),
+    ({"model.task": "seq_cls"}, r"stage = 'reward' loads the base itself as a sequence classifier.*model.task is 'seq_cls'"),
+    ({"model.task": "seq2seq"}, r"stage = 'reward' loads the base itself.*model.task is 'seq2seq'.*drop model.task"),
+    ({"model.num_labels": 3}, r"one output \(the score\); model.num_labels is 3: drop model.num_labels"),
+    ({"train.label_smoothing": 0.1}, r"a reward model has no token loss: drop train.label_smoothing"),
+    ({"reward.center_rewards_coefficient": -1}, r"reward.center_rewards_coefficient"),
+    ({"stage": "dpo", "reward.center_rewards_coefficient": 0.1}, r"section 'reward' does not apply.*set stage: reward"),
+])
+def test_the_refusals_name_the_problem_and_the_fix(tmp_path, flags, message):
+    values = _flags(tmp_path)
+    for key, value in flags.items():
+        if value is None:
+            values["data.train"] = str(write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "b", "label": True}]))
+        else:
+            values[key] = value
+    with pytest.raises(ConfigError, match=message):
+        stage_for(load_run_config(None, values))
