@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 import deltatune as dt
+from deltatune.cli import main
 from deltatune.pipeline.config import ConfigError, load_run_config
 from deltatune.pipeline.data import prepare
 from deltatune.pipeline.stages import stage_for
@@ -92,7 +93,7 @@ def test_the_fresh_score_head_is_seeded_from_train_seed(tmp_path):
     assert torch.equal(head(1), head(1)) and not torch.equal(head(1), head(2))
 
 
-def test_a_short_reward_run_learns_the_preference_and_its_adapter_scores_the_same_on_a_fresh_base(tmp_path):
+def test_a_short_reward_run_learns_the_preference_and_its_adapter_scores_the_same_on_a_fresh_base(tmp_path, capsys):
     values = _flags(tmp_path, **{"train.max_steps": 8, "train.lr": 3e-2, "train.scheduler": "constant",
                                  "data.eval": str(tmp_path / "pairs.jsonl")})
     config = load_run_config(None, values)
@@ -118,8 +119,18 @@ def test_a_short_reward_run_learns_the_preference_and_its_adapter_scores_the_sam
     again = evaluate(fresh, prepare(config, tokenizer, None), config, tokenizer)
     assert again == pytest.approx(result.metrics, abs=1e-5)
 
-    # config.yaml reloads as a reward run
+    # config.yaml reloads as a reward run, and `deltatune eval` measures the adapter as the run did
     assert stage_for(load_run_config(result.output_dir / "config.yaml", {})).name == "reward"
+    capsys.readouterr()
+    assert main(["eval", str(result.output_dir / "config.yaml"), "--adapter", str(adapter)]) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy  {result.metrics['accuracy']:.4f}" in printed and f"margin    {result.metrics['margin']:.4f}" in printed
+
+    # `deltatune merge` writes a one-output classifier that transformers loads alone and that scores the same
+    assert main(["merge", "--model", config.model.name, "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.num_labels == 1
+    assert evaluate(merged, prepare(config, tokenizer, None), config, tokenizer) == pytest.approx(result.metrics, abs=1e-4)
 
 
 # ---------------------------------------------------------------- config and refusals

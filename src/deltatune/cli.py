@@ -287,7 +287,9 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
     inputs = {"adapter": Path(args.adapter)} | ({"base model": Path(base)} if Path(base).exists() else {})
     check_output_folder(Path(args.out), inputs, args.overwrite)  # before the slow part, and before anything is written
     labels = read_labels(Path(args.adapter))
-    model, tokenizer = _load_for_adapter(base, config.task_type, args.trust_remote_code)
+    # a classifier's head as the run trained it: its label count (one for a reward model's score)
+    count = len(labels) if labels is not None and config.task_type == "SEQ_CLS" else None
+    model, tokenizer = _load_for_adapter(base, config.task_type, args.trust_remote_code, num_labels=count)
     dt_io.load(model, args.adapter)
     if labels is not None:  # the run's label names, not transformers' LABEL_0, LABEL_1
         model.config.id2label = labels
@@ -298,7 +300,8 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool,
+                      num_labels: int | None = None) -> tuple[Any, Any]:
     import transformers as tf
 
     from .model_files import RESTORED, check_base_model, fresh_weights_line, load_pretrained
@@ -311,7 +314,8 @@ def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool)
     with reading(f"the model {name}"):  # what transformers raises beside these
         try:
             # dtype="auto": the checkpoint's own dtype (transformers 4 would load fp32, or fp16 beside bitsandbytes)
-            model, missing = load_pretrained(cls, name, trust_remote_code=trust_remote_code, dtype="auto")
+            extra = {"num_labels": num_labels} if num_labels is not None else {}
+            model, missing = load_pretrained(cls, name, trust_remote_code=trust_remote_code, dtype="auto", **extra)
         except (OSError, ValueError) as err:
             raise DeltaError(f"cannot load {name!r}: {str(err)[:300]}") from None
     line = fresh_weights_line(name, missing, None, RESTORED)

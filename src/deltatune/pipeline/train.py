@@ -111,9 +111,7 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
         check_attention(config.model.attention)
         kwargs["attn_implementation"] = config.model.attention
     stage = active_stage(config)
-    # the model class: model.task's, or the stage's own (a reward model loads a causal LM's checkpoint as a
-    # one-output sequence classifier)
-    task = stage.task if stage is not None and stage.task is not None else config.model.task
+    task = model_task(config)
     if task == "seq_cls" and stage is not None and stage.num_labels is not None:
         kwargs.update(num_labels=stage.num_labels)  # the stage's head: no labels of the data to name
     elif task == "seq_cls":
@@ -144,6 +142,13 @@ def load_base(config: RunConfig, tokenizer: Any, labels: list[str] | None = None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def model_task(config: RunConfig) -> str:
+    """The model class a run loads: model.task's, or its stage's own (a reward model loads a causal LM's checkpoint
+    as a one-output sequence classifier)."""
+    stage = active_stage(config)
+    return stage.task if stage is not None and stage.task is not None else config.model.task
 
 
 def check_attention(kind: str) -> None:
@@ -622,7 +627,7 @@ def _save_adapter(model: torch.nn.Module, tokenizer: Any, config: RunConfig, out
         with _writing("the adapter", adapter_dir, need, kept):
             dt_io.save(model, adapter_dir)
             tokenizer.save_pretrained(adapter_dir)
-            if config.model.task == "seq_cls":
+            if model_task(config) == "seq_cls":
                 write_labels(adapter_dir, model.config.id2label)  # `deltatune merge` names them as the run did
             write_atomic(out / "config.yaml", _yaml(config.as_dict()).encode())
     except BaseException:
