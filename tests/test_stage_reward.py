@@ -170,3 +170,20 @@ def test_the_refusals_name_the_problem_and_the_fix(tmp_path, flags, message):
             values[key] = value
     with pytest.raises(ConfigError, match=message):
         stage_for(load_run_config(None, values))
+
+
+def test_a_resumed_reward_run_continues_as_the_uninterrupted_one(tmp_path):
+    """The checkpoint holds the score head with the delta: steps after the resume are the same as without a stop."""
+    import shutil
+
+    values = _flags(tmp_path, **{"train.max_steps": 4, "train.batch_size": 2, "train.grad_accum": 2, "train.lr": 3e-2,
+                                 "train.save_every": 2, "data.eval_fraction": 0.25, "train.eval_every": 2})
+    out = run(load_run_config(None, values), **QUIET).output_dir
+    whole = _records(out)
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval_accuracy" in r] == [2, 4]
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    run(load_run_config(None, {**values, "train.resume": True}), **QUIET)
+    resumed = _records(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["accuracy"] == a["accuracy"]
