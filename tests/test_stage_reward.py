@@ -158,6 +158,7 @@ def test_the_reward_keys_round_trip(tmp_path):
     ({"model.task": "seq2seq"}, r"stage = 'reward' loads the base itself.*model.task is 'seq2seq'.*drop model.task"),
     ({"model.num_labels": 3}, r"one output \(the score\); model.num_labels is 3: drop model.num_labels"),
     ({"train.label_smoothing": 0.1}, r"a reward model has no token loss: drop train.label_smoothing"),
+    ({"eval.generate": True}, r"a reward model scores text and does not generate: drop eval.generate"),
     ({"reward.center_rewards_coefficient": -1}, r"reward.center_rewards_coefficient"),
     ({"stage": "dpo", "reward.center_rewards_coefficient": 0.1}, r"section 'reward' does not apply.*set stage: reward"),
 ])
