@@ -70,13 +70,14 @@ NOT_YET_TRAINED: dict[str, str] = {}
 
 def _stages() -> dict[str, Stage]:
     from .dpo import DPO
+    from .grpo import GRPO
     from .kto import KTO
     from .orpo import ORPO
     from .reward import REWARD
     from .sft import SFT
 
-    # preference data: DPO unless stage: orpo or stage: reward
-    return {SFT.name: SFT, DPO.name: DPO, KTO.name: KTO, ORPO.name: ORPO, REWARD.name: REWARD}
+    # preference data: DPO unless stage: orpo or stage: reward; instruction/chat rows: SFT unless stage: grpo
+    return {SFT.name: SFT, DPO.name: DPO, KTO.name: KTO, ORPO.name: ORPO, REWARD.name: REWARD, GRPO.name: GRPO}
 
 
 def names() -> list[str]:

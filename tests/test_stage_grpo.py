@@ -1,0 +1,178 @@
+"""The GRPO stage: the loss and the advantages by hand, deterministic sampling, the rewards, a short run whose
+reward goes up, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.pipeline.config import ConfigError, load_run_config
+from deltatune.pipeline.data import prepare
+from deltatune.pipeline.stages import stage_for
+from deltatune.pipeline.stages.grpo import (GRPO, GrpoSection, completion_mask, group_advantages, kl_k3, reward_functions,
+                                            sample, sample_seed, sequence_means, token_losses)
+from deltatune.pipeline.train import load_base, load_tokenizer, run
+from pipeline_models import save_tiny, write_jsonl
+
+WORDS = ["alpha", "beta", "gamma", "delta"]
+ROWS = [{"instruction": f"Repeat {w}", "output": f"{w} {w}"} for w in WORDS]
+QUIET = {"echo": lambda *a, **k: None}
+
+
+def _flags(tmp_path, **extra) -> dict:
+    data = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    return {"model.name": str(save_tiny(tmp_path, "llama")), "data.train": str(data), "data.format": "instruction",
+            "stage": "grpo", "grpo": {"rewards": ["length"], "num_generations": 4, "max_new_tokens": 6},
+            "method": "lora", "lora.r": 4, "train.max_steps": 1, "train.batch_size": 2, "train.lr": 1e-2,
+            "train.log_every": 1, "train.progress": False, "output.dir": str(tmp_path / "out"), **extra}
+
+
+def _full(tmp_path, **extra) -> dict:
+    flags = _flags(tmp_path, method="full", **extra)
+    del flags["lora.r"]
+    return flags
+
+
+def _records(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]
+
+
+# ---------------------------------------------------------------- the formulas
+
+
+def test_the_advantages_are_per_group():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    got = group_advantages(rewards)
+    for g, row in enumerate(rewards.tolist()):
+        mean = sum(row) / 4
+        std = math.sqrt(sum((r - mean) ** 2 for r in row) / 3)  # unbiased, as torch.std
+        for i, r in enumerate(row):
+            assert got[g, i].item() == pytest.approx((r - mean) / (std + 1e-4), rel=1e-5, abs=1e-6)
+    assert torch.all(got[1] == 0)  # equal rewards: no signal
+
+
+def test_the_token_loss_is_the_formula_with_clipping_and_kl():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    old = torch.tensor([[-1.5, -1.0], [-0.5, -2.0]])  # ratios e^0.5, e^-1, 1, e^-1: two outside [0.8, 1.2]
+    ref = torch.tensor([[-1.2, -2.5], [-0.4, -2.0]])
+    adv = torch.tensor([1.5, -0.7])
+    eps, beta = 0.2, 0.04
+    got = token_losses(logp, old, adv, eps, beta, ref)
+    for i in range(2):
+        for t in range(2):
+            rho = math.exp(logp[i, t] - old[i, t])
+            a = adv[i].item()
+            clipped = min(max(rho, 1 - eps), 1 + eps)
+            d = ref[i, t].item() - logp[i, t].item()
+            by_hand = -min(rho * a, clipped * a) + beta * (math.exp(d) - d - 1)
+            assert got[i, t].item() == pytest.approx(by_hand, rel=1e-6)
+    # beta = 0 drops the KL term; with old = logp.detach() the value is -A and the gradient is -A grad logp
+    p = logp.clone().requires_grad_(True)
+    out = token_losses(p, p.detach(), adv, eps)
+    assert torch.allclose(out, -adv[:, None].expand(2, 2))
+    out.sum().backward()
+    assert torch.allclose(p.grad, -adv[:, None].expand(2, 2))
+    assert kl_k3(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
+
+
+def test_the_sequence_mean_counts_only_completion_tokens():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert sequence_means(values, mask).tolist() == [1.5, 5.0]
+    stops = completion_mask(torch.tensor([[5, 2, 7, 7], [5, 6, 8, 9], [2, 2, 2, 2]]), stops=[2])
+    assert stops.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # up to and with the first stop
+
+
+def test_the_builtin_rewards(tmp_path):
+    user = tmp_path / "my_reward.py"
+    user.write_text("def score(completion, answer):\n    return 2.0 * completion.count('x')\n")
+    settings = GrpoSection(rewards=["exact_match", "contains", "length", f"{user}:score"], length_target=3)
+    exact, contains, length, mine = reward_functions(settings)
+    assert exact(" cat ", "cat", 1) == 1.0 and exact("cat!", "cat", 1) == 0.0
+    assert contains("the cat sat", "cat", 3) == 1.0 and contains("dog", "cat", 1) == 0.0
+    assert length("", "", 5) == -2.0 and length("", "", 3) == 0.0
+    assert mine("xax", "", 3) == 4.0
+
+
+# ---------------------------------------------------------------- on a tiny llama
+
+
+def test_sampling_is_deterministic_for_a_seed_and_prompt(tmp_path):
+    config = load_run_config(None, _flags(tmp_path))
+    tokenizer = load_tokenizer(config)
+    model = load_base(config, tokenizer)
+    dt.attach(model, config.delta)
+    model.train()
+    batch = GRPO.collator(config, tokenizer)(prepare(config, tokenizer, None).train[:2])
+    prompt = batch["prompt_ids"][0, : int(batch["prompt_lengths"][0])]
+    settings = config.stage_settings["grpo"]
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    first = sample(model, prompt, settings, sample_seed(7, prompt, 0), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    assert torch.equal(torch.rand(1), expected)  # the run's own random stream is untouched
+    again = sample(model, prompt, settings, sample_seed(7, prompt, 0), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    other = sample(model, prompt, settings, sample_seed(8, prompt, 0), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    assert first.shape[0] == 4 and torch.equal(first, again) and not torch.equal(first, other)
+    assert sample_seed(7, prompt, 0) != sample_seed(7, prompt, 1)
+    assert model.training  # sampling ran in eval mode and put the mode back
+
+
+def test_the_prompt_is_everything_before_the_answer(tmp_path):
+    config = load_run_config(None, _flags(tmp_path))
+    tokenizer = load_tokenizer(config)
+    example = prepare(config, tokenizer, None).train[0]
+    batch = GRPO.collator(config, tokenizer)([example])
+    n = int(batch["prompt_lengths"][0])
+    answer = [t for t in batch["answer_ids"][0].tolist() if t != -100]
+    assert example.input_ids[:n] + answer == example.input_ids[: n + len(answer)]
+    assert "alpha alpha" in tokenizer.decode(answer) and "alpha alpha" not in tokenizer.decode(example.input_ids[:n])
+
+
+def test_a_grpo_step_runs_with_the_kl_term_and_logs_trl_metrics(tmp_path):
+    config = load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length", "contains"], "num_generations": 3,
+                                                          "max_new_tokens": 4, "beta": 0.04}))
+    assert stage_for(config).name == "grpo"
+    records = _records(run(config, **QUIET).output_dir)
+    first = records[0]
+    for name in ("reward", "reward_std", "kl", "completion_length"):
+        assert name in first and math.isfinite(first[name])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # before any update the policy is the reference
+    assert 1 <= first["completion_length"] <= 4
+    assert first["loss"] == pytest.approx(0.0, abs=1e-5)  # rho = 1 and the advantages sum to zero in a group
+
+
+@pytest.mark.slow
+def test_a_short_grpo_run_raises_the_reward(tmp_path):
+    # `length` toward 1 token: the model learns to stop at once (emit the stop token first)
+    flags = _flags(tmp_path, **{"grpo": {"rewards": ["length"], "num_generations": 8, "max_new_tokens": 8,
+                                         "length_target": 1},
+                                "train.max_steps": 12, "train.lr": 5e-2, "train.scheduler": "constant"})
+    records = _records(run(load_run_config(None, flags), **QUIET).output_dir)
+    rewards = [r["reward"] for r in records]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 1.0, rewards
+
+
+# ---------------------------------------------------------------- config and refusals
+
+
+def test_the_refusals(tmp_path):
+    with pytest.raises(ConfigError, match="grpo.rewards"):
+        load_run_config(None, _flags(tmp_path, grpo={"rewards": []}))
+    with pytest.raises(ConfigError, match="'nope' is not a reward.*exact_match, contains, length"):
+        load_run_config(None, _flags(tmp_path, grpo={"rewards": ["nope"]}))
+    with pytest.raises(ConfigError, match="no file"):
+        load_run_config(None, _flags(tmp_path, grpo={"rewards": ["missing.py:f"]}))
+    with pytest.raises(ConfigError, match="packing"):
+        load_run_config(None, _flags(tmp_path, **{"data.packing": True}))
+    with pytest.raises(ConfigError, match="reference"):
+        load_run_config(None, _full(tmp_path, grpo={"rewards": ["length"], "beta": 0.1}))
+    load_run_config(None, _full(tmp_path, grpo={"rewards": ["length"]}))  # beta = 0: no reference
+    with pytest.raises(ConfigError, match="causal"):
+        load_run_config(None, _flags(tmp_path, **{"model.task": "seq2seq"}))
+    with pytest.raises(ConfigError, match="num_generations"):
+        load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length"], "num_generations": 1}))
