@@ -148,12 +148,17 @@ def test_a_grpo_step_runs_with_the_kl_term_and_logs_trl_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_a_short_grpo_run_raises_the_reward(tmp_path):
-    # `length` toward 1 token: the model learns to stop at once (emit the stop token first)
-    flags = _flags(tmp_path, **{"grpo": {"rewards": ["length"], "num_generations": 8, "max_new_tokens": 8,
-                                         "length_target": 1},
+    # a reward of the user's own, easy to learn from a random tiny model: how often the letter "a" is written
+    # (the `length` reward would give no signal here: a random model never samples its stop token early)
+    reward = tmp_path / "letters.py"
+    reward.write_text("def count_a(completion, answer):\n    return float(completion.count('a'))\n")
+    flags = _flags(tmp_path, **{"grpo": {"rewards": [f"{reward}:count_a"], "num_generations": 8, "max_new_tokens": 8},
+                                "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                        "down_proj", "lm_head"],
                                 "train.max_steps": 12, "train.lr": 5e-2, "train.scheduler": "constant"})
     records = _records(run(load_run_config(None, flags), **QUIET).output_dir)
     rewards = [r["reward"] for r in records]
+    # measured (train.seed 0, 1, 2): the mean reward goes from 0.2-0.6 over the first steps to 5.8-7.7 at step 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 1.0, rewards
 
 
@@ -176,3 +181,16 @@ def test_the_refusals(tmp_path):
         load_run_config(None, _flags(tmp_path, **{"model.task": "seq2seq"}))
     with pytest.raises(ConfigError, match="num_generations"):
         load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length"], "num_generations": 1}))
+
+
+def test_the_settings_round_trip_through_the_run_config(tmp_path):
+    import yaml
+
+    config = load_run_config(None, _flags(tmp_path, grpo={"rewards": ["contains", "length"], "beta": 0.04}))
+    recorded = config.as_dict()
+    assert recorded["stage"] == "grpo" and recorded["grpo"]["rewards"] == ["contains", "length"]
+    assert recorded["grpo"]["beta"] == 0.04 and recorded["grpo"]["num_generations"] == 8  # TRL's G
+    assert "--stage grpo" in config.command() and "--grpo.beta 0.04" in config.command()
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(recorded))
+    assert load_run_config(str(path), {}).stage_settings["grpo"] == config.stage_settings["grpo"]

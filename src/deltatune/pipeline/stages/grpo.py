@@ -11,8 +11,9 @@ the only labelled span.
 Per prompt x, G = grpo.num_generations completions y_1..y_G are sampled with model.generate, under no_grad, in eval
 mode, with the delta active (the policy at sampling time, pi_old), at grpo.temperature, up to grpo.max_new_tokens,
 stopping at the tokenizer's eos or the template's end-of-turn token. The sampling is seeded from train.seed, the
-prompt's token ids and its place in the micro-batch (torch.random.fork_rng, so the run's own random stream is not
-touched): a resumed run repeats the same samples. Each completion gets a reward R_i (the sum of the grpo.rewards
+prompt's token ids, its place in the micro-batch and a fingerprint of the trained weights (their float64 sum), under
+torch.random.fork_rng so the run's own random stream is not touched: a resumed run (the same weights) repeats the
+same samples, while a prompt seen again after updates gets fresh noise rather than the draws of its last visit. Each completion gets a reward R_i (the sum of the grpo.rewards
 functions), and, with the group's mean and (unbiased) standard deviation,
 
     A_i     = (R_i - mean R) / (std R + 1e-4)                      shared by every token of y_i
@@ -215,9 +216,16 @@ def _answer_text(tokenizer: Any, ids: torch.Tensor, end_of_turn: str) -> str:
 
 # ---------------------------------------------------------------- sampling and scoring
 
-def sample_seed(seed: int, prompt: torch.Tensor, position: int) -> int:
-    """A seed fixed by train.seed, the prompt's token ids and its place in the micro-batch."""
-    digest = hashlib.sha256(f"{seed}:{position}:{prompt.tolist()}".encode()).digest()
+def weights_fingerprint(model: torch.nn.Module) -> float:
+    """A number that changes with every update of the trained weights: the sum of their values (float64)."""
+    with torch.no_grad():
+        sums = [p.detach().double().sum() for p in model.parameters() if p.requires_grad]
+        return float(torch.stack(sums).sum()) if sums else 0.0
+
+
+def sample_seed(seed: int, prompt: torch.Tensor, position: int, fingerprint: float = 0.0) -> int:
+    """A seed fixed by train.seed, the prompt's token ids, its place in the micro-batch and the trained weights."""
+    digest = hashlib.sha256(f"{seed}:{position}:{fingerprint!r}:{prompt.tolist()}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -272,7 +280,8 @@ def group_terms(forward: Callable[..., Any], model: torch.nn.Module, prompt: tor
     settings: GrpoSection = config.stage_settings["grpo"]
     tokenizer, stops, _ = _decoding(config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    completions = sample(model, prompt, settings, sample_seed(config.train.seed, prompt, position), stops, pad)
+    seed = sample_seed(config.train.seed, prompt, position, weights_fingerprint(model))
+    completions = sample(model, prompt, settings, seed, stops, pad)
     keep = completion_mask(completions, stops)  # (G, C)
     lengths = keep.sum(-1)
     texts = [tokenizer.decode(c[:n].tolist(), skip_special_tokens=True) for c, n in zip(completions, lengths)]
