@@ -14,7 +14,8 @@ from deltatune.pipeline.config import ConfigError, load_run_config
 from deltatune.pipeline.data import prepare
 from deltatune.pipeline.stages import stage_for
 from deltatune.pipeline.stages.grpo import (GRPO, GrpoSection, completion_mask, group_advantages, kl_k3, reward_functions,
-                                            sample, sample_seed, sequence_means, token_losses)
+                                            sample, sample_seed, sequence_means, token_log_probs,
+                                            token_losses)
 from deltatune.pipeline.train import load_base, load_tokenizer, run
 from pipeline_models import save_tiny, write_jsonl
 
@@ -122,6 +123,25 @@ def test_sampling_is_deterministic_for_a_seed_and_prompt(tmp_path):
     assert model.training  # sampling ran in eval mode and put the mode back
 
 
+def test_the_loss_is_repeatable_and_its_token_log_probs_are_the_full_logits(tmp_path):
+    config = load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length"], "num_generations": 3,
+                                                          "max_new_tokens": 5, "temperature": 0.7}))
+    tokenizer = load_tokenizer(config)
+    model = load_base(config, tokenizer)
+    dt.attach(model, config.delta)
+    model.train()
+    batch = GRPO.collator(config, tokenizer)(prepare(config, tokenizer, None).train[:2])
+    first, second = GRPO.loss(model, model, batch, config), GRPO.loss(model, model, batch, config)
+    assert torch.equal(first[0], second[0])  # same weights, same batch: the same samples, the same loss
+    assert {k: v.item() for k, v in first[1].items()} == {k: v.item() for k, v in second[1].items()}
+    rows = torch.randint(3, 300, (3, 9))
+    mask = torch.ones_like(rows)
+    with torch.no_grad():
+        got = token_log_probs(model, model, rows, mask, 4, 0.7)
+        full = (model(input_ids=rows).logits[:, 4:8].float() / 0.7).log_softmax(-1)
+    assert torch.allclose(got, full.gather(-1, rows[:, 5:, None]).squeeze(-1), atol=1e-5)
+
+
 def test_the_prompt_is_everything_before_the_answer(tmp_path):
     config = load_run_config(None, _flags(tmp_path))
     tokenizer = load_tokenizer(config)
@@ -135,7 +155,7 @@ def test_the_prompt_is_everything_before_the_answer(tmp_path):
 
 def test_a_grpo_step_runs_with_the_kl_term_and_logs_trl_metrics(tmp_path):
     config = load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length", "contains"], "num_generations": 3,
-                                                          "max_new_tokens": 4, "beta": 0.04}))
+                                                          "max_new_tokens": 4, "beta": 0.04}, **{"train.max_steps": 2}))
     assert stage_for(config).name == "grpo"
     records = _records(run(config, **QUIET).output_dir)
     first = records[0]
@@ -144,6 +164,7 @@ def test_a_grpo_step_runs_with_the_kl_term_and_logs_trl_metrics(tmp_path):
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # before any update the policy is the reference
     assert 1 <= first["completion_length"] <= 4
     assert first["loss"] == pytest.approx(0.0, abs=1e-5)  # rho = 1 and the advantages sum to zero in a group
+    assert records[1]["kl"] > 0  # after one update the policy has moved off the reference
 
 
 @pytest.mark.slow
