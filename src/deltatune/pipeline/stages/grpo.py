@@ -42,6 +42,7 @@ Evaluation is the task's own (loss and perplexity of the reference answers; gene
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -92,6 +93,7 @@ BUILTIN_REWARDS: dict[str, Callable[[str, str, int, GrpoSection], float]] = {
     "exact_match": _exact_match, "contains": _contains, "length": _length}
 
 
+@functools.lru_cache(maxsize=None)
 def _user_reward(spec: str) -> Callable[[str, str], float]:
     """The user's function `file.py:name`, called as fn(completion, answer) -> float. It is the user's own code,
     imported and run only because the config names it."""
@@ -219,7 +221,7 @@ def _answer_text(tokenizer: Any, ids: torch.Tensor, end_of_turn: str) -> str:
 def weights_fingerprint(model: torch.nn.Module) -> float:
     """A number that changes with every update of the trained weights: the sum of their values (float64)."""
     with torch.no_grad():
-        sums = [p.detach().double().sum() for p in model.parameters() if p.requires_grad]
+        sums = [p.detach().sum(dtype=torch.float64) for p in model.parameters() if p.requires_grad]
         return float(torch.stack(sums).sum()) if sums else 0.0
 
 
