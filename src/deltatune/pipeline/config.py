@@ -10,7 +10,7 @@
 A flag overrides a key by its dotted path: `--train.lr 1e-4 --method lora --lora.r 16`
 (the value is read as YAML, so `16` is an int, `[q, v]` a list, `null` None). The
 section named after the method holds that method's config fields (LoraConfig's for
-`lora`). `stage` (sft, dpo, kto, orpo, reward) picks what the run trains for, by default the stage the
+`lora`). `stage` (sft, dpo, kto, orpo, reward, grpo) picks what the run trains for, by default the stage the
 data format implies (pipeline/stages); a stage's own settings are the section named
 after it (`dpo: {beta: 0.1}`). Every other key is one of the dataclasses below. Unknown keys and values of
 the wrong type or range are errors naming the key, what is allowed and the file.

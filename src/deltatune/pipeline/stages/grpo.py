@@ -25,8 +25,8 @@ functions), and, with the group's mean and (unbiased) standard deviation,
     loss_i  = mean of loss_t over y_i's tokens (up to and with its stop token)
 
 The stage returns the sum of loss_i over the batch's completions; each prompt is G loss items, so the loop's division
-averages over completions. eps = grpo.epsilon (0.2); beta = grpo.beta, 0.0 by default as in recent TRL releases
-(from memory, not checked against an installed TRL); beta = 0 skips the reference forward, and then any method
+averages over completions. eps = grpo.epsilon (0.2); beta = grpo.beta, 0.0 by default as in TRL (GRPOConfig.beta,
+read in TRL 1.16.0; DeepSeek-R1 used 0.001); beta = 0 skips the reference forward, and then any method
 trains, `full` included. Log-probabilities are taken at the sampling temperature (logits / T), as TRL does.
 
 Memory: per-token log-probabilities are needed (not only sums), so the policy's forward asks the model for the logits
