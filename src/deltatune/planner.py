@@ -1190,6 +1190,10 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
         raise DeltaError(f"task = {task!r} is not allowed: expected one of {', '.join(TASKS)}")
     if num_labels is not None and task == "seq_cls":
         hf_config.num_labels = num_labels  # load_model_config gave a copy: the caller's config is left alone
+    if task == "seq_cls" and getattr(hf_config, "pad_token_id", 0) is None:
+        # a decoder's classifier finds each row's last token by the pad id and refuses a batch without one; a run
+        # sets it from the tokenizer (load_base), and which id it is changes no tensor's size
+        hf_config.pad_token_id = 0
     name = model if isinstance(model, str) else type(model).__name__
     limit = _position_limit(hf_config)
     check_positions(hf_config, seq, "seq (--seq)", name)
