@@ -492,7 +492,7 @@ def _plan_stage(args: argparse.Namespace) -> tuple[str | None, int | None, int, 
     rows = stage.rows_per_example()
     notes = [f"stage {stage.name}: " + (rows_note(args.batch, rows) if rows > 1 else
                                         f"one row per example in the training forward, batch {args.batch}")
-             + (", so the largest batch below counts rows" if args.memory is not None and rows > 1 else "")]
+             + (", so 'largest batch that fits' counts rows too" if args.memory is not None and rows > 1 else "")]
     if stage.task is not None:
         head = f" with {stage.num_labels} output{'s' if stage.num_labels != 1 else ''}" if stage.num_labels else ""
         notes.append(f"stage {stage.name} trains a {stage.task} model{head} (whatever the config's architectures say)")
