@@ -320,8 +320,8 @@ def test_the_plan_command_plans_a_stages_rows_and_task(tmp_path, capsys):
     assert "stage reward trains a seq_cls model with 1 output" in reward and "batch 4 x seq 32" in reward
     logits = lambda out: next(line for line in out.splitlines() if "logits and loss buffers" in line).split()[-2:]  # noqa: E731
     assert logits(reward) == ["0.0", "KiB"] and logits(sft) != ["0.0", "KiB"]
-    assert main([*flags, "--stage", "grpo"]) == 2
-    assert "stage 'grpo' is not one deltatune trains: choose one of sft, dpo" in capsys.readouterr().err
+    assert main([*flags, "--stage", "nonesuch"]) == 2
+    assert "stage 'nonesuch' is not one deltatune trains: choose one of sft, dpo" in capsys.readouterr().err
     assert main([*flags, "--stage", "reward", "--task", "causal_lm"]) == 2
     assert "--stage reward trains a seq_cls model, not --task causal_lm: drop --task" in capsys.readouterr().err
 
