@@ -296,6 +296,36 @@ def test_the_plan_command_prints_the_breakdown_and_what_fits(tmp_path, capsys):
     assert "24 GBs" in capsys.readouterr().err
 
 
+def test_the_plan_command_plans_a_stages_rows_and_task(tmp_path, capsys):
+    llama_config(architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    flags = ["plan", "--model", str(tmp_path), "--seq", "32", "--device", "cpu", "--dtype", "fp32"]
+    assert main([*flags, "--batch", "4"]) == 0
+    sft = capsys.readouterr().out
+    assert "batch 4 x seq 32" in sft and "LlamaForCausalLM" in sft and "stage" not in sft
+    # a preference pair is two rows: --batch 2 of pairs plans the forward of --batch 4 rows, to the byte
+    assert main([*flags, "--batch", "2", "--stage", "dpo"]) == 0
+    dpo = capsys.readouterr().out
+    assert "batch 4 x seq 32" in dpo and "stage dpo: each example is 2 rows in the forward: planned for batch 2 x 2 = 4 rows" in dpo
+    total = lambda out: next(line for line in out.splitlines() if "total (peak" in line)  # noqa: E731
+    assert total(dpo) == total(sft)
+    assert main([*flags, "--batch", "2", "--stage", "orpo"]) == 0 and "batch 4 x seq 32" in capsys.readouterr().out
+    assert main([*flags, "--batch", "4", "--stage", "kto"]) == 0  # its no-grad forwards run first: one row counts
+    kto = capsys.readouterr().out
+    assert "batch 4 x seq 32" in kto and "stage kto: one row per example in the training forward, batch 4" in kto
+    assert main([*flags, "--batch", "4", "--stage", "sft"]) == 0 and total(capsys.readouterr().out) == total(sft)
+    # a reward model: the checkpoint's causal LM loaded as a one-output classifier, no vocabulary-sized logits
+    assert main([*flags, "--batch", "2", "--stage", "reward"]) == 0
+    reward = capsys.readouterr().out
+    assert "LlamaForSequenceClassification" in reward and "LlamaForCausalLM" not in reward
+    assert "stage reward trains a seq_cls model with 1 output" in reward and "batch 4 x seq 32" in reward
+    logits = lambda out: next(line for line in out.splitlines() if "logits and loss buffers" in line).split()[-2:]  # noqa: E731
+    assert logits(reward) == ["0.0", "KiB"] and logits(sft) != ["0.0", "KiB"]
+    assert main([*flags, "--stage", "nonesuch"]) == 2
+    assert "stage 'nonesuch' is not one deltatune trains: choose one of sft, dpo" in capsys.readouterr().err
+    assert main([*flags, "--stage", "reward", "--task", "causal_lm"]) == 2
+    assert "--stage reward trains a seq_cls model, not --task causal_lm: drop --task" in capsys.readouterr().err
+
+
 def test_the_pipeline_check_prints_the_plan_and_warns_when_it_cannot_fit(monkeypatch):
     from types import SimpleNamespace
 

@@ -88,6 +88,19 @@ def test_at_step_zero_the_reward_and_kl_are_zero_so_each_row_loses_one_half(tmp_
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
+def test_the_no_grad_forwards_run_before_the_one_with_gradients(tmp_path):
+    # the memory plan counts only the training forward: a no-grad forward after it would add its transient
+    # activations on top of the saved ones, a peak the plan does not count
+    config, model, batch = _model_and_batch(tmp_path)
+    grad_enabled: list[bool] = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: grad_enabled.append(torch.is_grad_enabled()))
+    try:
+        KTO.loss(model, model, batch, config)
+    finally:
+        hook.remove()
+    assert grad_enabled == [False, False, False, True]
+
+
 def test_the_metrics_are_trls_means_over_the_desirable_and_undesirable_rows(tmp_path):
     config, model, batch = _model_and_batch(tmp_path)
     torch.manual_seed(0)

@@ -188,3 +188,25 @@ def test_a_resumed_reward_run_continues_as_the_uninterrupted_one(tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole, resumed):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["accuracy"] == a["accuracy"]
+
+
+# ---------------------------------------------------------------- the memory plan
+
+
+def test_the_memory_plan_of_a_reward_run_is_the_classifier_it_loads(tmp_path):
+    from deltatune.planner import check_run
+    from deltatune.pipeline.train import model_task
+
+    config = load_run_config(None, _flags(tmp_path))
+    tokenizer = load_tokenizer(config)
+    model = load_base(config, tokenizer)
+    assert model_task(config) == "seq_cls" and config.model.task == "causal_lm"
+    lines: list[str] = []
+    reward = check_run(config, model, 32, lines.append, rows_per_example=2, task=model_task(config))
+    assert reward is not None and reward.architecture.startswith("LlamaForSequenceClassification")
+    assert "ForSequenceClassification" in lines[0] and "ForCausalLM" not in lines[0]
+    assert not any("loss: fused" in note for note in reward.notes)  # no LM head, no fused-loss advice
+    # the same checkpoint planned as model.task's causal LM holds vocabulary-sized logits; the classifier a score
+    lm = check_run(config, model, 32, lines.append, rows_per_example=2)
+    assert lm is not None and "ForCausalLM" in lm.architecture
+    assert reward.logits * 100 < lm.logits, (reward.logits, lm.logits)

@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="the device to plan for (default: this machine's, cuda when it has a GPU, else cpu)")
     p.add_argument("--task", choices=["causal_lm", "seq_cls", "seq2seq"], default=None)
+    # the names are the stage registry's, checked in cmd_plan: importing the registry here would import torch for
+    # every command's --help
+    p.add_argument("--stage", default=None, help="the training stage (train's stage: key): the batch is planned as the "
+                   "rows its examples put into the forward (a preference pair: 2) and with the model class it trains "
+                   "(a reward model: a one-output classifier); default: one row per example on the model's own task, "
+                   "as sft trains")
     p.add_argument("--attention", choices=["sdpa", "eager"], default=None, help="default: the config's own (sdpa)")
     p.add_argument("--loss", choices=["fused", "standard", "chunked", "compiled"], default="fused",
                    help="fused: deltatune's fused linear + cross-entropy, what `deltatune train` runs (train.loss: fused); "
@@ -444,10 +450,14 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
         names = [t.strip() for t in args.target_modules.split(",") if t.strip()]
         fields["target_modules"] = "all-linear" if names == ["all-linear"] else names
     device, dtype, assumed = _plan_target(args.device, args.dtype)
-    result = plan(args.model, args.method, batch=args.batch, seq=args.seq, dtype=dtype, quant=args.quant,
+    task, num_labels, rows_per_example, stage_notes = _plan_stage(args)
+    rows = args.batch * rows_per_example  # the planner sizes the forward, which holds rows, not examples
+    result = plan(args.model, args.method, batch=rows, seq=args.seq, dtype=dtype, quant=args.quant,
                   gradient_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, accum=args.accum,
-                  memory=args.memory, device=device, task=args.task, attention=args.attention, loss=args.loss,
-                  trust_remote_code=args.trust_remote_code, master_weights=args.master_weights, **fields)
+                  memory=args.memory, device=device, task=task, attention=args.attention, loss=args.loss,
+                  trust_remote_code=args.trust_remote_code, master_weights=args.master_weights, num_labels=num_labels,
+                  **fields)
+    result.notes.extend(stage_notes)
     if assumed:
         result.notes.append(assumed)
     if args.master_weights != "fp32" and not result.sixteen_bit_trainable:
@@ -458,13 +468,35 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     if result.sixteen_bit_trainable:  # trainable 16-bit weights: the ways to train them, side by side
         from .planner import compare_master_modes
 
-        print("\n" + compare_master_modes(args.model, args.method, batch=args.batch, seq=args.seq, dtype=dtype,
+        print("\n" + compare_master_modes(args.model, args.method, batch=rows, seq=args.seq, dtype=dtype,
                                           quant=args.quant, gradient_checkpointing=args.grad_checkpointing,
-                                          optimizer=args.optimizer, accum=args.accum, device=device, task=args.task,
+                                          optimizer=args.optimizer, accum=args.accum, device=device, task=task,
+                                          num_labels=num_labels,
                                           attention=args.attention, loss=args.loss,
                                           trust_remote_code=args.trust_remote_code, planned=args.master_weights,
                                           **fields))
     return 0 if result.fits is not False else 1
+
+
+def _plan_stage(args: argparse.Namespace) -> tuple[str | None, int | None, int, list[str]]:
+    """What --stage changes in a plan: the task and head size the stage loads (None: --task's, the config's),
+    the rows one example puts into the forward, and the notes that say so."""
+    if args.stage is None:
+        return args.task, None, 1, []
+    from .pipeline.stages import named
+    from .planner import rows_note
+
+    stage = named(args.stage)
+    if stage.task is not None and args.task is not None and args.task != stage.task:
+        raise DeltaError(f"--stage {stage.name} trains a {stage.task} model, not --task {args.task}: drop --task")
+    rows = stage.rows_per_example()
+    notes = [f"stage {stage.name}: " + (rows_note(args.batch, rows) if rows > 1 else
+                                        f"one row per example in the training forward, batch {args.batch}")
+             + (", so 'largest batch that fits' counts rows too" if args.memory is not None and rows > 1 else "")]
+    if stage.task is not None:
+        head = f" with {stage.num_labels} output{'s' if stage.num_labels != 1 else ''}" if stage.num_labels else ""
+        notes.append(f"stage {stage.name} trains a {stage.task} model{head} (whatever the config's architectures say)")
+    return stage.task or args.task, stage.num_labels, rows, notes
 
 
 def _plan_target(device: str | None, dtype: str | None) -> tuple[str, str, str | None]:

@@ -1165,7 +1165,7 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
          quant: str | None = None, gradient_checkpointing: bool = False, optimizer: str = "adamw", accum: int = 1,
          memory: str | int | None = None, device: str = "cuda", task: str | None = None, attention: str | None = None,
          loss: str = "standard", target_seq: int | None = None, search: bool = True, trust_remote_code: bool = False,
-         master_weights: str = "fp32", **fields: Any) -> Plan:
+         master_weights: str = "fp32", num_labels: int | None = None, **fields: Any) -> Plan:
     """The peak memory of training `model` with `method` in one setting, by what holds it.
 
     model: a hub id, a model folder, a config.json path or a transformers config (only the config is read).
@@ -1177,7 +1177,8 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     cross-entropy (deltatune.losses, what `deltatune train` runs for causal LMs and seq2seq); "chunked" is torchtune's chunked
     cross-entropy; "compiled" the same under torch.compile (only the 16-bit logits kept).
     master_weights: how trainable 16-bit parameters train: "fp32" masters (the pipeline's default, master.py),
-    "kahan" (a 16-bit compensation buffer instead) or "none" (updated in 16 bits)."""
+    "kahan" (a 16-bit compensation buffer instead) or "none" (updated in 16 bits).
+    num_labels: a sequence classifier's output count (a reward model's one score); None: the config's own."""
     setting = Setting(batch=batch, seq=seq, dtype=dtype, quant=quant, gradient_checkpointing=gradient_checkpointing,
                       optimizer=optimizer.lower() if isinstance(optimizer, str) else optimizer, accum=accum,
                       device=device, attention=attention, loss=loss, target_seq=target_seq, master_weights=master_weights)
@@ -1187,6 +1188,12 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     task, task_note = (task, None) if task else default_task(hf_config)
     if task not in TASKS:
         raise DeltaError(f"task = {task!r} is not allowed: expected one of {', '.join(TASKS)}")
+    if num_labels is not None and task == "seq_cls":
+        hf_config.num_labels = num_labels  # load_model_config gave a copy: the caller's config is left alone
+    if task == "seq_cls" and getattr(hf_config, "pad_token_id", 0) is None:
+        # a decoder's classifier finds each row's last token by the pad id and refuses a batch without one; a run
+        # sets it from the tokenizer (load_base), and which id it is changes no tensor's size
+        hf_config.pad_token_id = 0
     name = model if isinstance(model, str) else type(model).__name__
     limit = _position_limit(hf_config)
     check_positions(hf_config, seq, "seq (--seq)", name)
@@ -1365,14 +1372,26 @@ def compare_master_modes(model: Any, method: str = "full", *, planned: str | Non
     return "\n".join(lines)
 
 
-def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None, rows_per_example: int = 1) -> Plan:
+def rows_note(batch: int, rows_per_example: int) -> str:
+    """What the plan's batch is when an example puts several rows into the forward (a preference pair: 2)."""
+    return (f"each example is {rows_per_example} rows in the forward: planned for batch {batch} x {rows_per_example} "
+            f"= {batch * rows_per_example} rows")
+
+
+def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None, rows_per_example: int = 1,
+             task: str | None = None) -> Plan:
     """The plan of a `deltatune train` run: its model config, method, batch, data length and optimizer
     (a quantised base trains with checkpointing on where the model supports it, as the pipeline sets it).
 
+    task: the model class the run loads, when it is not model.task's (a reward model is a sequence classifier
+    loaded from a causal LM's checkpoint, whose config still names the causal LM); the loaded model's config
+    carries the head's size (num_labels), so the plan counts that head and no vocabulary-sized logits.
+
     rows_per_example: the rows each example puts into the training forward (its stage says: a preference pair's
     chosen and rejected completion are 2), so the plan simulates train.batch_size x that many rows. A stage's
-    extra forward without gradients (DPO's reference) frees its activations before the training forward keeps
-    any, so it does not raise the peak."""
+    extra forward without gradients (DPO's reference, KTO's reference and mismatched rows) frees its activations
+    before the training forward keeps any, so it does not raise the peak: the stages run those forwards first."""
+    task = task or config.model.task
     device = "cuda" if torch.cuda.is_available() else "cpu"
     optimizer = config.train.optimizer.lower()
     if optimizer not in TORCH_STATES and optimizer not in BNB_STATES:
@@ -1383,22 +1402,21 @@ def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = N
                   gradient_checkpointing=config.train.gradient_checkpointing or (
                       config.model.quant is not None and bool(getattr(model, "supports_gradient_checkpointing", False))),
                   optimizer=optimizer, accum=config.train.grad_accum, memory=visible_memory(device), device=device,
-                  task=config.model.task, target_seq=target_seq, search=False,
-                  loss="fused" if getattr(config.train, "loss", "standard") == "fused" and config.model.task in (
+                  task=task, target_seq=target_seq, search=False,
+                  loss="fused" if getattr(config.train, "loss", "standard") == "fused" and task in (
                       "causal_lm", "seq2seq") else "standard",
                   trust_remote_code=config.model.trust_remote_code,
                   master_weights=getattr(config.train, "master_weights", "fp32"))
     if rows_per_example > 1:
-        result.notes.append(f"each example is {rows_per_example} rows in the forward: planned for batch "
-                            f"{config.train.batch_size} x {rows_per_example} = {rows} rows")
+        result.notes.append(rows_note(config.train.batch_size, rows_per_example))
     return result
 
 
 def check_run(config: Any, model: nn.Module, seq: int, say: Callable[[str], Any],
-              target_seq: int | None = None, rows_per_example: int = 1) -> Plan | None:
+              target_seq: int | None = None, rows_per_example: int = 1, task: str | None = None) -> Plan | None:
     """Print the run's memory plan; warn when its total exceeds what this machine can give."""
     try:
-        result = plan_run(config, model, seq, target_seq, rows_per_example)
+        result = plan_run(config, model, seq, target_seq, rows_per_example, task)
     except Exception as err:  # a plan is advice: it never stops a run
         say(f"memory plan unavailable: {str(err).splitlines()[0][:200]}")
         return None

@@ -371,7 +371,8 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     if main:  # the memory plan at the longest training row: advice, never a stop
         targets = [len(e.decoder_labels) for e in prepared.train if e.decoder_labels is not None]
         check_run(config, model, max((len(r.input_ids) for rows in rows_of for r in rows), default=1), say,
-                  max(targets) if targets else None, rows_per_example=max((len(rows) for rows in rows_of), default=1))
+                  max(targets) if targets else None, rows_per_example=max((len(rows) for rows in rows_of), default=1),
+                  task=model_task(config))  # the class loaded: a reward run's classifier, not model.task's LM
 
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
     model = accelerator.prepare(model)  # on its device first: the fp32 masters are made there

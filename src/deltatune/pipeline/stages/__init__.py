@@ -62,6 +62,15 @@ class Stage:
         """The rows `example` puts into a training forward of this stage."""
         return (example,) if self.rows is None else self.rows(example)
 
+    def rows_per_example(self) -> int:
+        """The rows one example puts into a training forward, for a plan made before any data is read (`deltatune
+        plan --stage`): counted on a stand-in example that carries every field a stage's rows may read (a rejected
+        completion, a KTO label), so no stage is special-cased here."""
+        from ..data import Example
+
+        stand_in = Example([0], [0], rejected=Example([0], [0]), desirable=True)
+        return len(self.rows_of(stand_in))
+
 
 # formats that are read and checked but that no stage trains on yet: what they are, for the error message
 # (every format has a stage today; a format added to the readers before its stage goes here)
@@ -82,6 +91,16 @@ def _stages() -> dict[str, Stage]:
 
 def names() -> list[str]:
     return list(_stages())
+
+
+def named(name: str) -> Stage:
+    """The stage called `name`; an error listing the stages otherwise."""
+    from ...config import DeltaError
+
+    registry = _stages()
+    if name not in registry:
+        raise DeltaError(f"stage {name!r} is not one deltatune trains: choose one of {', '.join(registry)}")
+    return registry[name]
 
 
 def settings_classes() -> dict[str, type]:

@@ -115,7 +115,10 @@ def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, A
     settings: KtoSection = config.stage_settings["kto"]
     rows, kl_rows, desirable = _part(batch), _part(batch, "kl_"), batch["desirable"].bool()
     # the reference: the same weights with the delta off; no gradient, and the model itself rather than a
-    # DistributedDataParallel wrapper, since nothing of it is reduced
+    # DistributedDataParallel wrapper, since nothing of it is reduced. The three no-grad forwards run before the
+    # one with gradients on purpose: each frees its activations before the training forward keeps any, so they
+    # never add to the step's peak (what the memory plan assumes); after it, they would sit on top of its saved
+    # activations. tests/test_stage_kto.py checks the order.
     with torch.no_grad():
         with api.disabled(model):
             reference = sequence_log_probs(model, rows).float()
