@@ -222,7 +222,7 @@ def test_the_settings_round_trip_through_the_run_config(tmp_path):
 
 def test_evaluation_logs_eval_reward_and_is_the_reward_of_the_sampled_completions(tmp_path):
     from deltatune.pipeline.evaluate import evaluate
-    from deltatune.pipeline.stages.grpo import _answer_text, weights_fingerprint
+    from deltatune.pipeline.stages.grpo import weights_fingerprint
 
     reward = tmp_path / "letters.py"
     reward.write_text("def count_a(completion, answer):\n    return float(completion.count('a'))\n")
@@ -253,7 +253,6 @@ def test_evaluation_logs_eval_reward_and_is_the_reward_of_the_sampled_completion
     totals, stds, lengths = [], [], []
     for i in range(len(prepared.eval)):
         prompt = batch["prompt_ids"][i, : int(batch["prompt_lengths"][i])]
-        answer = _answer_text(tokenizer, batch["answer_ids"][i], "")
         seed = sample_seed(config.train.seed, prompt, -1 - i, weights_fingerprint(model))
         completions = sample(model, prompt, settings, seed, [tokenizer.eos_token_id], tokenizer.pad_token_id)
         keep = completion_mask(completions, [tokenizer.eos_token_id])
