@@ -380,7 +380,8 @@ def evaluate(model: torch.nn.Module, prepared: Any, config: Any, tokenizer: Any)
     metrics = {"reward": reward_sum / completions, "reward_std": std_sum / groups,
                "completion_length": length_sum / completions}
     if len(names) > 1:
-        metrics.update({f"rewards/{name}/mean": value / completions for name, value in zip(names, per_function.tolist())})
+        means = per_function.div(completions).tolist()
+        metrics.update({f"rewards/{name}/mean": value for name, value in zip(names, means)})
     return metrics
 
 
