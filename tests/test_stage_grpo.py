@@ -215,3 +215,55 @@ def test_the_settings_round_trip_through_the_run_config(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(recorded))
     assert load_run_config(str(path), {}).stage_settings["grpo"] == config.stage_settings["grpo"]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_evaluation_logs_eval_reward_and_is_the_reward_of_the_sampled_completions(tmp_path):
+    from deltatune.pipeline.evaluate import evaluate
+    from deltatune.pipeline.stages.grpo import weights_fingerprint
+
+    reward = tmp_path / "letters.py"
+    reward.write_text("def count_a(completion, answer):\n    return float(completion.count('a'))\n")
+    rewards = [f"{reward}:count_a", "length"]
+    flags = _flags(tmp_path, **{"data.eval": str(write_jsonl(tmp_path / "eval.jsonl", ROWS[:3])),
+                                "grpo": {"rewards": rewards, "num_generations": 3, "max_new_tokens": 5},
+                                "train.max_steps": 2, "train.eval_every": 1, "eval.batch_size": 2})
+    config = load_run_config(None, flags)
+    out = run(config, **QUIET).output_dir
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval_reward" in r]
+    assert len(evals) == 2  # at step 1 (eval_every) and at the end
+    for record in evals:
+        for name in ("eval_reward", "eval_reward_std", "eval_completion_length", "eval_rewards/count_a/mean",
+                     "eval_rewards/length/mean"):
+            assert math.isfinite(record[name]), name
+        assert record["eval_reward"] == pytest.approx(record["eval_rewards/count_a/mean"]
+                                                      + record["eval_rewards/length/mean"], rel=1e-5)
+
+    # by hand, on the untrained model: sample each eval prompt's group with the documented seed, score it
+    tokenizer = load_tokenizer(config)
+    model = load_base(config, tokenizer)
+    dt.attach(model, config.delta)
+    prepared = prepare(config, tokenizer, None)
+    first, second = evaluate(model, prepared, config, tokenizer), evaluate(model, prepared, config, tokenizer)
+    assert first == second  # the same weights: the same samples, the same numbers
+    settings = config.stage_settings["grpo"]
+    batch = GRPO.collator(config, tokenizer)(prepared.eval)
+    totals, stds, lengths = [], [], []
+    for i in range(len(prepared.eval)):
+        prompt = batch["prompt_ids"][i, : int(batch["prompt_lengths"][i])]
+        seed = sample_seed(config.train.seed, prompt, -1 - i, weights_fingerprint(model))
+        completions = sample(model, prompt, settings, seed, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        keep = completion_mask(completions, [tokenizer.eos_token_id])
+        group = []
+        for c, n in zip(completions, keep.sum(-1).tolist()):
+            text = tokenizer.decode(c[:n].tolist(), skip_special_tokens=True)
+            group.append(text.count("a") - abs(n - settings.length_target))
+            lengths.append(n)
+        totals += group
+        mean = sum(group) / len(group)
+        stds.append(math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1)))
+    assert first["reward"] == pytest.approx(sum(totals) / len(totals), rel=1e-6)
+    assert first["reward_std"] == pytest.approx(sum(stds) / len(stds), rel=1e-5, abs=1e-6)
+    assert first["completion_length"] == pytest.approx(sum(lengths) / len(lengths))

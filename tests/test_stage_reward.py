@@ -210,3 +210,40 @@ def test_the_memory_plan_of_a_reward_run_is_the_classifier_it_loads(tmp_path):
     lm = check_run(config, model, 32, lines.append, rows_per_example=2)
     assert lm is not None and "ForCausalLM" in lm.architecture
     assert reward.logits * 100 < lm.logits, (reward.logits, lm.logits)
+
+
+# ---------------------------------------------------------------- margins (TRL's `margin` column)
+
+
+def test_the_margin_column_reaches_the_pair_and_enters_the_loss(tmp_path):
+    margins = [0.5, None, 2.0, "1.25"]  # a pair without one has m = 0; CSV-style text is read as a number
+    rows = [dict(row, **({} if m is None else {"margin": m})) for row, m in zip(ROWS[:4], margins)]
+    flags = _flags(tmp_path, **{"data.train": str(write_jsonl(tmp_path / "margins.jsonl", rows)),
+                                "data.max_length": 64})
+    config = load_run_config(None, flags)
+    tokenizer = load_tokenizer(config)
+    examples = prepare(config, tokenizer, None).train  # through tokenising (datasets) and truncation
+    assert [e.margin for e in examples] == [0.5, None, 2.0, 1.25]
+    model = load_base(config, tokenizer)
+    dt.attach(model, config.delta)
+    batch = REWARD.collator(config, tokenizer)(examples)
+    values = scores(model, batch).detach()
+    total, metrics = REWARD.loss(model, model, batch, config)
+    by_hand = sum(-math.log(_sigmoid(values[i].item() - values[4 + i].item() - m))
+                  for i, m in enumerate([0.5, 0.0, 2.0, 1.25]))
+    assert total.item() == pytest.approx(by_hand, rel=1e-5)
+    # the logged margin is r_w - r_l itself, whatever m is
+    assert metrics["margin"].item() == pytest.approx((values[:4] - values[4:]).sum().item(), abs=1e-5)
+    assert evaluate(model, type("P", (), {"eval": examples})(), config, tokenizer)["loss"] == pytest.approx(by_hand / 4,
+                                                                                                         rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["wide", True, [1.0], "nan"])
+def test_a_margin_that_is_not_a_number_is_refused_naming_file_row_and_column(tmp_path, bad):
+    from deltatune.pipeline.rows import DataError
+
+    rows = [dict(ROWS[0], margin=1.0), dict(ROWS[1], margin=bad)]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    config = load_run_config(None, _flags(tmp_path, **{"data.train": str(path)}))
+    with pytest.raises(DataError, match=r"bad\.jsonl.*row 2, column 'margin': expected a (finite )?number"):
+        prepare(config, load_tokenizer(config), None)

@@ -213,6 +213,7 @@ class Example:
     rejected: "Example | None" = None  # preference pairs: this example is the chosen completion
     desirable: bool | None = None  # KTO rows: the completion's label
     position_ids: list[int] | None = None  # a packed row (packing.py): positions restarting at each example
+    margin: float | None = None  # preference pairs: the row's `margin` column, m in the reward model's loss
 
     def __post_init__(self) -> None:
         self.length = self.length or len(self.input_ids)
@@ -259,6 +260,7 @@ class Encoder:
         if fmt == "preference":
             chosen = self._conversation(row["prompt"] + row["chosen"], row["tools"], completion_only=True)
             chosen.rejected = self._conversation(row["prompt"] + row["rejected"], row["tools"], completion_only=True)
+            chosen.margin = row.get("margin")
             return chosen
         if fmt == "kto":
             example = self._conversation(row["prompt"] + row["completion"], row["tools"], completion_only=True)
@@ -368,7 +370,8 @@ def truncate(examples: list[Example], max_length: int) -> tuple[list[Example], i
                 dropped += 1
                 continue
             rejected = kept_rejected[0]
-        kept.append(Example(ids, labels, types, decoder, length=e.length, rejected=rejected, desirable=e.desirable))
+        kept.append(Example(ids, labels, types, decoder, length=e.length, rejected=rejected, desirable=e.desirable,
+                            margin=e.margin))
     return kept, dropped
 
 
@@ -528,7 +531,9 @@ def _encode_all(renderer: Encoder, rows: list[dict[str, Any]], where: str) -> li
         return {"input_ids": e.input_ids, "labels": e.labels if isinstance(e.labels, list) else [e.labels],
                 "token_type_ids": e.token_type_ids or [], "decoder_labels": e.decoder_labels or [], "length": e.length,
                 "rejected_ids": rejected.input_ids, "rejected_labels": rejected.labels,
-                "desirable": -1 if e.desirable is None else int(e.desirable)}
+                "desirable": -1 if e.desirable is None else int(e.desirable),
+                # NaN for no margin: an Arrow column keeps one type, and a read margin is always finite (rows.py)
+                "margin": math.nan if e.margin is None else float(e.margin)}
 
     # Rows go to datasets as JSON text: their nested values (tool arguments, messages) vary in shape from row to
     # row, which Arrow's column types cannot hold.
@@ -541,5 +546,6 @@ def _encode_all(renderer: Encoder, rows: list[dict[str, Any]], where: str) -> li
         labels = r["labels"] if per_token else r["labels"][0]
         rejected = Example(r["rejected_ids"], r["rejected_labels"]) if r["rejected_ids"] else None
         out.append(Example(r["input_ids"], labels, r["token_type_ids"] or None, r["decoder_labels"] or None, r["length"],
-                           rejected=rejected, desirable=None if r["desirable"] < 0 else bool(r["desirable"])))
+                           rejected=rejected, desirable=None if r["desirable"] < 0 else bool(r["desirable"]),
+                           margin=None if math.isnan(r["margin"]) else r["margin"]))
     return out

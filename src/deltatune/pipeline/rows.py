@@ -7,7 +7,8 @@ row is a `DataError` naming the file, the row (1-based) and the column:
     chat            {"messages", "tools"}                      alpaca, sharegpt, OpenAI messages, axolotl chat_template
     segments        {"segments": [(text, trained)]}            axolotl input_output
     tokenized       {"input_ids", "labels"}                    pre-tokenized rows, used as they are
-    preference      {"prompt", "chosen", "rejected", "tools"}  pairs (TRL, LLaMA-Factory ranking)
+    preference      {"prompt", "chosen", "rejected", "tools",  pairs (TRL, LLaMA-Factory ranking); margin: an
+                     "margin"}                                  optional number (TRL's reward trainer), else None
     kto             {"prompt", "completion", "label", "tools"} unpaired feedback (TRL, LLaMA-Factory kto_tag)
     classification  {"text", "text_pair", "label"}
     seq2seq         {"source", "target"}
@@ -26,6 +27,7 @@ pairs) are errors that say which format reads them.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ..config import DeltaError
@@ -48,7 +50,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "system", "tools"),
     "segments": ("segments",),
     "tokenized": ("input_ids", "labels", "attention_mask"),
-    "preference": ("prompt", "chosen", "rejected", "instruction", "input", "messages", "system", "history", "tools"),
+    "preference": ("prompt", "chosen", "rejected", "instruction", "input", "messages", "system", "history", "tools",
+                   "margin"),
     "kto": ("prompt", "completion", "label", "instruction", "input", "output", "messages", "system", "history", "tools"),
     "classification": ("text", "text_pair", "label"),
     "seq2seq": ("source", "target"),
@@ -287,7 +290,7 @@ class Reader:
         prompt = self.system(row, prompt) + prompt
         for role, turns in (("chosen", chosen), ("rejected", rejected)):
             self.check_completion(c[role], prompt, turns)
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools}
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools, "margin": self.margin(row)}
 
     def _kto(self, row: dict) -> dict:
         c = self.columns
@@ -326,6 +329,27 @@ class Reader:
         if not value.strip() and not optional:
             raise RowError(column, "empty text")
         return value
+
+    def margin(self, row: dict) -> float | None:
+        """A pair's optional margin (TRL's reward-trainer column): a finite number, or None where the cell is empty."""
+        column = self.columns["margin"]
+        value = row.get(column)
+        if value is None or value == "":
+            return None
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # True is an int, but not a margin
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)  # CSV cells arrive as text
+            except ValueError:
+                pass
+        if number is None:
+            raise RowError(column, f"expected a number (the pair's reward margin), got {type(value).__name__} "
+                                   f"{value!r:.40}")
+        if not math.isfinite(number):
+            raise RowError(column, f"expected a finite number (the pair's reward margin), got {value!r:.40}")
+        return number
 
     def int_list(self, row: dict, role: str) -> list[int]:
         column = self.columns[role]

@@ -36,7 +36,9 @@ floats per prompt for C completion tokens, never the prompt's positions. Prompts
 
 Logged per step (TRL's names), means over the step's completions: reward, reward_std (the groups' standard
 deviations), kl (the per-completion mean of KL_t; 0 when beta = 0, as nothing is computed) and completion_length.
-Evaluation is the task's own (loss and perplexity of the reference answers; generation metrics when eval.generate).
+Evaluation samples G completions per eval prompt as training does (same G, temperature and seeding; see `evaluate`)
+and reports reward, reward_std, completion_length and, with several rewards, rewards/<name>/mean, logged as
+eval_reward and so on; generation metrics against the reference answers are added when eval.generate.
 """
 
 from __future__ import annotations
@@ -276,9 +278,17 @@ def _reference(model: torch.nn.Module) -> Any:
     return api.disabled(model) if state is not None and state.deltas else contextlib.nullcontext()
 
 
-def group_terms(forward: Callable[..., Any], model: torch.nn.Module, prompt: torch.Tensor, answer: str,
-                config: Any, position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One prompt's G completions: the sum of their per-sequence losses, and the sums of the metrics."""
+def reward_names(settings: GrpoSection) -> list[str]:
+    """A short name per grpo.rewards entry, for the per-reward metrics: the built-in's name or the user function's
+    (the whole spec where two entries would share a name)."""
+    short = [spec if spec in BUILTIN_REWARDS else spec.rsplit(":", 1)[1] for spec in settings.rewards]
+    return [name if short.count(name) == 1 else spec for name, spec in zip(short, settings.rewards)]
+
+
+def score_group(model: torch.nn.Module, prompt: torch.Tensor, answer: str, config: Any,
+                position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one prompt's G completions and score them: (completions (G, C), their mask up to and with the stop
+    token (G, C), the rewards of each function (G, F)). Deterministic for given weights, prompt and position."""
     settings: GrpoSection = config.stage_settings["grpo"]
     tokenizer, stops, _ = _decoding(config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -288,8 +298,18 @@ def group_terms(forward: Callable[..., Any], model: torch.nn.Module, prompt: tor
     lengths = keep.sum(-1)
     texts = [tokenizer.decode(c[:n].tolist(), skip_special_tokens=True) for c, n in zip(completions, lengths)]
     functions = reward_functions(settings)
-    rewards = torch.tensor([sum(f(text, answer, int(n)) for f in functions) for text, n in zip(texts, lengths)],
-                           dtype=torch.float32, device=prompt.device)  # (G,)
+    rewards = torch.tensor([[f(text, answer, int(n)) for f in functions] for text, n in zip(texts, lengths)],
+                           dtype=torch.float32, device=prompt.device)  # (G, F)
+    return completions, keep, rewards
+
+
+def group_terms(forward: Callable[..., Any], model: torch.nn.Module, prompt: torch.Tensor, answer: str,
+                config: Any, position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One prompt's G completions: the sum of their per-sequence losses, and the sums of the metrics."""
+    settings: GrpoSection = config.stage_settings["grpo"]
+    completions, keep, per_function = score_group(model, prompt, answer, config, position)
+    lengths = keep.sum(-1)
+    rewards = per_function.sum(-1)  # (G,): the functions are summed
     advantages = group_advantages(rewards[None, :])[0]
     rows = torch.cat([prompt[None, :].repeat(completions.shape[0], 1), completions], dim=1)  # (G, P + C)
     mask = torch.cat([torch.ones_like(rows[:, :prompt.shape[0]]), keep], dim=1)
@@ -324,6 +344,47 @@ def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, A
     return total, sums
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, prepared: Any, config: Any, tokenizer: Any) -> dict[str, float]:
+    """Sample G completions per eval prompt exactly as training does (grpo.num_generations at grpo.temperature)
+    and report their mean reward, the mean of the groups' standard deviations, the mean completion length and,
+    with several reward functions, each one's mean (`rewards/<name>/mean`, TRL's name).
+
+    The same sampling as training, not one greedy answer: reward_std needs a group, and the eval numbers then
+    read on the same scale as the training log's. Seeds come from the weights, the prompt and its place in the
+    eval set, so two evaluations of the same weights give the same numbers; the places are negative (-1 for the
+    first eval prompt), so an eval prompt that is also a training prompt never replays a training step's draws."""
+    settings: GrpoSection = config.stage_settings["grpo"]
+    collate = collator(config, tokenizer)  # records the tokenizer and stop tokens that score_group decodes with
+    _, _, end_of_turn = _decoding(config)
+    device = next(model.parameters()).device
+    names = reward_names(settings)
+    per_function = torch.zeros(len(names), dtype=torch.float64)
+    reward_sum = std_sum = length_sum = 0.0
+    completions = groups = 0
+    for i in range(0, len(prepared.eval), config.eval.batch_size):
+        batch = collate(prepared.eval[i:i + config.eval.batch_size])
+        for b in range(batch["prompt_ids"].shape[0]):
+            prompt = batch["prompt_ids"][b, : int(batch["prompt_lengths"][b])].to(device)
+            answer = _answer_text(tokenizer, batch["answer_ids"][b], end_of_turn)
+            _, keep, rewards = score_group(model, prompt, answer, config, -1 - (i + b))
+            total = rewards.sum(-1)  # (G,)
+            per_function += rewards.sum(0).double().cpu()
+            reward_sum += total.sum().item()
+            std_sum += total.std().item()
+            length_sum += keep.sum().item()
+            completions += total.numel()
+            groups += 1
+    if not groups:
+        return {}
+    metrics = {"reward": reward_sum / completions, "reward_std": std_sum / groups,
+               "completion_length": length_sum / completions}
+    if len(names) > 1:
+        means = per_function.div(completions).tolist()
+        metrics.update({f"rewards/{name}/mean": value for name, value in zip(names, means)})
+    return metrics
+
+
 def check_config(config: Any) -> str | None:
     """Why this run cannot train with GRPO, or None."""
     settings: GrpoSection = config.stage_settings["grpo"]
@@ -355,4 +416,4 @@ def check_config(config: Any) -> str | None:
 
 
 GRPO = Stage(name="grpo", formats=frozenset({"instruction", "chat"}), items=items, collator=collator, loss=loss,
-             settings=GrpoSection, check=check_config)
+             settings=GrpoSection, check=check_config, evaluate=evaluate)

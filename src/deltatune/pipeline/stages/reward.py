@@ -5,15 +5,16 @@ The model is the base loaded as a sequence classifier with one output (`...ForSe
 num_labels = 1, whatever model.task says of the checkpoint): r(x, y) is its logit at the last token that is not
 padding (transformers' rule with the model's pad_token_id), over the prompt and completion rendered as for SFT.
 The score head is new, seeded from train.seed, and trains whole (the delta keeps it in modules_to_save, as for any
-sequence classifier). With sigma the logistic function and an optional margin m >= 0 per pair:
+sequence classifier). With sigma the logistic function and an optional margin m per pair:
 
     P(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l))
     loss             = -log sigma(r(x, y_w) - r(x, y_l) - m)
                        + c * (r(x, y_w) + r(x, y_l))^2          (c = reward.center_rewards_coefficient, TRL's
                                                                   name; it keeps the scores centred near 0)
 
-The margin enters `pair_losses`; the preference reader carries prompt, chosen and rejected only, so runs train with
-m = 0 until it reads a `margin` column.
+m is the row's `margin` column (TRL's reward-trainer name, read by the preference reader; a positive m asks the
+chosen score to lead by at least about m), 0 for a pair without one. The metrics stay margin-free: accuracy and
+margin below are of r_w - r_l itself.
 
 One pair is one loss item: the stage returns the sum over the batch's pairs and the loop divides by the step's pairs.
 Per pair it also sums accuracy (1 where r_w > r_l), margin (r_w - r_l), rewards/chosen (r_w) and rewards/rejected
@@ -70,6 +71,8 @@ def collator(config: Any, tokenizer: Any) -> Callable[[list[Example]], dict[str,
         # are dropped: a classifier given labels would compute a loss of its own against them
         batch = rows(list(examples) + [e.rejected for e in examples])
         batch.pop("labels")
+        # popped again by `scores` before the forward; a pair without a margin column has m = 0
+        batch["margins"] = torch.tensor([0.0 if e.margin is None else e.margin for e in examples], dtype=torch.float32)
         return batch
 
     return collate
@@ -77,15 +80,18 @@ def collator(config: Any, tokenizer: Any) -> Callable[[list[Example]], dict[str,
 
 def scores(forward: Callable[..., Any], batch: dict[str, Any]) -> torch.Tensor:
     """r(x, y) of each row, (2B,): the one-output head's logit at the row's last non-padding token."""
-    logits = forward(**batch).logits  # (2B, 1)
+    inputs = {k: v for k, v in batch.items() if k != "margins"}  # the model takes no margins
+    logits = forward(**inputs).logits  # (2B, 1)
     return logits[:, 0].float()
 
 
-def _pair_terms(values: torch.Tensor, config: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _pair_terms(values: torch.Tensor, config: Any,
+                margins: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     settings: RewardSection = config.stage_settings["reward"]
     pairs = values.shape[0] // 2
     chosen, rejected = values[:pairs], values[pairs:]
-    losses = pair_losses(chosen, rejected, center=settings.center_rewards_coefficient)
+    margin_term = 0.0 if margins is None else margins.to(chosen.device, chosen.dtype)  # (P,)
+    losses = pair_losses(chosen, rejected, margin_term, center=settings.center_rewards_coefficient)
     with torch.no_grad():
         margin = chosen - rejected
         metrics = {"accuracy": (margin > 0).float().sum(), "margin": margin.sum(),
@@ -95,7 +101,7 @@ def _pair_terms(values: torch.Tensor, config: Any) -> tuple[torch.Tensor, dict[s
 
 def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
          config: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return _pair_terms(scores(forward, batch), config)
+    return _pair_terms(scores(forward, batch), config, batch.get("margins"))
 
 
 @torch.no_grad()
@@ -110,7 +116,7 @@ def evaluate(model: torch.nn.Module, prepared: Any, config: Any, tokenizer: Any)
         total, sums, pairs = 0.0, {"accuracy": 0.0, "margin": 0.0}, len(prepared.eval)
         for i in range(0, pairs, size):
             batch = {k: v.to(device) for k, v in collate(prepared.eval[i:i + size]).items()}
-            loss_sum, metrics = _pair_terms(scores(model, batch), config)
+            loss_sum, metrics = _pair_terms(scores(model, batch), config, batch.get("margins"))
             total += loss_sum.item()
             for name in sums:
                 sums[name] += metrics[name].item()
