@@ -260,6 +260,16 @@ def test_a_single_eval_point_gets_a_sensible_range():
     assert metric_ax.get_ylim() == pytest.approx((10.8, 13.2))
 
 
+@pytest.mark.parametrize("metric, fraction", [("eval_rewards/accuracies", True), ("eval_reward", False)])
+def test_the_preference_and_grpo_stages_get_their_metric_panel(metric, fraction):
+    from deltatune.pipeline.report import curves_figure
+
+    records = [{"step": s, "loss": 0.69 - s / 1000} for s in range(1, 11)] + [{"step": 10, "eval_loss": 0.6, metric: 0.75}]
+    axes = curves_figure({"run": records}, "t").axes
+    assert len(axes) == 2 and metric.removeprefix("eval_") in axes[1].get_ylabel()
+    assert (axes[1].get_ylim() == (0, 1.02)) == fraction
+
+
 def test_the_demo_draws_its_three_runs_in_one_figure(tmp_path):
     from deltatune.pipeline.demo import demo_figure
 

@@ -81,8 +81,8 @@ def peak_memory_bytes() -> int:
 
 # The metric panel shows the first of these the run logged; the fractions are drawn on 0..1 whatever their values,
 # so one point, or a flat line, sits where it belongs instead of in a window a few thousandths wide.
-METRICS = ("eval_accuracy", "eval_rouge_l", "eval_exact_match", "eval_perplexity")
-FRACTIONS = {"eval_accuracy", "eval_rouge_l", "eval_exact_match"}
+METRICS = ("eval_accuracy", "eval_rewards/accuracies", "eval_reward", "eval_rouge_l", "eval_exact_match", "eval_perplexity")
+FRACTIONS = {"eval_accuracy", "eval_rewards/accuracies", "eval_rouge_l", "eval_exact_match"}  # DPO, ORPO: rewards/accuracies
 
 
 def smooth(values: list[float], weight: float | None = None) -> list[float]:
