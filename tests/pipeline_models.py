@@ -41,3 +41,17 @@ def save_tiny(root: Path, arch: str, seed: int = 0, width: int = 32, **overrides
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def stage_flags(root: Path, rows: list[dict], data_format: str, **extra) -> dict:
+    """A short LoRA run of a training stage on a tiny llama, as load_run_config flags: `rows` written to a file
+    under `root`, two steps of four examples, logged every step, no bar; `extra` adds or overrides keys."""
+    data = write_jsonl(root / f"{data_format}.jsonl", rows)
+    return {"model.name": str(save_tiny(root, "llama")), "data.train": str(data), "data.format": data_format,
+            "method": "lora", "lora.r": 4, "train.max_steps": 2, "train.batch_size": 4, "train.lr": 1e-2,
+            "train.log_every": 1, "train.progress": False, "output.dir": str(root / "out"), **extra}
+
+
+def train_records(out: Path) -> list[dict]:
+    """The training steps' lines of a run's log.jsonl (evaluation lines left out)."""
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]

@@ -19,7 +19,7 @@ from deltatune.pipeline.stages import stage_for
 from deltatune import api
 from deltatune.pipeline.stages.dpo import DPO, DpoSection, completion_log_probs, pair_losses, simpo_losses
 from deltatune.pipeline.train import load_base, load_tokenizer, run
-from pipeline_models import save_tiny, write_jsonl
+from pipeline_models import stage_flags, train_records, write_jsonl
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 ROWS = [{"prompt": f"Repeat {w}:", "chosen": f" {w} {w}", "rejected": " no idea"} for w in WORDS]
@@ -27,14 +27,10 @@ QUIET = {"echo": lambda *a, **k: None}
 
 
 def _flags(tmp_path, **extra) -> dict:
-    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
-    return {"model.name": str(save_tiny(tmp_path, "llama")), "data.train": str(data), "data.format": "preference",
-            "method": "lora", "lora.r": 4, "train.max_steps": 2, "train.batch_size": 4, "train.lr": 1e-2,
-            "train.log_every": 1, "train.progress": False, "output.dir": str(tmp_path / "out"), **extra}
+    return stage_flags(tmp_path, ROWS, "preference", **extra)
 
 
-def _records(out) -> list[dict]:
-    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]
+_records = train_records
 
 
 # ---------------------------------------------------------------- the formulas

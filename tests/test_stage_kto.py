@@ -3,7 +3,6 @@ learns from the feedback, the config keys and the refusals."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -15,7 +14,7 @@ from deltatune.pipeline.data import IGNORE, Example, prepare
 from deltatune.pipeline.stages import stage_for
 from deltatune.pipeline.stages.kto import KTO, kl_estimate, mismatched, row_losses
 from deltatune.pipeline.train import load_base, load_tokenizer, run
-from pipeline_models import save_tiny, write_jsonl
+from pipeline_models import stage_flags, train_records
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 ROWS = [row for w in WORDS for row in ({"prompt": f"Repeat {w}:", "completion": f" {w} {w}", "label": True},
@@ -25,14 +24,10 @@ sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
 
 
 def _flags(tmp_path, **extra) -> dict:
-    data = write_jsonl(tmp_path / "feedback.jsonl", ROWS)
-    return {"model.name": str(save_tiny(tmp_path, "llama")), "data.train": str(data), "data.format": "kto",
-            "method": "lora", "lora.r": 4, "train.max_steps": 2, "train.batch_size": 4, "train.lr": 1e-2,
-            "train.log_every": 1, "train.progress": False, "output.dir": str(tmp_path / "out"), **extra}
+    return stage_flags(tmp_path, ROWS, "kto", **extra)
 
 
-def _records(out) -> list[dict]:
-    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]
+_records = train_records
 
 
 # ---------------------------------------------------------------- the formulas

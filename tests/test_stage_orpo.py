@@ -3,7 +3,6 @@ the preference, the stage choice, the config keys and the refusals."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -13,9 +12,10 @@ import deltatune as dt
 from deltatune.pipeline.config import ConfigError, load_run_config
 from deltatune.pipeline.data import IGNORE, prepare
 from deltatune.pipeline.stages import stage_for
-from deltatune.pipeline.stages.orpo import ORPO, log_odds, mean_log_probs, pair_losses
+from deltatune.pipeline.stages.dpo import completion_log_probs
+from deltatune.pipeline.stages.orpo import ORPO, log_odds, pair_losses
 from deltatune.pipeline.train import load_base, load_tokenizer, run
-from pipeline_models import save_tiny, write_jsonl
+from pipeline_models import stage_flags, train_records, write_jsonl
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 ROWS = [{"prompt": f"Repeat {w}:", "chosen": f" {w} {w}", "rejected": " no idea"} for w in WORDS]
@@ -23,14 +23,10 @@ QUIET = {"echo": lambda *a, **k: None}
 
 
 def _flags(tmp_path, **extra) -> dict:
-    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
-    return {"model.name": str(save_tiny(tmp_path, "llama")), "data.train": str(data), "data.format": "preference",
-            "stage": "orpo", "method": "lora", "lora.r": 4, "train.max_steps": 2, "train.batch_size": 4,
-            "train.lr": 1e-2, "train.log_every": 1, "train.progress": False, "output.dir": str(tmp_path / "out"), **extra}
+    return stage_flags(tmp_path, ROWS, "preference", stage="orpo", **extra)
 
 
-def _records(out) -> list[dict]:
-    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]
+_records = train_records
 
 
 # ---------------------------------------------------------------- the formula
@@ -73,7 +69,7 @@ def test_the_loss_is_the_formula_on_the_full_logits(tmp_path):
     mask = labels != IGNORE
     picked = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     means = (picked * mask).sum(-1) / mask.sum(-1)
-    assert mean_log_probs(model, model, batch).detach() == pytest.approx(means.detach(), abs=1e-5)
+    assert completion_log_probs(model, model, batch, average=True).detach() == pytest.approx(means.detach(), abs=1e-5)
     total, metrics = ORPO.loss(model, model, batch, config)
     expected, nll, _ = pair_losses(means[:3], means[3:], 0.1)
     assert total.item() == pytest.approx(expected.sum().item(), abs=1e-4)

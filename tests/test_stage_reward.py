@@ -17,7 +17,7 @@ from deltatune.pipeline.data import prepare
 from deltatune.pipeline.stages import stage_for
 from deltatune.pipeline.stages.reward import REWARD, evaluate, pair_losses, scores
 from deltatune.pipeline.train import load_base, load_tokenizer, run
-from pipeline_models import save_tiny, write_jsonl
+from pipeline_models import stage_flags, train_records, write_jsonl
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 # the chosen completion ends in "good", the rejected one in "bad"; the score is read at the end of the turn after it
@@ -26,14 +26,10 @@ QUIET = {"echo": lambda *a, **k: None}
 
 
 def _flags(tmp_path, **extra) -> dict:
-    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
-    return {"model.name": str(save_tiny(tmp_path, "llama")), "data.train": str(data), "data.format": "preference",
-            "stage": "reward", "method": "lora", "lora.r": 4, "train.max_steps": 2, "train.batch_size": 4,
-            "train.lr": 1e-2, "train.log_every": 1, "train.progress": False, "output.dir": str(tmp_path / "out"), **extra}
+    return stage_flags(tmp_path, ROWS, "preference", stage="reward", **extra)
 
 
-def _records(out) -> list[dict]:
-    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r and "eval_loss" not in r]
+_records = train_records
 
 
 def _sigmoid(x: float) -> float:
@@ -95,7 +91,7 @@ def test_the_fresh_score_head_is_seeded_from_train_seed(tmp_path):
 
 def test_a_short_reward_run_learns_the_preference_and_its_adapter_scores_the_same_on_a_fresh_base(tmp_path, capsys):
     values = _flags(tmp_path, **{"train.max_steps": 8, "train.lr": 3e-2, "train.scheduler": "constant",
-                                 "data.eval": str(tmp_path / "pairs.jsonl")})
+                                 "data.eval": str(tmp_path / "preference.jsonl")})
     config = load_run_config(None, values)
     assert stage_for(config).name == "reward"
     result = run(config, **QUIET)

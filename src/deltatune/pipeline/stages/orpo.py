@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from ...config import check
-from ...losses import sequence_log_probs
-from ..data import IGNORE, Collator, Example
 from . import Stage
-from .dpo import rows as pair_rows  # a pair is two rows of the forward, as in DPO
+# a pair is one loss item and two rows of one forward, chosen then rejected, as in DPO
+from .dpo import collator, completion_log_probs, items, rows as pair_rows
 
 CERTAIN = -1e-6  # the highest mean log-probability used: keeps log(1 - p) finite
 
@@ -61,31 +60,10 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> tu
     return nll - beta * ratio, nll, ratio
 
 
-def items(example: Any, config: Any) -> int:
-    return 1  # one pair, one loss item, whatever its length
-
-
-def collator(config: Any, tokenizer: Any) -> Callable[[list[Example]], dict[str, Any]]:
-    rows = Collator(pad_id=tokenizer.pad_token_id, task="causal_lm")
-
-    def collate(examples: list[Example]) -> dict[str, Any]:
-        # chosen rows first, then the rejected ones, padded to one width: one forward for both
-        return rows(list(examples) + [e.rejected for e in examples])
-
-    return collate
-
-
-def mean_log_probs(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """a(y) of each row: the mean log-probability of its labelled tokens, (2B,)."""
-    sums = sequence_log_probs(model, batch, forward=forward).float()
-    tokens = (batch["labels"][:, 1:] != IGNORE).sum(-1).clamp(min=1)  # the causal shift: position 0 predicts nothing
-    return sums / tokens.to(sums.dtype)
-
-
 def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
          config: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     settings: OrpoSection = config.stage_settings["orpo"]
-    means = mean_log_probs(forward, model, batch)
+    means = completion_log_probs(forward, model, batch, average=True)  # a(y) of each row, (2B,)
     pairs = means.shape[0] // 2
     chosen, rejected = means[:pairs], means[pairs:]
     losses, nll, ratio = pair_losses(chosen, rejected, settings.beta)

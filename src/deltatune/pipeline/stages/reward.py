@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from ...config import check
-from ..data import Collator, Example
+from ..data import Example
 from . import Stage
-from .dpo import rows as pair_rows  # a pair is two rows of the forward, as in DPO
+# a pair is one loss item and two rows of one forward, as in DPO
+from .dpo import collator as pair_collator, items, rows as pair_rows
 
 
 @dataclass(kw_only=True)
@@ -59,17 +60,12 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
     return losses
 
 
-def items(example: Any, config: Any) -> int:
-    return 1  # one pair, one loss item, whatever its length
-
-
 def collator(config: Any, tokenizer: Any) -> Callable[[list[Example]], dict[str, Any]]:
-    rows = Collator(pad_id=tokenizer.pad_token_id, task="causal_lm")
+    pairs = pair_collator(config, tokenizer)  # chosen rows, then rejected ones, one padded batch
 
     def collate(examples: list[Example]) -> dict[str, Any]:
-        # chosen rows first, then the rejected ones, padded to one width: one forward for both. The token labels
-        # are dropped: a classifier given labels would compute a loss of its own against them
-        batch = rows(list(examples) + [e.rejected for e in examples])
+        batch = pairs(examples)
+        # the token labels are dropped: a classifier given labels would compute a loss of its own against them
         batch.pop("labels")
         # popped again by `scores` before the forward; a pair without a margin column has m = 0
         batch["margins"] = torch.tensor([0.0 if e.margin is None else e.margin for e in examples], dtype=torch.float32)
