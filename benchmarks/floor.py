@@ -53,7 +53,7 @@ import deltatune as dt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fresh import in_fresh_process, peak_growth  # noqa: E402
-from lora_vs_peft import core_count, cpu_model, load_note, med_iqr, timeit_interleaved  # noqa: E402
+from lora_vs_peft import core_count, cpu_model, infer_fn, load_note, med_iqr, timeit_interleaved  # noqa: E402
 from methods_vs_peft import CASES, build_base, pair, step_fn  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -160,14 +160,6 @@ def paired(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def inference_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
-    def forward() -> None:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-
-    return forward
-
-
 def run_method(name: str, base: torch.nn.Module, floor: torch.nn.Module, ids: torch.Tensor,
                args: argparse.Namespace) -> dict[str, Any]:
     """Times one method's training step against the floor (and peft), then its inference against the base."""
@@ -198,11 +190,11 @@ def run_method(name: str, base: torch.nn.Module, floor: torch.nn.Module, ids: to
     # inference: the bare base, the delta unmerged, a merged copy (the training above moved the delta off its
     # init, so the unmerged forward does real delta work)
     ours.eval()
-    infer = {"base": inference_fn(base, ids), "unmerged": inference_fn(ours, ids)}
+    infer = {"base": infer_fn(base, ids), "unmerged": infer_fn(ours, ids)}
     if dt.METHODS[delta_config(name).method].mergeable:
         merged = copy.deepcopy(ours)
         dt.merge(merged)
-        infer["merged"] = inference_fn(merged, ids)
+        infer["merged"] = infer_fn(merged, ids)
     times = timeit_interleaved(infer, args.repeats, 1)
     row["unmerged"] = paired(times, "unmerged", "base")
     row["merged"] = paired(times, "merged", "base") if "merged" in infer else None
