@@ -11,6 +11,7 @@ import torch
 from deltatune.pipeline import stages
 from deltatune.pipeline.config import ConfigError, load_run_config
 from deltatune.pipeline.data import prepare
+from deltatune.pipeline import evaluate as evaluate_module
 from deltatune.pipeline.evaluate import evaluate
 from deltatune.pipeline.stages.sft import SFT
 from deltatune.pipeline.train import load_base, load_tokenizer, run
@@ -61,7 +62,7 @@ def test_a_format_no_stage_takes_is_refused_with_the_reason(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
-def test_evaluation_with_the_fused_loss_equals_the_standard_loss(tmp_path, arch):
+def test_evaluation_with_the_fused_loss_equals_the_standard_loss(tmp_path, arch, monkeypatch):
     import deltatune as dt
 
     config = _config(tmp_path, arch, **{"output.dir": str(tmp_path / "out"), "data.eval_fraction": 0.5})
@@ -73,9 +74,15 @@ def test_evaluation_with_the_fused_loss_equals_the_standard_loss(tmp_path, arch)
             p.data.normal_(0, 0.05)  # LoRA's B starts at zero: make the delta change the loss
     prepared = prepare(config, tokenizer, None)
     assert prepared.eval
+    calls: list[str] = []
+    fused_loss = evaluate_module.lm_loss
+    monkeypatch.setattr(evaluate_module, "lm_loss", lambda *a, **k: calls.append("fused") or fused_loss(*a, **k))
     fused = evaluate(model, prepared, config, tokenizer)
+    assert calls  # the fused loss computed it, the full logits never held
+    calls.clear()
     standard = evaluate(model, prepared, dataclasses.replace(config, train=dataclasses.replace(config.train, loss="standard")),
                         tokenizer)
+    assert not calls
     assert fused["loss"] == pytest.approx(standard["loss"], rel=1e-5)
     assert fused["perplexity"] == pytest.approx(standard["perplexity"], rel=1e-5)
     assert all(p.grad is None for p in model.parameters())  # evaluation computed no gradient
@@ -87,7 +94,14 @@ def test_the_fused_loss_under_no_grad_computes_no_weight_gradient():
     hidden = torch.randn(6, 8)
     weight = torch.randn(11, 8, requires_grad=True)
     labels = torch.randint(0, 11, (6,))
-    with torch.no_grad():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
         value = fused_linear_cross_entropy(hidden, weight, labels)
     reference = torch.nn.functional.cross_entropy(hidden @ weight.detach().T, labels)
     assert not value.requires_grad and value.item() == pytest.approx(reference.item(), rel=1e-6)
+    # only the logits' product (2 N H V); with gradients on, the weight's gradient product doubles it
+    assert counted.get_total_flops() == 2 * 6 * 8 * 11
+    with FlopCounterMode(display=False) as training:
+        fused_linear_cross_entropy(hidden, weight, labels)
+    assert training.get_total_flops() == 2 * counted.get_total_flops()
