@@ -1,6 +1,7 @@
 """Metrics: accuracy and macro-F1 for classification, loss and perplexity for language
-modelling, a stage's own metrics where it has them (DPO's loss and rewards on preference pairs), and exact match, BLEU (sacrebleu) and ROUGE-L (rouge-score) for generation
-when the data has references (seq2seq targets, instruction outputs, the last assistant turn)."""
+modelling, a stage's own metrics where it has them (DPO's loss and rewards on preference pairs), and
+exact match, BLEU (sacrebleu) and ROUGE-L (rouge-score) for generation when the data has references
+(seq2seq targets, instruction outputs, the last assistant turn)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _scores(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: 
         return classification_metrics(truth, predictions) | {"loss": loss_sum / len(truth)}
     # the fused loss (losses.py) when training used it: the full logits of an eval batch are the same
     # (tokens x vocabulary) buffer the training step avoids holding
-    fused = getattr(config.train, "loss", "standard") == "fused"
+    fused = config.train.loss == "fused"
     total_loss, total_tokens = 0.0, 0
     for i in range(0, len(prepared.eval), size):
         batch = {k: v.to(device) for k, v in collate(prepared.eval[i:i + size]).items()}

@@ -291,7 +291,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
 # ---------------------------------------------------------------- the run
 
 
-# Formats deltatune reads and checks ahead of the stages that will train on them.
 def run(config: RunConfig, echo: Any = print) -> RunResult:
     stage = stage_for(config)  # what the delta trains for; the loop below knows no stage by name
     from accelerate import Accelerator
