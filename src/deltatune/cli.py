@@ -3,6 +3,7 @@
     deltatune train CONFIG.yaml [--section.key value ...]   fine-tune; every YAML key is also a flag
     deltatune eval CONFIG.yaml [--adapter DIR]               the same metrics for a base, or a base + adapter
     deltatune merge --model M --adapter DIR --out DIR        a merged model any transformers install loads
+    deltatune export --adapter DIR --out model.gguf [--type q8_0]   one GGUF file for llama.cpp / Ollama, drift-checked
     deltatune generate --model M [--adapter DIR] (--prompt TEXT | --file FILE | --chat)
     deltatune data CONFIG.yaml                               rendered examples, trained tokens marked
     deltatune info MODEL                                     architecture, targets, counts per method
@@ -48,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = commands.add_parser("export", help="write a base + adapter as one GGUF file (llama.cpp, Ollama), checked against it",
+                            description="Fold the adapter into its base and write one GGUF file with the tokenizer; then "
+                            "read it back and compare its logits with the unmerged model's (the drift line).")
+    p.add_argument("--model", default=None, help="base model id or folder (default: the base recorded in adapter_config.json)")
+    p.add_argument("--adapter", default=None, help="adapter folder (omit to convert the base alone)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="tensor type (1-D tensors stay f32); default f16")
+    p.add_argument("--no-check", action="store_true", help="skip reading the file back for the drift check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("generate", help="generate text with a base model and optionally an adapter")
     p.add_argument("--model", required=True)
@@ -306,6 +318,44 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from . import io as dt_io
+    from .export.gguf import export_gguf
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise DeltaError(f"--out {out}: a GGUF file's name ends in .gguf (e.g. --out {out.with_suffix('.gguf').name})")
+    if out.is_dir():
+        raise DeltaError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'model.gguf'}")
+    if out.exists() and not args.overwrite:
+        raise DeltaError(f"--out {out} already exists; nothing was written. Pass --overwrite to replace it "
+                         "(once the new file is complete), or choose another name")
+    if not out.parent.is_dir():
+        raise DeltaError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    task_type, base = "CAUSAL_LM", args.model
+    if args.adapter is not None:
+        config, _ = dt_io.read_adapter(args.adapter)
+        task_type, base = config.task_type or "CAUSAL_LM", args.model or config.base_model_name_or_path
+        if task_type != "CAUSAL_LM":
+            raise DeltaError(f"{args.adapter} is a {task_type} adapter; GGUF export writes causal language models")
+        if not base:
+            raise DeltaError(f"{Path(args.adapter) / 'adapter_config.json'} records no base model "
+                             "(base_model_name_or_path); name it with --model")
+        if args.model is None:
+            print(f"base model: {base} (recorded in the adapter's config; --model chooses another)")
+    elif base is None:
+        raise DeltaError("name the model to export with --model, an adapter with --adapter, or both")
+    model, tokenizer = _load_for_adapter(base, task_type, args.trust_remote_code)
+    if args.adapter is not None:
+        dt_io.load(model, args.adapter)
+    report = export_gguf(model, tokenizer, out, args.type, name=Path(args.adapter or base).name, check=not args.no_check)
+    print(f"wrote {report.path}: {report.arch}, {report.type}, {report.tensors} tensors, "
+          f"{report.bytes / 2**20:.1f} MiB")
+    if report.drift is not None:
+        print(f"drift from the unmerged model: {report.drift.line()}")
+    return 0
+
+
 def _load_for_adapter(name: str, task_type: str | None, trust_remote_code: bool,
                       num_labels: int | None = None) -> tuple[Any, Any]:
     import transformers as tf
@@ -535,7 +585,7 @@ def cmd_tiny(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge, "generate": cmd_generate,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge, "export": cmd_export, "generate": cmd_generate,
             "info": cmd_info, "plan": cmd_plan, "demo": cmd_demo, "tiny": cmd_tiny}
 
 

@@ -18,18 +18,9 @@ from ..files import WriteFailed, replace_tree, size_text, tensor_bytes, write_fa
 from ..surgery import dequantize_base
 
 
-def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                  in_place: bool = False) -> Path:
-    """Write `model` with its active deltas merged, atomically (a temporary folder renamed into place).
-
-    The model is left as it was, at the cost of a copy, unless in_place=True (then its
-    deltas are merged and detached: what `deltatune merge` does with a model it loaded).
-
-    A quantised base (bitsandbytes) is dequantised first, to `dtype` (default: the dtype the
-    model was loaded in), and the deltas merged into those full-precision weights: the export
-    computes what base + delta computed, with no re-quantisation error, and loads as a plain model.
-    """
-    folder = Path(folder)
+def merged_model(model: torch.nn.Module, dtype: torch.dtype | None = None, in_place: bool = False) -> torch.nn.Module:
+    """`model` with its active deltas folded into its weights and detached: a plain transformers model. A copy
+    unless in_place=True. A quantised base is dequantised first (see export_merged); `dtype` converts the result."""
     merged = model if in_place else copy.deepcopy(model)
     if quant.quantized_layers(merged):
         state = api.get_state(merged)
@@ -46,9 +37,26 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathL
                              "cannot be merged into a plain model; share the base and the adapter instead")
         for name in [n for n in state.deltas if n not in state.active]:
             api.detach(merged, name)
-        api.detach(merged, merge=True, untie=True)
+        if api.get_state(merged) is not None and api.get_state(merged).deltas:  # none active (dt.disabled): the base
+            api.detach(merged, merge=True, untie=True)
     if dtype is not None:
         merged = merged.to(dtype)
+    return merged
+
+
+def export_merged(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                  in_place: bool = False) -> Path:
+    """Write `model` with its active deltas merged, atomically (a temporary folder renamed into place).
+
+    The model is left as it was, at the cost of a copy, unless in_place=True (then its
+    deltas are merged and detached: what `deltatune merge` does with a model it loaded).
+
+    A quantised base (bitsandbytes) is dequantised first, to `dtype` (default: the dtype the
+    model was loaded in), and the deltas merged into those full-precision weights: the export
+    computes what base + delta computed, with no re-quantisation error, and loads as a plain model.
+    """
+    folder = Path(folder)
+    merged = merged_model(model, dtype, in_place)
     tmp = folder.with_name(f".{folder.name}.tmp-{secrets.token_hex(4)}")
     try:
         merged.save_pretrained(tmp)

@@ -1,0 +1,385 @@
+"""A fine-tuned model as one GGUF file, for llama.cpp, Ollama and LM Studio, checked against the model it came from.
+
+What is written. The base with the run's deltas folded in (the same merged model `deltatune merge` saves), its
+tensors renamed to GGUF's names (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`, from the
+`gguf` package's own name map, the one llama.cpp's converter uses), the hyper-parameters llama.cpp reads
+(`{arch}.block_count`, `.embedding_length`, `.attention.head_count`, `.rope.freq_base`, ...), and the tokenizer
+(tokens, types, merges, special ids, chat template) so the file runs on its own.
+
+Two conventions differ from transformers':
+  * RoPE. transformers rotates the two halves of each head (x[:d/2], x[d/2:]); llama.cpp's `llama` architecture
+    rotates adjacent pairs (x[0], x[1]), ... So the rows of q_proj and k_proj are permuted per head, row
+    i*(d/2)+j of a head going to 2j+i, and the logits are unchanged. Architectures llama.cpp runs with the halves
+    convention ("neox": qwen2, qwen3) are written as they are.
+  * Shapes. GGUF lists dimensions fastest-first; a (out, in) torch weight is written as it lies in memory and
+    read back as (in, out) in ggml's order, so nothing is transposed.
+
+Types: f32, f16, bf16, q8_0 (blocks of 32 int8 with one fp16 scale). As llama.cpp's converter does, 1-D tensors
+(norms, biases) stay f32 and a weight whose rows are not a multiple of the block is written f16 under q8_0.
+
+The drift check. After writing, the file is read back (gguf.GGUFReader), its tensors un-renamed, un-permuted
+and dequantised into a fresh copy of the model's architecture, and that model's logits on probe sequences are
+compared with the unmerged model's (base + delta, as trained): max |delta logit|, the mean KL divergence of the
+next-token distributions, and how often the top token agrees. It catches a wrong fold, name or permutation, and
+shows what a quantised type costs; it does not run llama.cpp's kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..config import DeltaError
+from ..files import WriteFailed, write_failure
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    name: str  # llama.cpp's architecture name
+    pairs_rope: bool  # llama.cpp rotates adjacent pairs: permute q_proj/k_proj rows (see the module docstring)
+    pre: str  # tokenizer.ggml.pre for the family's byte-level BPE tokenizer ("default" for one of unknown family)
+
+
+# model_type -> how llama.cpp runs it. Mistral is llama.cpp's `llama` architecture.
+ARCHITECTURES: dict[str, GgufArch] = {
+    "llama": GgufArch("llama", True, "llama-bpe"),
+    "mistral": GgufArch("llama", True, "default"),
+    "qwen2": GgufArch("qwen2", False, "qwen2"),
+    "qwen3": GgufArch("qwen3", False, "qwen2"),
+}
+
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The written file's model against the unmerged model, on the probe sequences."""
+    max_abs_logit: float  # max |logit difference| over every probe position and vocabulary entry
+    mean_kl: float  # mean KL(unmerged || file) of the next-token distributions, in nats
+    top1_agreement: float  # share of positions whose most likely next token is the same
+    positions: int
+
+    def line(self) -> str:
+        return (f"max |Δlogit| {self.max_abs_logit:.3g}, mean KL {self.mean_kl:.3g} nats, top-1 agreement "
+                f"{100 * self.top1_agreement:.1f}% over {self.positions} positions")
+
+
+@dataclass(frozen=True)
+class GgufReport:
+    path: Path
+    arch: str
+    type: str
+    tensors: int
+    bytes: int
+    drift: Drift | None
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise DeltaError("writing GGUF needs the `gguf` package (llama.cpp's own reader and writer): "
+                         "pip install 'deltatune[export]'") from None
+    return gguf
+
+
+def check_exportable(config: Any) -> GgufArch:
+    """The GGUF architecture for a transformers config; a clear error for one this exporter does not write."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise DeltaError(f"GGUF export supports the decoder architectures {', '.join(sorted(ARCHITECTURES))}; this "
+                         f"model is {model_type!r}. Export a merged transformers folder with `deltatune merge` and "
+                         "convert it with llama.cpp's convert_hf_to_gguf.py, which knows more architectures")
+    _rope(config)  # refuses a RoPE scaling it cannot write, before anything is merged
+    return ARCHITECTURES[model_type]
+
+
+def _rope(config: Any) -> tuple[float, dict[str, Any] | None]:
+    """(rope theta, the scaling dict or None) across transformers 4's and 5's spellings."""
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    scaling = getattr(config, "rope_scaling", None) or params
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return float(theta), None
+    if kind not in ("linear", "llama3"):
+        raise DeltaError(f"RoPE scaling {kind!r} is not written to GGUF by deltatune yet (linear and llama3 are); "
+                         "use `deltatune merge` and llama.cpp's convert_hf_to_gguf.py")
+    return float(theta), dict(scaling, rope_type=kind)
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _pairs_permutation(rows: int, heads: int) -> torch.Tensor:
+    """Index p with new[k] = old[p[k]]: within each head, halves order (j, d/2+j) becomes adjacent pairs (2j, 2j+1)."""
+    d = rows // heads
+    per_head = torch.arange(d).reshape(2, d // 2).T.reshape(-1)  # [0, d/2, 1, d/2+1, ...]
+    return (torch.arange(heads)[:, None] * d + per_head).reshape(-1)
+
+
+def _llama3_rope_factors(config: Any, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's per-frequency RoPE divisors (llama.cpp reads them as the `rope_freqs` tensor)."""
+    dim = _head_dim(config)
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old = scaling["original_max_position_embeddings"]
+    factors = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def gguf_tensors(model: torch.nn.Module, arch: GgufArch) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor) for every weight of a plain (merged) model, permuted where llama.cpp wants it."""
+    gguf = _gguf()
+    config = model.config
+    names = gguf.get_tensor_name_map(_arch_enum(gguf, arch.name), config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when `output` is absent
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue  # a buffer recomputed from the config
+            raise DeltaError(f"no GGUF name for {key!r} in architecture {arch.name!r}: this model has a weight "
+                             "llama.cpp's map does not know, so the file would be incomplete")
+        tensor = tensor.detach().float().cpu()
+        if arch.pairs_rope and (".attn_q." in name or ".attn_k." in name):
+            heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+            tensor = tensor[_pairs_permutation(tensor.shape[0], heads)]
+        yield name, tensor
+    _, scaling = _rope(config)
+    if scaling is not None and scaling["rope_type"] == "llama3":
+        yield "rope_freqs.weight", _llama3_rope_factors(config, _rope(config)[0], scaling)
+
+
+def _arch_enum(gguf: Any, name: str) -> Any:
+    return next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items() if arch_name == name)
+
+
+def _encode(gguf: Any, name: str, tensor: torch.Tensor, kind: str) -> tuple[Any, Any]:
+    """(numpy array to write, its GGML type) for `tensor` under the file type `kind`."""
+    q = gguf.GGMLQuantizationType
+    array = tensor.numpy()
+    if tensor.dim() == 1 or kind == "f32" or name == "rope_freqs.weight":
+        return array.astype("float32"), q.F32
+    if kind == "q8_0" and tensor.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(array, q.Q8_0), q.Q8_0
+    if kind == "bf16":
+        return gguf.quants.quantize(array, q.BF16), q.BF16
+    return array.astype("float16"), q.F16
+
+
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LlamaFileType values
+
+
+def _metadata(writer: Any, model: torch.nn.Module, arch: GgufArch, kind: str, name: str) -> None:
+    config = model.config
+    writer.add_name(name)
+    writer.add_file_type(FILE_TYPES[kind])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    head_dim = _head_dim(config)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    theta, scaling = _rope(config)
+    writer.add_rope_freq_base(theta)
+    if scaling is not None and scaling["rope_type"] == "linear":
+        gguf = _gguf()
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if kind == "q8_0":
+        writer.add_quantization_version(_gguf().GGML_QUANT_VERSION)
+
+
+def _tokenizer(writer: Any, tokenizer: Any, arch: GgufArch, vocab_size: int) -> None:
+    """Tokens, their types and scores, merges, special ids and the chat template, read from the tokenizer's files."""
+    gguf = _gguf()
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        vocab: Any = None
+        for cls in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab):
+            try:
+                vocab = cls(Path(folder))
+                break
+            except (FileNotFoundError, TypeError, ValueError, KeyError):
+                continue
+        if vocab is None:
+            raise DeltaError(f"the tokenizer ({type(tokenizer).__name__}) is neither a byte-level BPE nor a "
+                             "SentencePiece-style tokenizer.json that GGUF export can write")
+        tokens, scores, types = [], [], []
+        for text, score, kind in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(kind)
+        if len(tokens) > vocab_size:
+            raise DeltaError(f"the tokenizer has {len(tokens)} tokens but the model's embedding only {vocab_size}: "
+                             "they do not belong together")
+        for i in range(len(tokens), vocab_size):  # an embedding padded past the tokenizer (Qwen's 151,936 rows)
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        writer.add_tokenizer_model(vocab.tokenizer_model)
+        writer.add_tokenizer_pre(arch.pre if vocab.tokenizer_model == "gpt2" else "default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        # gguf logs a warning for each special token GGUF has no key for (a [CLS] in a decoder's tokenizer):
+        # nothing a user can act on, so it is kept quiet
+        with _quiet_gguf_log():
+            special = gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
+            special.add_to_gguf(writer, quiet=True)
+
+
+@contextlib.contextmanager
+def _quiet_gguf_log() -> Iterator[None]:
+    log = logging.getLogger("gguf")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, kind: str = "f16",
+                name: str | None = None, check: bool = True) -> GgufReport:
+    """Write `model` (base + its active deltas, merged) as one GGUF file at `path`, atomically; the model is left
+    as it was. With `check`, read the file back and measure its drift from the unmerged model (see the docstring)."""
+    from ..pipeline.export import merged_model
+
+    gguf = _gguf()
+    if kind not in TYPES:
+        raise DeltaError(f"GGUF type {kind!r} is not one deltatune writes: choose one of {', '.join(TYPES)}")
+    if tokenizer is None:
+        raise DeltaError("GGUF export needs the model's tokenizer (a GGUF file carries its own): none was found "
+                         "beside the base model")
+    arch = check_exportable(model.config)
+    path = Path(path)
+    merged = merged_model(model, dtype=torch.float32)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    writer = gguf.GGUFWriter(tmp, arch.name)
+    try:
+        _metadata(writer, merged, arch, kind, name or path.stem)
+        _tokenizer(writer, tokenizer, arch, merged.config.vocab_size)
+        count = 0
+        for tensor_name, tensor in gguf_tensors(merged, arch):
+            array, ggml_type = _encode(gguf, tensor_name, tensor, kind)
+            writer.add_tensor(tensor_name, array, raw_dtype=ggml_type)
+            count += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except Exception as err:  # noqa: BLE001 - matched by what it says (files.write_failure), not by its class
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        kept = f"{path} is as it was" if path.exists() else f"nothing is at {path}"
+        raise WriteFailed(f"{failure[0]}: writing {path} failed. Nothing was half-written: {kept}.\n"
+                          f"To finish: {failure[1]}, then export again", failure) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    del merged
+    drift = measure_drift(model, path) if check else None
+    return GgufReport(path, arch.name, kind, count, path.stat().st_size, drift)
+
+
+def read_gguf_weights(path: str | os.PathLike, config: Any) -> dict[str, torch.Tensor]:
+    """The transformers state dict a GGUF file written for `config` holds: names mapped back, q/k rows un-permuted,
+    every tensor dequantised to fp32. The inverse of `gguf_tensors`, used by the drift check."""
+    gguf = _gguf()
+    arch = check_exportable(config)
+    names = gguf.get_tensor_name_map(_arch_enum(gguf, arch.name), config.num_hidden_layers)
+    back: dict[str, str] = {}
+    for key in _state_keys(config):
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            back[name] = key
+    reader = gguf.GGUFReader(path)
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml lists the fastest dimension first
+        values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32").copy()).reshape(shape)
+        if arch.pairs_rope and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
+            values = values[torch.argsort(_pairs_permutation(values.shape[0], heads))]
+        state[back[t.name]] = values
+    return state
+
+
+def _state_keys(config: Any) -> list[str]:
+    """The weight names of `config`'s model, from an empty (meta-device) instance: nothing is allocated."""
+    import transformers as tf
+
+    with torch.device("meta"):
+        skeleton = tf.AutoModelForCausalLM.from_config(config)
+    return list(skeleton.state_dict())
+
+
+def probe_ids(vocab_size: int, sequences: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (sequences, length), generator=generator)
+
+
+@torch.no_grad()
+def measure_drift(model: torch.nn.Module, path: str | os.PathLike, ids: torch.Tensor | None = None) -> Drift:
+    """Logits of the model the GGUF file holds against `model`'s own (base + delta, unmerged), on `ids`."""
+    import transformers as tf
+
+    config = copy.deepcopy(model.config)
+    state = read_gguf_weights(path, config)
+    if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    rebuilt = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise DeltaError(f"{path}: the GGUF file does not hold this model's weights (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    rebuilt.eval()
+    ids = probe_ids(config.vocab_size) if ids is None else ids
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        reference = model(input_ids=ids.to(device)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+    written = rebuilt(input_ids=ids).logits.float()
+    log_p, log_q = reference.log_softmax(-1), written.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)  # >= 0; rounding can make a tiny one negative
+    return Drift(max_abs_logit=(reference - written).abs().max().item(), mean_kl=kl.mean().item(),
+                 top1_agreement=(reference.argmax(-1) == written.argmax(-1)).float().mean().item(),
+                 positions=kl.numel())
