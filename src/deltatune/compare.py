@@ -347,7 +347,9 @@ def compare(config: str | os.PathLike | dict[str, Any] | None, methods: list[str
     rows = sorted(rows, key=_order)
     comparison = Comparison(out=out, rows=rows, command=command, files=[])
     comparison.files = write_outputs(comparison)
-    record["wrote"] = [str(p.relative_to(out)) for p in comparison.files]
+    own = [p for m in methods for p in (configs / f"{m}.yaml", logs / f"{m}.log") if p.is_file()]
+    earlier = [w for w in record.get("wrote", []) if w.startswith((f"{CONFIGS}/", f"{LOGS}/")) and (out / w).is_file()]
+    record["wrote"] = sorted({*earlier, *(str(p.relative_to(out)) for p in [*comparison.files, *own])})
     record["notes"] = comparison.notes
     _write_record(out, record)
     return comparison
