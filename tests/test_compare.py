@@ -165,6 +165,16 @@ def test_bad_inputs_are_refused_before_anything_runs(setup, tmp_path, capsys):
     assert "deltatune compare: error: --methods: 'nope' is not a deltatune method" in capsys.readouterr().err
 
 
+def test_a_changed_method_section_never_touches_that_methods_finished_run(setup):
+    out = setup["out"]
+    before = files_with_mtimes(out / "lora")
+    comparison = compare(setup["config"], ["lora"], out, [*FLAGS, "--lora.r", "8"], echo=lambda line: None)
+    (row,) = comparison.rows
+    assert row.status == "failed" and "holds a run of another lora config (lora.r: 4 -> 8)" in row.error
+    assert f"delete {out / 'lora'}" in row.error
+    assert files_with_mtimes(out / "lora") == before
+
+
 @pytest.mark.slow  # one more child process (~10 s on 2 busy cores)
 def test_an_interrupted_method_resumes_to_the_same_delta(setup):
     """lora's run as a kill after its step-2 checkpoint leaves it: no final checkpoint, adapter or report."""
