@@ -275,16 +275,17 @@ def compare(config: str | os.PathLike | dict[str, Any] | None, methods: list[str
             overrides: list[str] | dict[str, Any] | None = None, echo: Callable[[str], Any] = print,
             command: str | None = None) -> Comparison:
     """Train `config` with each of `methods` into out/<method>/ and write the comparison beside them."""
-    from .pipeline.config import ConfigError, build_run_config
+    from .pipeline.config import build_run_config
 
     methods = check_methods(list(methods))
     out = Path(out)
     data = read_config(config, overrides)
     keys = shared_keys(data)
     record = check_out(out, keys)
+    source = str(config) if isinstance(config, (str, os.PathLike)) else "<flags>"
     # the shared part alone (every method section dropped) must build: its faults are every method's
     shared = {k: v for k, v in data.items() if k not in METHODS}
-    build_run_config(method_data(shared, methods[0], out), str(config) if config is not None else "<flags>")
+    build_run_config(method_data(shared, methods[0], out), source)
     if data.get("output", {}).get("dir"):
         echo(f"output.dir {data['output']['dir']!r} of the config is not used: each method's run goes to {out}/<method>")
     command = command or _command(config, methods, out, overrides)
@@ -297,50 +298,16 @@ def compare(config: str | os.PathLike | dict[str, Any] | None, methods: list[str
 
     rows = []
     for n, method in enumerate(methods, 1):
-        row = MethodRow(method=method, status="failed")
-        previous = record["methods"].get(method, {})
-        config_file, log_file, run_dir = configs / f"{method}.yaml", logs / f"{method}.log", out / method
-        source = str(config) if config is not None else "<flags>"
-        try:
-            mine = method_data(data, method, out)
-            run_config = build_run_config(json.loads(json.dumps(mine)), f"{source} (method {method})")
-        except ConfigError as err:
-            row.error, row.action = _one_line(str(err)), "failed"
-        else:
-            try:
-                state = run_state(run_dir, run_config)
-            except DeltaError as err:  # a damaged run.json: the method's row says so, the others run
-                state = _one_line(str(err))
-            if state == "finished":
-                row.action = "kept"
-                row.process_peak_rss_mib = previous.get("process_peak_rss_mib")
-            elif state not in ("new", "unfinished"):
-                row.error, row.action = state, "failed"
-            else:
-                _write_if_changed(config_file, _yaml(mine))
-                row.action = "resumed" if state == "unfinished" else "trained"
-                echo(f"[{n}/{len(methods)}] {method}: {'resuming' if row.action == 'resumed' else 'training'} into "
-                     f"{run_dir} (log: {log_file})")
-                record["methods"][method] = {"status": "running", "run_dir": str(run_dir)}
-                _write_record(out, record)
-                code, wall, rss = train_child(config_file, log_file)
-                previous = {"process_wall_s": round(wall, 1)}  # imports and loading included, unlike the run's own
-                row.process_peak_rss_mib = rss
-                if code != 0:  # a failed row holds its error only: its numbers would describe no finished run
-                    row.error, row.action, row.process_peak_rss_mib = error_line(log_file, code), "failed", None
-            if row.error is None and (run_dir / "summary.json").is_file():
-                try:
-                    collect(row, run_dir)
-                    row.status = "ok"
-                except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged record costs this row only
-                    row.error, row.action = f"cannot read the run's records in {run_dir}: {err}", "failed"
-            elif row.error is None:
-                row.error, row.action = "the run ended without a summary.json", "failed"
-            row.planned_mib = planned_mib(log_file) if row.status == "ok" else None
+        def running(run_dir: Path, log_file: Path, resuming: bool, method: str = method, n: int = n) -> None:
+            echo(f"[{n}/{len(methods)}] {method}: {'resuming' if resuming else 'training'} into {run_dir} (log: {log_file})")
+            record["methods"][method] = {"status": "running", "run_dir": str(run_dir)}
+            _write_record(out, record)  # a call killed now leaves a record that says which method it was in
+
+        row, measured = run_method(method, data, out, source, record["methods"].get(method, {}), running)
         echo(f"[{n}/{len(methods)}] {method}: {row.action}" + (f": {row.error}" if row.error else ""))
         record["methods"][method] = {"status": row.status, "action": row.action, "error": row.error,
-                                     "run_dir": str(run_dir), "process_peak_rss_mib": row.process_peak_rss_mib,
-                                     "planned_mib": row.planned_mib, "process_wall_s": previous.get("process_wall_s")}
+                                     "run_dir": str(out / method), "process_peak_rss_mib": row.process_peak_rss_mib,
+                                     "planned_mib": row.planned_mib, **measured}
         _write_record(out, record)
         rows.append(row)
 
@@ -353,6 +320,51 @@ def compare(config: str | os.PathLike | dict[str, Any] | None, methods: list[str
     record["notes"] = comparison.notes
     _write_record(out, record)
     return comparison
+
+
+def run_method(method: str, data: dict[str, Any], out: Path, source: str, previous: dict[str, Any],
+               running: Callable[[Path, Path, bool], Any]) -> tuple[MethodRow, dict[str, Any]]:
+    """One method's row: its finished run kept, its interrupted run resumed, or its run trained in a child
+    process; a config the method refuses, a folder of another run, or a failed child is the row's error.
+    Returns the row and what compare measured of the child (kept from `previous`, the last call's record)."""
+    from .pipeline.config import build_run_config
+
+    row = MethodRow(method=method, status="failed")
+    measured = {"process_wall_s": previous.get("process_wall_s")}
+    config_file, log_file, run_dir = out / CONFIGS / f"{method}.yaml", out / LOGS / f"{method}.log", out / method
+    try:
+        mine = method_data(data, method, out)
+        config = build_run_config(json.loads(json.dumps(mine)), f"{source} (method {method})")
+        state = run_state(run_dir, config)
+    except DeltaError as err:  # the method's own settings refused, or a damaged run.json: this row only
+        row.error, row.action = _one_line(str(err)), "failed"
+        return row, measured
+    if state not in ("new", "unfinished", "finished"):
+        row.error, row.action = state, "failed"
+        return row, measured
+    if state == "finished":
+        row.action = "kept"
+        row.process_peak_rss_mib = previous.get("process_peak_rss_mib")
+    else:
+        _write_if_changed(config_file, _yaml(mine))
+        row.action = "resumed" if state == "unfinished" else "trained"
+        running(run_dir, log_file, state == "unfinished")
+        code, wall, rss = train_child(config_file, log_file)
+        measured["process_wall_s"] = round(wall, 1)  # imports and loading included, unlike the run's own wall time
+        if code != 0:  # a failed row holds its error only: its numbers would describe no finished run
+            row.error, row.action = error_line(log_file, code), "failed"
+            return row, measured
+        row.process_peak_rss_mib = rss
+    if not (run_dir / "summary.json").is_file():
+        row.error, row.action = "the run ended without a summary.json", "failed"
+        return row, measured
+    try:
+        collect(row, run_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged record costs this row only
+        row.error, row.action = f"cannot read the run's records in {run_dir}: {err}", "failed"
+        return row, measured
+    row.status, row.planned_mib = "ok", planned_mib(log_file)
+    return row, measured
 
 
 def _order(row: MethodRow) -> tuple:
@@ -413,7 +425,7 @@ def columns(rows: list[MethodRow]) -> list[tuple[str, str, Callable[[MethodRow],
 
 def markdown(comparison: Comparison) -> str:
     cols = columns(comparison.rows)
-    lines = [f"# Method comparison\n", f"`{comparison.command}`\n",
+    lines = ["# Method comparison\n", f"`{comparison.command}`\n",
              "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in comparison.rows:
         cells = [fmt(get(row)) if get(row) is not None else "" for _, _, get, fmt in cols]
