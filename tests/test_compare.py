@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from deltatune.cli import main as cli
-from deltatune.compare import compare
+from deltatune.compare import Comparison, MethodRow, compare, write_outputs
 from deltatune.config import DeltaError
 from pipeline_models import save_tiny, train_records, write_jsonl
 
@@ -163,6 +163,18 @@ def test_bad_inputs_are_refused_before_anything_runs(setup, tmp_path, capsys):
     assert files_with_mtimes(out) == before
     assert cli(["compare", str(config), "--methods", "nope", "--out", str(tmp_path / "e")]) == 2
     assert "deltatune compare: error: --methods: 'nope' is not a deltatune method" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_figure_skipped_with_a_note(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    comparison = Comparison(out=tmp_path, rows=[MethodRow("lora", "failed", error="boom")], command="deltatune compare x",
+                            files=[])
+    assert write_outputs(comparison) == [tmp_path / "comparison.md", tmp_path / "comparison.csv"]
+    assert not (tmp_path / "comparison.png").exists()
+    assert "no comparison.png: matplotlib is not installed" in (tmp_path / "comparison.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.csv", "comparison.md"]  # no temporary left
 
 
 def test_a_changed_method_section_never_touches_that_methods_finished_run(setup):
