@@ -1,6 +1,7 @@
 """The `deltatune` command.
 
     deltatune train CONFIG.yaml [--section.key value ...]   fine-tune; every YAML key is also a flag
+    deltatune compare CONFIG.yaml --methods lora ia3 bitfit --out DIR [--section.key value ...]   the methods side by side
     deltatune eval CONFIG.yaml [--adapter DIR]               the same metrics for a base, or a base + adapter
     deltatune merge --model M --adapter DIR --out DIR        a merged model any transformers install loads
     deltatune export --adapter DIR --out model.gguf [--type q8_0]   one GGUF file for llama.cpp / Ollama, drift-checked
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("train", help="fine-tune a model with a delta (YAML config + flags)")
     p.add_argument("config", nargs="?", help="YAML run config (optional when every key is given as a flag)")
+    p = commands.add_parser("compare", help="train one config with several methods side by side, into one table",
+                            description="Each method trains as `deltatune train` would, in a process of its own, "
+                            "into DIR/<method>/; DIR/comparison.md, .csv and .png compare them. Run again to resume.")
+    p.add_argument("config", nargs="?", help="YAML run config (a method's own section applies to that method)")
+    p.add_argument("--methods", nargs="+", default=[], help="the methods to train, e.g. --methods lora ia3 bitfit")
+    p.add_argument("--out", required=True, help="the comparison's folder (new, empty, or this comparison's)")
     p = commands.add_parser("eval", help="evaluate a base model, or a base plus an adapter, on the config's eval data")
     p.add_argument("config", nargs="?")
     p.add_argument("--adapter", help="adapter folder (deltatune's or peft's); omit to evaluate the base alone")
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rest: list[str] = []
     if argv and argv[0] in RUN_COMMANDS:
         # CONFIG, the command's own options, then any number of --section.key value flags
-        own = {"eval": {"--adapter"}, "data": {"--examples"}}.get(argv[0], set())
+        own = {"eval": {"--adapter"}, "data": {"--examples"}, "compare": {"--methods", "--out"}}.get(argv[0], set())
         head, i = [argv[0]], 1
         if i < len(argv) and not argv[i].startswith("-"):
             head.append(argv[i])
@@ -147,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "=" not in argv[i] and key not in ("-h", "--help") and i + 1 < len(argv):
                     head.append(argv[i + 1])
                     i += 1
+                    # compare's --methods takes several names: every word up to the next flag
+                    while key == "--methods" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                        head.append(argv[i + 1])
+                        i += 1
             else:
                 rest.append(argv[i])
             i += 1
@@ -182,7 +193,7 @@ def _version() -> str:
         return __version__
 
 
-RUN_COMMANDS = ("train", "eval", "data")
+RUN_COMMANDS = ("train", "eval", "data", "compare")
 
 
 def _run_config(args: argparse.Namespace, rest: list[str]) -> Any:
@@ -196,6 +207,18 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     run(_run_config(args, rest))
     return 0
+
+
+def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
+    import shlex
+
+    from .compare import compare, print_table
+
+    argv = [a for a in sys.argv[1:] if a != "--debug"] if sys.argv[1:2] == ["compare"] else None
+    command = shlex.join(["deltatune", *argv]) if argv else None
+    comparison = compare(args.config, args.methods, args.out, rest, command=command)
+    print_table(comparison)
+    return 1 if comparison.failed else 0
 
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
@@ -585,7 +608,8 @@ def cmd_tiny(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge, "export": cmd_export, "generate": cmd_generate,
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge,
+            "export": cmd_export, "generate": cmd_generate,
             "info": cmd_info, "plan": cmd_plan, "demo": cmd_demo, "tiny": cmd_tiny}
 
 
