@@ -19,7 +19,8 @@ from deltatune.pipeline.config import load_run_config
 from deltatune.pipeline.data import prepare
 from deltatune.pipeline.evaluate import evaluate
 from deltatune.pipeline.stages import reference
-from deltatune.pipeline.stages.reference import needs_copy
+from deltatune.pipeline.stages import named
+from deltatune.pipeline.stages.reference import needs_copy, needs_copy_by_default
 from deltatune.pipeline.train import load_base, load_tokenizer, run
 from pipeline_models import save_tiny, stage_flags, train_records, write_jsonl
 
@@ -183,3 +184,21 @@ def test_the_plan_counts_one_more_copy_of_the_weights_for_a_reference(tmp_path):
     lora = [dt.plan(model.config, "lora", r=4, batch=2, seq=16, device="cpu", dtype="fp32", search=False,
                     reference=ref) for ref in (False, True)]
     assert lora[0].total == lora[1].total and lora[1].reference_weights == 0
+
+    # `deltatune plan --stage S --method M`, with no config: the stage's defaults decide
+    assert [needs_copy_by_default(named(n), "full") for n in ("sft", "dpo", "kto", "grpo", "orpo", "reward")] == [
+        False, True, True, False, False, False]  # grpo's default beta is 0: no reference
+    assert not needs_copy_by_default(named("dpo"), "lora") and needs_copy_by_default(named("kto"), "bitfit")
+
+
+def test_a_quantised_base_gets_a_reference_computed_as_the_policy_is(tmp_path, loads):
+    pytest.importorskip("bitsandbytes")
+    # BitFit on a 4-bit base: the policy's norms, head and biases go to fp32 (prepare_kbit), and so do the copy's;
+    # without that the step-0 loss is off log 2 by about 5e-6 and the margin by 1e-5 (measured)
+    flags = _dpo(tmp_path, method="bitfit", **{"model.name": str(save_tiny(tmp_path, "qwen2", width=64)),
+                                               "model.quant": "nf4", "model.dtype": "bf16", "train.max_steps": 2,
+                                               "train.lr": 1e-2})
+    records = train_records(run(load_run_config(None, flags), **QUIET).output_dir)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-7)
+    assert records[1]["loss"] < records[0]["loss"] and len(loads) == 1

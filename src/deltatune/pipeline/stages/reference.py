@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from ... import api
-from ...config import DeltaError, method_of
+from ...config import METHODS, DeltaError, method_of
 from ...surgery import get_state
 
 if TYPE_CHECKING:
     from ..config import RunConfig
+    from . import Stage
 
 
 @dataclass
@@ -60,6 +61,17 @@ def needs_copy(config: "RunConfig") -> bool:
     stage = active_stage(config)
     return (stage is not None and stage.reference is not None and stage.reference(config)
             and method_of(config.delta).kind == "select")
+
+
+def needs_copy_by_default(stage: "Stage", method: str) -> bool:
+    """`needs_copy` for a plan made before any config is read (`deltatune plan --stage dpo --method full`): the
+    stage with its default settings (dpo: sigmoid, so yes; grpo: beta 0, so no) and `method`."""
+    from types import SimpleNamespace
+
+    if stage.reference is None or method not in METHODS or METHODS[method].kind != "select":
+        return False
+    defaults = SimpleNamespace(stage_settings={stage.name: stage.settings()} if stage.settings is not None else {})
+    return bool(stage.reference(defaults))
 
 
 def trains_base(model: torch.nn.Module) -> bool:
