@@ -149,8 +149,6 @@ def test_the_dpo_keys_round_trip_and_an_older_run_without_a_new_key_resumes(tmp_
 
 @pytest.mark.parametrize("flags, message", [
     ({"stage": "dpo", "data.format": "instruction"}, r"stage = 'dpo' trains on preference pairs, but data.format is 'instruction'"),
-    ({"method": "full", "lora.r": None}, r"method 'full' trains the base weights.*reference copy is not supported yet.*lora"),
-    ({"method": "bitfit", "lora.r": None}, r"method 'bitfit' trains the base weights"),
     ({"data.packing": True}, r"stage = 'dpo' does not pack.*data.packing: false"),
     ({"model.task": "seq_cls"}, r"data.format = 'preference' does not fit model.task = 'seq_cls'"),
     ({"dpo.loss_type": "kto"}, r"dpo.loss_type = 'kto' is not allowed"),
@@ -290,7 +288,7 @@ def test_a_short_simpo_run_learns_the_preference_with_a_delta_or_the_full_model(
     flags = _flags(tmp_path, **{"dpo.loss_type": "simpo", "train.max_steps": 8, "train.scheduler": "constant",
                                 "method": method, "train.lr": 5e-2 if method == "lora" else 1e-3})
     if method != "lora":
-        flags.pop("lora.r")  # full fine-tuning: no reference needed, so SimPO takes it where DPO refuses it
+        flags.pop("lora.r")  # full fine-tuning: SimPO needs no reference, so no copy of the base is held
     records = _records(run(load_run_config(None, flags), **QUIET).output_dir)
     first, last = records[0], records[-1]
     # measured: loss 1.38 -> 1.07 (lora) and 0.63 (full), margin -0.09 -> 0.34 and 1.13, accuracy 0.25 -> 1
@@ -303,12 +301,15 @@ def test_simpo_refusals(tmp_path):
         load_run_config(None, _flags(tmp_path, **{"dpo.loss_type": "simpo", "dpo.simpo_gamma": -1}))
     with pytest.raises(ConfigError, match=r"dpo.label_smoothing applies to dpo.loss_type: sigmoid"):
         load_run_config(None, _flags(tmp_path, **{"dpo.loss_type": "simpo", "dpo.label_smoothing": 0.1}))
-    # DPO's refusal of methods without a delta points at simpo
-    with pytest.raises(ConfigError, match=r"dpo.loss_type: simpo, which needs no reference"):
-        load_run_config(None, {k: v for k, v in _flags(tmp_path, method="bitfit").items() if k != "lora.r"})
-    for method in ("full", "freeze", "bitfit"):  # which SimPO takes: it has no reference to switch the delta off for
-        values = {k: v for k, v in _flags(tmp_path, method=method, **{"dpo.loss_type": "simpo"}).items() if k != "lora.r"}
-        assert load_run_config(None, values).stage_settings["dpo"].loss_type == "simpo"
+    # every loss takes the methods that train the base weights; only sigmoid and ipo hold a reference copy for
+    # them (tests/test_stage_reference.py), SimPO none
+    from deltatune.pipeline.stages.reference import needs_copy
+
+    for method in ("full", "freeze", "bitfit"):
+        for loss_type, copy in (("simpo", False), ("sigmoid", True), ("ipo", True)):
+            values = {k: v for k, v in _flags(tmp_path, method=method, **{"dpo.loss_type": loss_type}).items()
+                      if k != "lora.r"}
+            assert needs_copy(load_run_config(None, values)) is copy, (method, loss_type)
 
 
 # ---------------------------------------------------------------- what a pair holds: the memory plan, tokens/s

@@ -195,9 +195,11 @@ def test_the_refusals(tmp_path):
         load_run_config(None, _flags(tmp_path, grpo={"rewards": ["missing.py:f"]}))
     with pytest.raises(ConfigError, match="packing"):
         load_run_config(None, _flags(tmp_path, **{"data.packing": True}))
-    with pytest.raises(ConfigError, match="reference"):
-        load_run_config(None, _full(tmp_path, grpo={"rewards": ["length"], "beta": 0.1}))
-    load_run_config(None, _full(tmp_path, grpo={"rewards": ["length"]}))  # beta = 0: no reference
+    from deltatune.pipeline.stages.reference import needs_copy
+
+    # full fine-tuning takes either beta; only beta > 0 holds a reference copy (tests/test_stage_reference.py)
+    assert needs_copy(load_run_config(None, _full(tmp_path, grpo={"rewards": ["length"], "beta": 0.1})))
+    assert not needs_copy(load_run_config(None, _full(tmp_path, grpo={"rewards": ["length"]})))  # beta = 0
     with pytest.raises(ConfigError, match="causal"):
         load_run_config(None, _flags(tmp_path, **{"model.task": "seq2seq"}))
     with pytest.raises(ConfigError, match="num_generations"):

@@ -147,7 +147,6 @@ def test_the_kto_keys_round_trip(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     ({"stage": "kto", "data.format": "preference"}, r"stage = 'kto' trains on KTO feedback rows, but data.format is "
                                                     r"'preference'.*data.format: kto"),
-    ({"method": "full", "lora.r": None}, r"method 'full' trains the base weights.*use a delta method such as lora"),
     ({"data.packing": True}, r"stage = 'kto' does not pack.*data.packing: false"),
     ({"train.batch_size": 1}, r"train.batch_size is 1: set train.batch_size: 2 or more"),
     ({"train.label_smoothing": 0.1}, r"KTO has no label smoothing: drop train.label_smoothing"),

@@ -157,6 +157,9 @@ class Setting:
     # "compiled": the same under torch.compile, each chunk's cross-entropy fused (no fp32 copies kept)
     target_seq: int | None = None  # seq2seq: the label length (None: seq)
     master_weights: str = "fp32"  # trainable 16-bit parameters: "fp32" masters (master.py), "kahan" or "none"
+    # the stage compares the policy with a reference model (DPO, KTO, GRPO with beta > 0): a method that trains the
+    # base weights (kind "select") then holds a second, frozen copy of them; a delta method switches its delta off
+    reference: bool = False
 
     def check(self) -> None:
         for name in ("batch", "seq", "accum"):
@@ -212,6 +215,7 @@ class Plan:
     total: int
     peak_phase: str  # "backward" (forward/backward peak) or "optimizer step"
     master_weights: int = 0  # fp32 masters of the trainable 16-bit parameters (their gradients and states are counted there)
+    reference_weights: int = 0  # a preference stage's frozen reference copy of the weights (full, freeze, bitfit)
     sixteen_bit_trainable: int = 0  # trainable parameters stored in 16 bits: those setting.master_weights applies to
     activations_by_checkpointing: dict[bool, int] = field(default_factory=dict)  # the fwd/bwd peak's activations, off/on
     host_copies: int = 0  # originals kept in host RAM (not device memory) on a CUDA plan
@@ -231,7 +235,8 @@ class Plan:
     def static(self) -> int:
         """Memory held before the first step: weights, kept copies and the process or CUDA context."""
         context = CUDA_CONTEXT if self.setting.device == "cuda" else CPU_PROCESS
-        return self.frozen_weights + self.trainable_weights + self.master_weights + self.kept_copies + context
+        return (self.frozen_weights + self.trainable_weights + self.master_weights + self.kept_copies
+                + self.reference_weights + context)
 
     @property
     def step_growth(self) -> int:
@@ -261,6 +266,8 @@ class Plan:
         ]
         if self.kept_copies:
             rows.insert(2, ("kept originals", self.kept_copies, ""))
+        if self.reference_weights:
+            rows.insert(2, ("reference copy", self.reference_weights, "the base again, frozen: the stage's reference"))
         if self.master_weights and s.master_weights == "kahan":
             rows.insert(2, ("Kahan compensation", self.master_weights, "master_weights kahan: 16-bit, states fp32"))
         elif self.master_weights:
@@ -1076,16 +1083,24 @@ def _compose(subject: _Subject, s: Setting, model_name: str, memory: int | None)
     else:
         overhead = CPU_PROCESS
         kept_here, host = w.kept_device + w.kept_host, 0
-    total = (w.frozen_bytes + w.trainable_bytes + masters + kept_here + grads + states + temporaries + activations
-             + logits + overhead)
+    # the reference's forward runs under no_grad before the policy's and frees its activations, so only its
+    # weights count; a delta method's reference is its own weights with the delta off: nothing more
+    reference = w.frozen_bytes + w.trainable_bytes if s.reference and METHODS[resolved.method].kind == "select" else 0
+    total = (w.frozen_bytes + w.trainable_bytes + masters + kept_here + reference + grads + states + temporaries
+             + activations + logits + overhead)
     plan = Plan(model=model_name, architecture=f"{type(full).__name__} ({getattr(full.config, 'model_type', '?')}), "
                 f"{w.parameters / 1e9:.2f}B parameters", method=_describe_method(resolved), delta=resolved,
                 setting=s, parameters=w.parameters, trainable=w.trainable, frozen_weights=w.frozen_bytes,
                 trainable_weights=w.trainable_bytes, kept_copies=kept_here, gradients=grads, optimizer_states=states,
                 optimizer_temporaries=temporaries, activations=activations, logits=logits, overhead=overhead,
                 total=total, peak_phase=phase, master_weights=masters, host_copies=host, memory=memory,
+                reference_weights=reference,
                 attention=str(getattr(full.config, "_attn_implementation", None) or s.attention or "sdpa"))
     sixteen = plan.sixteen_bit_trainable = sum(numel for numel, size in w.trainable_tensors if size < 4)
+    if reference:
+        plan.notes.append(f"reference: {resolved.method} trains the base weights, so the stage's reference is a "
+                          f"second, frozen copy of them ({format_size(reference)}); a delta method such as LoRA "
+                          "switches its delta off instead and holds no copy")
     if sixteen and s.master_weights == "fp32":
         plan.notes.append(f"master weights fp32: the {sixteen:,} trainable {s.dtype} parameters train through fp32 "
                           f"copies ({format_size(masters)}), with fp32 gradients and optimizer states; "
@@ -1165,7 +1180,7 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
          quant: str | None = None, gradient_checkpointing: bool = False, optimizer: str = "adamw", accum: int = 1,
          memory: str | int | None = None, device: str = "cuda", task: str | None = None, attention: str | None = None,
          loss: str = "standard", target_seq: int | None = None, search: bool = True, trust_remote_code: bool = False,
-         master_weights: str = "fp32", num_labels: int | None = None, **fields: Any) -> Plan:
+         master_weights: str = "fp32", num_labels: int | None = None, reference: bool = False, **fields: Any) -> Plan:
     """The peak memory of training `model` with `method` in one setting, by what holds it.
 
     model: a hub id, a model folder, a config.json path or a transformers config (only the config is read).
@@ -1178,10 +1193,14 @@ def plan(model: Any, method: str | DeltaConfig | dict[str, DeltaConfig] = "lora"
     cross-entropy; "compiled" the same under torch.compile (only the 16-bit logits kept).
     master_weights: how trainable 16-bit parameters train: "fp32" masters (the pipeline's default, master.py),
     "kahan" (a 16-bit compensation buffer instead) or "none" (updated in 16 bits).
-    num_labels: a sequence classifier's output count (a reward model's one score); None: the config's own."""
+    num_labels: a sequence classifier's output count (a reward model's one score); None: the config's own.
+    reference: the training stage compares the model with a reference (DPO, KTO, GRPO with beta > 0); a method
+    that trains the base weights (full, freeze, bitfit) then holds a frozen copy of them, counted as one more
+    copy of the weights (a delta method adds nothing: its reference is the base with the delta off)."""
     setting = Setting(batch=batch, seq=seq, dtype=dtype, quant=quant, gradient_checkpointing=gradient_checkpointing,
                       optimizer=optimizer.lower() if isinstance(optimizer, str) else optimizer, accum=accum,
-                      device=device, attention=attention, loss=loss, target_seq=target_seq, master_weights=master_weights)
+                      device=device, attention=attention, loss=loss, target_seq=target_seq, master_weights=master_weights,
+                      reference=reference)
     setting.check()
     budget = parse_size(memory) if memory is not None else None
     hf_config = load_model_config(model, trust_remote_code)
@@ -1379,7 +1398,7 @@ def rows_note(batch: int, rows_per_example: int) -> str:
 
 
 def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = None, rows_per_example: int = 1,
-             task: str | None = None) -> Plan:
+             task: str | None = None, reference: bool = False) -> Plan:
     """The plan of a `deltatune train` run: its model config, method, batch, data length and optimizer
     (a quantised base trains with checkpointing on where the model supports it, as the pipeline sets it).
 
@@ -1390,7 +1409,9 @@ def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = N
     rows_per_example: the rows each example puts into the training forward (its stage says: a preference pair's
     chosen and rejected completion are 2), so the plan simulates train.batch_size x that many rows. A stage's
     extra forward without gradients (DPO's reference, KTO's reference and mismatched rows) frees its activations
-    before the training forward keeps any, so it does not raise the peak: the stages run those forwards first."""
+    before the training forward keeps any, so it does not raise the peak: the stages run those forwards first.
+    reference: the run holds a separate frozen reference copy of the weights (stages/reference.needs_copy: a
+    preference stage on full, freeze or bitfit), planned as one more copy of the weights."""
     task = task or config.model.task
     device = "cuda" if torch.cuda.is_available() else "cpu"
     optimizer = config.train.optimizer.lower()
@@ -1406,17 +1427,18 @@ def plan_run(config: Any, model: nn.Module, seq: int, target_seq: int | None = N
                   loss="fused" if getattr(config.train, "loss", "standard") == "fused" and task in (
                       "causal_lm", "seq2seq") else "standard",
                   trust_remote_code=config.model.trust_remote_code,
-                  master_weights=getattr(config.train, "master_weights", "fp32"))
+                  master_weights=getattr(config.train, "master_weights", "fp32"), reference=reference)
     if rows_per_example > 1:
         result.notes.append(rows_note(config.train.batch_size, rows_per_example))
     return result
 
 
 def check_run(config: Any, model: nn.Module, seq: int, say: Callable[[str], Any],
-              target_seq: int | None = None, rows_per_example: int = 1, task: str | None = None) -> Plan | None:
+              target_seq: int | None = None, rows_per_example: int = 1, task: str | None = None,
+              reference: bool = False) -> Plan | None:
     """Print the run's memory plan; warn when its total exceeds what this machine can give."""
     try:
-        result = plan_run(config, model, seq, target_seq, rows_per_example, task)
+        result = plan_run(config, model, seq, target_seq, rows_per_example, task, reference)
     except Exception as err:  # a plan is advice: it never stops a run
         say(f"memory plan unavailable: {str(err).splitlines()[0][:200]}")
         return None

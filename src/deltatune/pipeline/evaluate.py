@@ -13,7 +13,7 @@ import torch
 from ..config import DeltaError
 from ..losses import lm_loss
 from .data import IGNORE, Collator, Prepared
-from .stages import stage_for
+from .stages import reference, stage_for
 
 
 @torch.no_grad()
@@ -32,7 +32,10 @@ def evaluate(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer:
 def _scores(model: torch.nn.Module, prepared: Prepared, config: Any, tokenizer: Any) -> dict[str, float]:
     stage = stage_for(config)
     if stage.evaluate is not None:  # a stage that scores its own way (DPO: its loss and rewards over the eval pairs)
-        return stage.evaluate(model, prepared, config, tokenizer)
+        # full, freeze, bitfit: the reference is a separate copy of the base, held by training or loaded here
+        # (`deltatune eval` of such a run's weights) when the stage first asks for it
+        with reference.ready(model, config, tokenizer):
+            return stage.evaluate(model, prepared, config, tokenizer)
     collate = Collator(pad_id=tokenizer.pad_token_id, task=config.model.task)
     device = next(model.parameters()).device
     size = config.eval.batch_size

@@ -39,7 +39,8 @@ from .evaluate import evaluate
 from .render import Renderer
 from .report import RunLog, write_report
 from .rows import canonical_format
-from .stages import active_stage, stage_for
+from .stages import active_stage, reference, stage_for
+from .stages.reference import needs_copy
 
 
 class TrainingError(DeltaError):
@@ -371,11 +372,20 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         targets = [len(e.decoder_labels) for e in prepared.train if e.decoder_labels is not None]
         check_run(config, model, max((len(r.input_ids) for rows in rows_of for r in rows), default=1), say,
                   max(targets) if targets else None, rows_per_example=max((len(rows) for rows in rows_of), default=1),
-                  task=model_task(config))  # the class loaded: a reward run's classifier, not model.task's LM
+                  task=model_task(config),  # the class loaded: a reward run's classifier, not model.task's LM
+                  reference=needs_copy(config))
 
     warmup = config.train.warmup_steps or int(config.train.warmup_ratio * total)
     model = accelerator.prepare(model)  # on its device first: the fp32 masters are made there
     inner = accelerator.unwrap_model(model)
+    if needs_copy(config):
+        # the stage compares with a reference and the method trains the base weights: the base loaded again,
+        # frozen, beside the policy (stages/reference.py); loaded now, so a load that fails fails before step 1
+        # and is not timed as one. Re-read from model.name, so a resumed run gets the same reference.
+        reference.hold(inner, lambda: reference.load_reference(config, tokenizer, accelerator.device))
+        reference.copy_of(inner)
+        say(f"reference: a frozen copy of {config.model.name} beside the trained weights ({config.method} trains the "
+            "base itself, so no delta can be switched off for it)")
     # Trainable weights stored in 16 bits train through fp32 masters (master.py); the optimizer, the clipping and
     # the checkpoints see the masters, the forward the 16-bit weights. Under DDP the hooks would free gradients
     # before their reduction: there the gradients are moved over after the last micro-batch.
@@ -529,6 +539,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
                 final=True)
     accelerator.wait_for_everyone()
     metrics = _final_eval(inner, prepared, config, tokenizer, out) if prepared.eval else {}
+    reference.release(inner)  # the reference copy, if any, is freed with the run rather than with the model
     if metrics:
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     result = RunResult(output_dir=out, adapter_dir=adapter_dir, steps=step, final_loss=last_loss, metrics=metrics)

@@ -12,7 +12,8 @@ data.format (SFT takes every format but preference and KTO rows; DPO takes prefe
 reward take preference pairs when named). A stage with
 settings of its own reads them from the section named after it (`dpo:`), as a method does (`lora:`).
 
-A new stage (KTO, ORPO, a reward model, GRPO) is one file here and one entry in `_stages`.
+A new stage (KTO, ORPO, a reward model, GRPO) is one file here and one entry in `_stages`. What the preference
+stages share, their reference model (the delta switched off, or a separate frozen copy of the base), is reference.py.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class Stage:
     # checkpoint), and its head's output count; load_base loads the base so. None: model.task decides, as for SFT
     task: str | None = None
     num_labels: int | None = None
+    # (config) -> whether the loss compares the policy with a reference model (DPO but SimPO, KTO, GRPO with
+    # beta > 0); the loss gets it from reference.reference(model). None: never. Where the method trains the base
+    # weights, the loop then holds a separate frozen copy of the base (reference.py) and the plan counts it
+    reference: Callable[["RunConfig"], bool] | None = None
 
     def rows_of(self, example: "Example") -> tuple["Example", ...]:
         """The rows `example` puts into a training forward of this stage."""

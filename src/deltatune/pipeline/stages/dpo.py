@@ -1,8 +1,9 @@
 """Direct preference optimisation: train the delta so the model prefers the chosen completion of each pair.
 
 For a prompt x with a chosen completion y_w and a rejected one y_l, log pi(y|x) is the sum of the completion's
-token log-probabilities (the prompt never counts, nor padding); pi_ref is the reference, here the same model with
-the delta switched off (`dt.disabled`), so no second copy of the model is held. With beta > 0:
+token log-probabilities (the prompt never counts, nor padding); pi_ref is the reference (reference.py): the same
+model with the delta switched off (`dt.disabled`), so no second copy of the model is held, or, for a method that
+trains the base weights (full, freeze, bitfit), a frozen copy of the base loaded beside it. With beta > 0:
 
     h = beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))]
     sigmoid (DPO, Rafailov et al. 2023):      loss = -(1 - e) log sigma(h) - e log sigma(-h)
@@ -14,8 +15,9 @@ the delta switched off (`dt.disabled`), so no second copy of the model is held. 
                                               gamma = dpo.simpo_gamma (default beta / 2, the paper's gamma/beta = 0.5)
 
 beta's default depends on the loss: 0.1 for sigmoid and ipo (TRL's), 2.0 for simpo (the paper's range is 2.0-2.5:
-a per-token mean is a far smaller number than a sum, so it needs the larger scale). Since SimPO has no reference, it
-trains any method, `full`, `freeze` and `bitfit` included; sigmoid and ipo need a delta to switch off.
+a per-token mean is a far smaller number than a sum, so it needs the larger scale). Every loss trains every method;
+sigmoid and ipo on `full`, `freeze` and `bitfit` hold the base's weights twice (the frozen reference), SimPO, with
+no reference, never does.
 
 One pair is one loss item: the stage returns the sum over the batch's pairs and the loop divides by the step's
 pairs. Per pair it also sums what TRL logs: rewards/chosen = beta (log pi(y_w|x) - log pi_ref(y_w|x)),
@@ -30,19 +32,17 @@ and once, under no_grad, through the reference; the log-probabilities come from 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from ... import api
-from ...config import check, method_of
+from ...config import check
 from ...losses import sequence_log_probs
-from ...surgery import get_state
 from ..data import IGNORE, Collator
 from . import Stage
+from .reference import reference as reference_of
 
 
 @dataclass(kw_only=True)
@@ -110,13 +110,6 @@ def completion_log_probs(forward: Callable[..., Any], model: torch.nn.Module, ba
     return logps
 
 
-def _reference(model: torch.nn.Module) -> Any:
-    """The reference: the model with its delta off; a model with no delta (`deltatune eval` of the base alone) is
-    its own reference."""
-    state = get_state(model)
-    return api.disabled(model) if state is not None and state.deltas else contextlib.nullcontext()
-
-
 def pair_terms(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
                settings: DpoSection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of each pair of the batch and its rewards for the chosen and the rejected completion, each (P,);
@@ -129,9 +122,9 @@ def pair_terms(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[
         losses = simpo_losses(chosen, rejected, settings.beta, settings.gamma)
         return losses, settings.beta * chosen.detach(), settings.beta * rejected.detach()
     # the reference first, so its activations are gone before the policy's forward keeps its own; no gradient,
-    # and the model itself rather than a DistributedDataParallel wrapper, since nothing of it is reduced
-    with torch.no_grad(), _reference(model):
-        reference = completion_log_probs(model, model, batch, average).float()
+    # and a module itself rather than a DistributedDataParallel wrapper, since nothing of it is reduced
+    with torch.no_grad(), reference_of(model) as ref:
+        reference = completion_log_probs(ref, ref, batch, average).float()
     policy = completion_log_probs(forward, model, batch, average).float()
     pairs = policy.shape[0] // 2
     chosen, rejected = policy[:pairs], policy[pairs:]
@@ -187,11 +180,6 @@ def check_config(config: Any) -> str | None:
         return ("stage = 'dpo' does not pack: each pair's two completions are scored as whole rows; "
                 "set data.packing: false")
     settings = config.stage_settings["dpo"]
-    if method_of(config.delta).kind == "select" and settings.loss_type != "simpo":
-        return (f"stage = 'dpo' compares the model with its reference, the same model with the delta switched off; "
-                f"method {config.method!r} trains the base weights themselves, and a separate reference copy is not "
-                "supported yet: use a delta method such as lora, or dpo.loss_type: simpo, which needs no reference "
-                f"(with dpo.beta around 2; {SIMPO_BETA} when not set)")
     if config.train.label_smoothing:
         return ("train.label_smoothing smooths the SFT loss; for DPO use dpo.label_smoothing (conservative DPO) "
                 "and drop train.label_smoothing")
@@ -202,4 +190,5 @@ def check_config(config: Any) -> str | None:
 
 
 DPO = Stage(name="dpo", formats=frozenset({"preference"}), items=items, collator=collator, loss=loss,
-            settings=DpoSection, check=check_config, evaluate=evaluate, rows=rows)
+            settings=DpoSection, check=check_config, evaluate=evaluate, rows=rows,
+            reference=lambda config: config.stage_settings["dpo"].loss_type != "simpo")

@@ -20,14 +20,14 @@ functions), and, with the group's mean and (unbiased) standard deviation,
     rho_t   = pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t)            computed as exp(logp - logp.detach()): 1 in
                                                                     value (one update per generation), grad logp
     KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1           the k3 estimator of KL(pi || pi_ref), ref_t the
-                                                                    reference's log-prob (the delta disabled)
+                                                                    reference's log-prob (reference.py)
     loss_t  = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta KL_t
     loss_i  = mean of loss_t over y_i's tokens (up to and with its stop token)
 
 The stage returns the sum of loss_i over the batch's completions; each prompt is G loss items, so the loop's division
 averages over completions. eps = grpo.epsilon (0.2); beta = grpo.beta, 0.0 by default as in TRL (GRPOConfig.beta,
-read in TRL 1.16.0; DeepSeek-R1 used 0.001); beta = 0 skips the reference forward, and then any method
-trains, `full` included. Log-probabilities are taken at the sampling temperature (logits / T), as TRL does.
+read in TRL 1.16.0; DeepSeek-R1 used 0.001); beta = 0 skips the reference forward. Every method trains: with beta > 0
+the reference is the delta switched off, or for full, freeze and bitfit a frozen copy of the base (reference.py). Log-probabilities are taken at the sampling temperature (logits / T), as TRL does.
 
 Memory: per-token log-probabilities are needed (not only sums), so the policy's forward asks the model for the logits
 of the completion positions only (`logits_to_keep`, or the full logits sliced where a model lacks it): G x C x V
@@ -43,7 +43,6 @@ eval_reward and so on; generation metrics against the reference answers are adde
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -54,11 +53,10 @@ from typing import Any, Callable
 
 import torch
 
-from ... import api
-from ...config import check, method_of
-from ...surgery import get_state
+from ...config import check
 from ..data import IGNORE, Example
 from . import Stage
+from .reference import reference as reference_of
 
 SCALE_EPS = 1e-4  # added to the group's standard deviation
 
@@ -273,11 +271,6 @@ def token_log_probs(forward: Callable[..., Any], model: torch.nn.Module, rows: t
     return logits.log_softmax(-1).gather(-1, rows[:, -completion:, None]).squeeze(-1)
 
 
-def _reference(model: torch.nn.Module) -> Any:
-    state = get_state(model)
-    return api.disabled(model) if state is not None and state.deltas else contextlib.nullcontext()
-
-
 def reward_names(settings: GrpoSection) -> list[str]:
     """A short name per grpo.rewards entry, for the per-reward metrics: the built-in's name or the user function's
     (the whole spec where two entries would share a name)."""
@@ -316,8 +309,8 @@ def group_terms(forward: Callable[..., Any], model: torch.nn.Module, prompt: tor
     width = completions.shape[1]
     reference = None
     if settings.beta:
-        with torch.no_grad(), _reference(model):
-            reference = token_log_probs(model, model, rows, mask, width, settings.temperature)
+        with torch.no_grad(), reference_of(model) as ref:
+            reference = token_log_probs(ref, ref, rows, mask, width, settings.temperature)
     logp = token_log_probs(forward, model, rows, mask, width, settings.temperature)
     per_token = token_losses(logp, logp.detach(), advantages, settings.epsilon, settings.beta, reference)
     losses = sequence_means(per_token, keep)  # (G,)
@@ -406,14 +399,11 @@ def check_config(config: Any) -> str | None:
         problem = _reward_problem(spec)
         if problem:
             return problem
-    if settings.beta and method_of(config.delta).kind == "select":
-        return (f"grpo.beta = {settings.beta} compares the model with its reference, the same model with the delta "
-                f"switched off; method {config.method!r} trains the base weights themselves and a separate reference "
-                "copy is not supported yet: use a delta method such as lora, or grpo.beta: 0")
     if config.train.label_smoothing:
         return "train.label_smoothing smooths the SFT loss and has no meaning for GRPO: drop it"
     return None
 
 
 GRPO = Stage(name="grpo", formats=frozenset({"instruction", "chat"}), items=items, collator=collator, loss=loss,
-             settings=GrpoSection, check=check_config, evaluate=evaluate)
+             settings=GrpoSection, check=check_config, evaluate=evaluate,
+             reference=lambda config: bool(config.stage_settings["grpo"].beta))

@@ -1,7 +1,8 @@
 """Kahneman-Tversky optimisation: train the delta from unpaired feedback, each completion marked desirable or not.
 
 For a prompt x and completion y, log pi(y|x) is the sum of the completion's token log-probabilities (the prompt
-never counts, nor padding); pi_ref is the reference, the same model with the delta switched off (`dt.disabled`).
+never counts, nor padding); pi_ref is the reference (reference.py): the same model with the delta switched off
+(`dt.disabled`), or for a method that trains the base weights (full, freeze, bitfit) a frozen copy of the base.
 With beta > 0 and the weights l_D, l_U (Ethayarajh et al. 2024, as TRL computes it):
 
     r  = log pi(y|x) - log pi_ref(y|x)                        the implied reward of the row
@@ -39,11 +40,11 @@ from typing import Any, Callable
 
 import torch
 
-from ... import api
-from ...config import check, method_of
+from ...config import check
 from ...losses import sequence_log_probs
 from ..data import IGNORE, Collator, Example
 from . import Stage
+from .reference import reference as reference_of
 
 
 @dataclass(kw_only=True)
@@ -114,15 +115,15 @@ def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, A
          config: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     settings: KtoSection = config.stage_settings["kto"]
     rows, kl_rows, desirable = _part(batch), _part(batch, "kl_"), batch["desirable"].bool()
-    # the reference: the same weights with the delta off; no gradient, and the model itself rather than a
+    # the reference (the delta off, or the separate copy); no gradient, and a module itself rather than a
     # DistributedDataParallel wrapper, since nothing of it is reduced. The three no-grad forwards run before the
     # one with gradients on purpose: each frees its activations before the training forward keeps any, so they
     # never add to the step's peak (what the memory plan assumes); after it, they would sit on top of its saved
     # activations. tests/test_stage_kto.py checks the order.
     with torch.no_grad():
-        with api.disabled(model):
-            reference = sequence_log_probs(model, rows).float()
-            kl_reference = sequence_log_probs(model, kl_rows).float()
+        with reference_of(model) as ref:
+            reference = sequence_log_probs(ref, rows).float()
+            kl_reference = sequence_log_probs(ref, kl_rows).float()
         kl_policy = sequence_log_probs(model, kl_rows).float()
     z0 = kl_estimate(kl_policy, kl_reference)
     policy = sequence_log_probs(model, rows, forward=forward).float()
@@ -153,14 +154,10 @@ def check_config(config: Any) -> str | None:
     if config.train.batch_size < 2:
         return ("stage = 'kto' estimates its KL term from each row's prompt paired with another row's completion of "
                 "the same micro-batch; train.batch_size is 1: set train.batch_size: 2 or more")
-    if method_of(config.delta).kind == "select":
-        return (f"stage = 'kto' compares the model with its reference, the same model with the delta switched off; "
-                f"method {config.method!r} trains the base weights themselves, and a separate reference copy is not "
-                "supported yet: use a delta method such as lora")
     if config.train.label_smoothing:
         return "train.label_smoothing smooths the SFT loss; KTO has no label smoothing: drop train.label_smoothing"
     return None
 
 
 KTO = Stage(name="kto", formats=frozenset({"kto"}), items=items, collator=collator, loss=loss,
-            settings=KtoSection, check=check_config)
+            settings=KtoSection, check=check_config, reference=lambda config: True)
