@@ -202,3 +202,15 @@ def test_a_quantised_base_gets_a_reference_computed_as_the_policy_is(tmp_path, l
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-7)
     assert records[1]["loss"] < records[0]["loss"] and len(loads) == 1
+
+
+def test_the_plan_command_shows_the_reference_copy_only_where_one_is_held(tmp_path, capsys):
+    from deltatune.cli import main
+
+    config = str(save_tiny(tmp_path, "llama") / "config.json")
+    shown = {}
+    for stage, method in (("dpo", "full"), ("sft", "full"), ("dpo", "lora"), ("grpo", "full")):
+        main(["plan", "--model", config, "--method", method, "--stage", stage, "--batch", "2", "--seq", "32"])
+        shown[stage, method] = "reference copy" in capsys.readouterr().out
+    # grpo's default beta is 0.0: no KL term, so no reference
+    assert shown == {("dpo", "full"): True, ("sft", "full"): False, ("dpo", "lora"): False, ("grpo", "full"): False}

@@ -524,12 +524,13 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
         fields["target_modules"] = "all-linear" if names == ["all-linear"] else names
     device, dtype, assumed = _plan_target(args.device, args.dtype)
     task, num_labels, rows_per_example, stage_notes = _plan_stage(args)
+    reference = _plan_reference(args)  # dpo, kto on full, freeze, bitfit: a frozen copy of the base beside it
     rows = args.batch * rows_per_example  # the planner sizes the forward, which holds rows, not examples
     result = plan(args.model, args.method, batch=rows, seq=args.seq, dtype=dtype, quant=args.quant,
                   gradient_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, accum=args.accum,
                   memory=args.memory, device=device, task=task, attention=args.attention, loss=args.loss,
                   trust_remote_code=args.trust_remote_code, master_weights=args.master_weights, num_labels=num_labels,
-                  **fields)
+                  reference=reference, **fields)
     result.notes.extend(stage_notes)
     if assumed:
         result.notes.append(assumed)
@@ -547,8 +548,18 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
                                           num_labels=num_labels,
                                           attention=args.attention, loss=args.loss,
                                           trust_remote_code=args.trust_remote_code, planned=args.master_weights,
-                                          **fields))
+                                          reference=reference, **fields))
     return 0 if result.fits is not False else 1
+
+
+def _plan_reference(args: argparse.Namespace) -> bool:
+    """Whether --stage with --method holds a reference copy of the weights (the stage's default settings)."""
+    if args.stage is None:
+        return False
+    from .pipeline.stages import named
+    from .pipeline.stages.reference import needs_copy_by_default
+
+    return needs_copy_by_default(named(args.stage), args.method)
 
 
 def _plan_stage(args: argparse.Namespace) -> tuple[str | None, int | None, int, list[str]]:
