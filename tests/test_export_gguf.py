@@ -222,3 +222,75 @@ def test_command_exports_an_adapter_and_refuses_to_overwrite(tmp_path, tokenizer
     assert "--model" in capsys.readouterr().err
     assert main(["export", "--model", str(save_tiny(tmp_path, "gpt2")), "--out", str(tmp_path / "g.gguf")]) == 2
     assert "'gpt2'" in capsys.readouterr().err and not (tmp_path / "g.gguf").exists()
+
+
+# --- a LoRA adapter alone, for llama.cpp's --lora --------------------------------------------------------------------
+
+def test_lora_file_folds_each_modules_scale_so_llama_cpp_alpha_over_r_gives_it_back(tmp_path, tokenizer):
+    from deltatune.export.gguf import export_gguf_lora, read_gguf_lora
+
+    model = build_model("llama", tokenizer)
+    # every scale differs: rsLoRA (alpha / sqrt(r)), a rank and an alpha pattern
+    dt.attach(model, dt.LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+                                   rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    report = export_gguf_lora(model, tmp_path / "a.gguf")
+    assert report.drift.max_abs_logit < 1e-4 and report.drift.top1_agreement == 1.0
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    held = {t.name: t for t in reader.tensors}
+    assert len(held) == 2 * 4 * model.config.num_hidden_layers
+    layer = model.model.layers[1].self_attn.v_proj
+    A = torch.from_numpy(held["blk.1.attn_v.weight.lora_a"].data.copy())
+    B = torch.from_numpy(held["blk.1.attn_v.weight.lora_b"].data.copy())
+    assert A.shape == (2, 32) and B.shape == (16, 2)  # as llama.cpp checks: lora_a (r, in), lora_b (out, r)
+    # llama.cpp's alpha / r, with r the rows of lora_a, times the written B, is deltatune's scale times its B
+    torch.testing.assert_close((alpha / 2) * B, layer.scaling["default"] * layer.lora_B["default"].weight.detach())
+    # and the update the reader rebuilds is exactly what the layer adds, for the rope-permuted q too
+    updates = read_gguf_lora(tmp_path / "a.gguf", model.config)
+    q = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(updates["model.layers.0.self_attn.q_proj.weight"], q.delta_weight("default"))
+
+
+def test_lora_file_refuses_what_it_cannot_carry(tmp_path, tokenizer):
+    from deltatune.export.gguf import export_gguf_lora
+
+    cases = [(dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "DoRA"),
+             (dt.LoraConfig(r=4, target_modules=["q_proj"], init="pissa"), "PiSSA"),
+             (dt.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]), "ia3"),
+             (dt.LoraConfig(r=4, target_modules=["embed_tokens"]), "embedding")]
+    for config, words in cases:
+        model = build_model("llama", tokenizer)
+        dt.attach(model, config)
+        with pytest.raises(DeltaError, match=words):
+            export_gguf_lora(model, tmp_path / "a.gguf")
+    model = build_model("llama", tokenizer)
+    dt.attach(model, dt.LoraConfig(r=4, target_modules=["q_proj"]), name="one")
+    dt.attach(model, dt.LoraConfig(r=4, target_modules=["v_proj"]), name="two")
+    dt.set_active(model, ["one", "two"])
+    with pytest.raises(DeltaError, match="2 deltas are active"):
+        export_gguf_lora(model, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_command_writes_a_lora_file(tmp_path, tokenizer, capsys):
+    base = save_tiny(tmp_path, "qwen2")
+    model = type(build_model("qwen2", tokenizer)).from_pretrained(base)
+    dt.attach(model, dt.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    dt.save(model, tmp_path / "adapter")
+    out = tmp_path / "a.gguf"
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(out), "--lora", "--type", "f32"]) == 0
+    assert "drift from the unmerged model" in capsys.readouterr().out
+    assert gguf.GGUFReader(out).fields["general.type"].contents() == "adapter"
+    assert main(["export", "--model", str(base), "--out", str(tmp_path / "b.gguf"), "--lora"]) == 2
+    assert "--adapter" in capsys.readouterr().err

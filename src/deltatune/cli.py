@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
                    help="tensor type (1-D tensors stay f32); default f16")
+    p.add_argument("--lora", action="store_true", help="write the LoRA adapter alone (llama.cpp's --lora FILE, on a "
+                   "base GGUF it already has) instead of the merged model; --type f32, f16 or bf16")
     p.add_argument("--no-check", action="store_true", help="skip reading the file back for the drift check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -343,7 +345,7 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from . import io as dt_io
-    from .export.gguf import export_gguf
+    from .export.gguf import export_gguf, export_gguf_lora
 
     out = Path(args.out)
     if out.suffix != ".gguf":
@@ -368,10 +370,16 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"base model: {base} (recorded in the adapter's config; --model chooses another)")
     elif base is None:
         raise DeltaError("name the model to export with --model, an adapter with --adapter, or both")
+    if args.lora and args.adapter is None:
+        raise DeltaError("--lora writes an adapter: name it with --adapter")
     model, tokenizer = _load_for_adapter(base, task_type, args.trust_remote_code)
     if args.adapter is not None:
         dt_io.load(model, args.adapter)
-    report = export_gguf(model, tokenizer, out, args.type, name=Path(args.adapter or base).name, check=not args.no_check)
+    name = Path(args.adapter or base).name
+    if args.lora:
+        report = export_gguf_lora(model, out, args.type, name=name, check=not args.no_check)
+    else:
+        report = export_gguf(model, tokenizer, out, args.type, name=name, check=not args.no_check)
     print(f"wrote {report.path}: {report.arch}, {report.type}, {report.tensors} tensors, "
           f"{report.bytes / 2**20:.1f} MiB")
     if report.drift is not None:

@@ -17,6 +17,14 @@ Two conventions differ from transformers':
 Types: f32, f16, bf16, q8_0 (blocks of 32 int8 with one fp16 scale). As llama.cpp's converter does, 1-D tensors
 (norms, biases) stay f32 and a weight whose rows are not a multiple of the block is written f16 under q8_0.
 
+A LoRA adapter alone (`export_gguf_lora`, `deltatune export --lora`): llama.cpp's `--lora FILE` adds
+(alpha/r)·B·A to a base it already holds, with one `adapter.lora.alpha` for the whole file and r read from each
+tensor. deltatune's scale is per module (alpha/r, alpha/sqrt(r) under rsLoRA, `alpha_pattern`, `rank_pattern`),
+so each B is written pre-multiplied by s_m·r_m/alpha: llama.cpp's alpha/r_m then gives back s_m exactly. A is
+written (r, in) and B (out, r) as they lie, under `<base tensor>.lora_a` / `.lora_b`; B's rows of q and k take
+the RoPE permutation above. DoRA (a norm no LoRA file carries), PiSSA and OLoRA (their base is rewritten) and
+the other methods are refused: the merged file serves them.
+
 The drift check. After writing, the file is read back (gguf.GGUFReader), its tensors un-renamed, un-permuted
 and dequantised into a fresh copy of the model's architecture, and that model's logits on probe sequences are
 compared with the unmerged model's (base + delta, as trained): max |delta logit|, the mean KL divergence of the
@@ -368,8 +376,147 @@ def measure_drift(model: torch.nn.Module, path: str | os.PathLike, ids: torch.Te
     if missing or unexpected:
         raise DeltaError(f"{path}: the GGUF file does not hold this model's weights (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    rebuilt.eval()
-    ids = probe_ids(config.vocab_size) if ids is None else ids
+    return _compare(model, rebuilt.eval(), ids)
+
+def _lora_layers(model: torch.nn.Module) -> list[tuple[str, Any, str]]:
+    """(module name, LoRA layer, delta name) for every active LoRA delta's layer; a clear error for what a llama.cpp
+    LoRA file cannot carry."""
+    from ..api import get_state
+    from ..methods.lora import LoraLayer
+
+    state = get_state(model)
+    if state is None or not state.active:
+        raise DeltaError("the model has no active delta: there is no adapter to write (export the model itself "
+                         "without --lora)")
+    if len(state.active) > 1:
+        raise DeltaError(f"{len(state.active)} deltas are active ({', '.join(state.active)}); a llama.cpp LoRA file "
+                         "holds one: activate one (dt.set_active) and write each to its own file")
+    for name in state.active:
+        delta = state.deltas[name]
+        if delta.method.name not in ("lora",) or delta.rewrites:
+            what = "PiSSA/OLoRA (they rewrite the base weights)" if delta.rewrites else delta.method.name
+            raise DeltaError(f"delta {name!r} is {what}: a llama.cpp LoRA file holds plain LoRA on the unchanged "
+                             "base only; export the merged model instead (drop --lora)")
+    found = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in state.active:
+            if name not in module.lora_A:
+                if name in module.lora_embedding_A:
+                    raise DeltaError(f"delta {name!r} adapts the embedding {module_name}: llama.cpp LoRA files adapt "
+                                     "linear weights only; export the merged model instead (drop --lora)")
+                continue
+            if name in module.lora_magnitude_vector:
+                raise DeltaError(f"delta {name!r} is DoRA: llama.cpp LoRA files carry no magnitude vector; export "
+                                 "the merged model instead (drop --lora)")
+            found.append((module_name, module, name))
+    if state.merged():
+        raise DeltaError("the delta is merged into the weights; unmerge it (dt.unmerge) before writing it alone")
+    return found
+
+
+def export_gguf_lora(model: torch.nn.Module, path: str | os.PathLike, kind: str = "f32", name: str | None = None,
+                     check: bool = True) -> GgufReport:
+    """Write `model`'s active LoRA delta as a llama.cpp LoRA adapter GGUF at `path` (see the module docstring),
+    atomically. With `check`, rebuild base + (alpha/r)·B·A from the file, as llama.cpp computes it, and measure the
+    drift from the unmerged model."""
+    gguf = _gguf()
+    if kind not in ("f32", "f16", "bf16"):
+        raise DeltaError(f"a LoRA GGUF is written as f32, f16 or bf16, not {kind!r} (its tensors are small)")
+    config = model.config
+    arch = check_exportable(config)
+    layers = _lora_layers(model)
+    names = gguf.get_tensor_name_map(_arch_enum(gguf, arch.name), config.num_hidden_layers)
+    alpha = float(layers[0][1].lora_A[layers[0][2]].weight.shape[0] * layers[0][1].scaling[layers[0][2]]) if layers else 1.0
+    alpha = alpha or 1.0
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    writer = gguf.GGUFWriter(tmp, arch.name)
+    count = 0
+    try:
+        writer.add_type("adapter")
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(name or path.stem)
+        for module_name, layer, delta in layers:
+            target = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
+            if target is None:
+                raise DeltaError(f"the LoRA on {module_name} has no GGUF name in architecture {arch.name!r}")
+            A = layer.lora_A[delta].weight.detach().float().cpu()  # (r, in)
+            B = layer.lora_B[delta].weight.detach().float().cpu()  # (out, r)
+            r = A.shape[0]
+            B = B * (layer.scaling[delta] * r / alpha)  # llama.cpp scales by alpha / r: fold the rest into B
+            if arch.pairs_rope and (".attn_q." in target or ".attn_k." in target):
+                heads = config.num_attention_heads if ".attn_q." in target else config.num_key_value_heads
+                B = B[_pairs_permutation(B.shape[0], heads)]
+            for suffix, tensor in (("lora_a", A), ("lora_b", B)):
+                array, ggml_type = _encode(gguf, f"{target}.{suffix}", tensor, "f32" if kind == "f32" else kind)
+                writer.add_tensor(f"{target}.{suffix}", array, raw_dtype=ggml_type)
+                count += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except Exception as err:  # noqa: BLE001 - matched by what it says (files.write_failure), not by its class
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        kept = f"{path} is as it was" if path.exists() else f"nothing is at {path}"
+        raise WriteFailed(f"{failure[0]}: writing {path} failed. Nothing was half-written: {kept}.\n"
+                          f"To finish: {failure[1]}, then export again", failure) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    drift = measure_lora_drift(model, path) if check else None
+    return GgufReport(path, arch.name, kind, count, path.stat().st_size, drift)
+
+
+def read_gguf_lora(path: str | os.PathLike, config: Any) -> dict[str, torch.Tensor]:
+    """The update llama.cpp adds to each base weight from a LoRA GGUF: {transformers weight name: (alpha/r)·B·A},
+    with B's q/k rows un-permuted back to transformers' order."""
+    gguf = _gguf()
+    arch = check_exportable(config)
+    names = gguf.get_tensor_name_map(_arch_enum(gguf, arch.name), config.num_hidden_layers)
+    back = {name: key for key in _state_keys(config)
+            if (name := names.get_name(key, try_suffixes=(".weight", ".bias"))) is not None}
+    reader = gguf.GGUFReader(path)
+    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    held: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        held[t.name] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32").copy()).reshape(shape)
+    updates = {}
+    for name in held:
+        if not name.endswith(".lora_a"):
+            continue
+        base = name[: -len(".lora_a")]
+        A, B = held[name], held[f"{base}.lora_b"]
+        update = (alpha / A.shape[0]) * (B @ A)  # llama.cpp: scale = alpha / r, r from lora_a's rows
+        if arch.pairs_rope and (".attn_q." in base or ".attn_k." in base):
+            heads = config.num_attention_heads if ".attn_q." in base else config.num_key_value_heads
+            update = update[torch.argsort(_pairs_permutation(update.shape[0], heads))]
+        updates[back[base]] = update
+    return updates
+
+
+@torch.no_grad()
+def measure_lora_drift(model: torch.nn.Module, path: str | os.PathLike, ids: torch.Tensor | None = None) -> Drift:
+    """The base (the model with its delta off) plus the updates a LoRA GGUF adds, against the unmerged model."""
+    from ..api import disabled
+    from ..pipeline.export import merged_model
+
+    with disabled(model):
+        rebuilt = merged_model(model, dtype=torch.float32)
+    weights = dict(rebuilt.named_parameters())
+    for key, update in read_gguf_lora(path, model.config).items():
+        weights[key].add_(update.to(weights[key].device))
+    return _compare(model, rebuilt.eval(), ids)
+
+
+def _compare(model: torch.nn.Module, rebuilt: torch.nn.Module, ids: torch.Tensor | None) -> Drift:
+    """Drift of `rebuilt`'s logits from `model`'s on `ids` (default: fixed random probe sequences)."""
+    ids = probe_ids(model.config.vocab_size) if ids is None else ids
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -377,7 +524,7 @@ def measure_drift(model: torch.nn.Module, path: str | os.PathLike, ids: torch.Te
         reference = model(input_ids=ids.to(device)).logits.float().cpu()
     finally:
         model.train(was_training)
-    written = rebuilt(input_ids=ids).logits.float()
+    written = rebuilt(input_ids=ids.to(next(rebuilt.parameters()).device)).logits.float().cpu()
     log_p, log_q = reference.log_softmax(-1), written.log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)  # >= 0; rounding can make a tiny one negative
     return Drift(max_abs_logit=(reference - written).abs().max().item(), mean_kl=kl.mean().item(),
