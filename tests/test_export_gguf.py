@@ -289,8 +289,8 @@ def test_command_writes_a_lora_file(tmp_path, tokenizer, capsys):
                 p.normal_(0, 0.2)
     dt.save(model, tmp_path / "adapter")
     out = tmp_path / "a.gguf"
-    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(out), "--lora", "--type", "f32"]) == 0
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(out), "--format", "gguf-lora", "--type", "f32"]) == 0
     assert "drift from the unmerged model" in capsys.readouterr().out
     assert gguf.GGUFReader(out).fields["general.type"].contents() == "adapter"
-    assert main(["export", "--model", str(base), "--out", str(tmp_path / "b.gguf"), "--lora"]) == 2
+    assert main(["export", "--model", str(base), "--out", str(tmp_path / "b.gguf"), "--format", "gguf-lora"]) == 2
     assert "--adapter" in capsys.readouterr().err

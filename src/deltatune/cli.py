@@ -5,6 +5,7 @@
     deltatune eval CONFIG.yaml [--adapter DIR]               the same metrics for a base, or a base + adapter
     deltatune merge --model M --adapter DIR --out DIR        a merged model any transformers install loads
     deltatune export --adapter DIR --out model.gguf [--type q8_0]   one GGUF file for llama.cpp / Ollama, drift-checked
+    deltatune export --adapter DIR --out DIR --format vllm        a LoRA folder vLLM serves as it is
     deltatune generate --model M [--adapter DIR] (--prompt TEXT | --file FILE | --chat)
     deltatune data CONFIG.yaml                               rendered examples, trained tokens marked
     deltatune info MODEL                                     architecture, targets, counts per method
@@ -57,18 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     p.add_argument("--trust-remote-code", action="store_true")
-    p = commands.add_parser("export", help="write a base + adapter as one GGUF file (llama.cpp, Ollama), checked against it",
-                            description="Fold the adapter into its base and write one GGUF file with the tokenizer; then "
-                            "read it back and compare its logits with the unmerged model's (the drift line).")
+    p = commands.add_parser("export", help="a base + adapter for another runtime: one GGUF file (llama.cpp, Ollama) or a "
+                            "vLLM-ready adapter, each checked against the model it came from",
+                            description="--format gguf: fold the adapter into its base and write one GGUF file with the "
+                            "tokenizer. gguf-lora: the LoRA alone as a llama.cpp adapter GGUF. vllm: the LoRA as an "
+                            "adapter folder vLLM serves as it is. Each is read back and its logits compared with the "
+                            "unmerged model's (the drift line).")
     p.add_argument("--model", default=None, help="base model id or folder (default: the base recorded in adapter_config.json)")
-    p.add_argument("--adapter", default=None, help="adapter folder (omit to convert the base alone)")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--adapter", default=None, help="adapter folder (gguf: omit to convert the base alone)")
+    p.add_argument("--out", required=True, help="the .gguf file to write (gguf, gguf-lora), or a new folder (vllm)")
+    p.add_argument("--format", choices=["gguf", "gguf-lora", "vllm"], default="gguf")
     p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
-                   help="tensor type (1-D tensors stay f32); default f16")
-    p.add_argument("--lora", action="store_true", help="write the LoRA adapter alone (llama.cpp's --lora FILE, on a "
-                   "base GGUF it already has) instead of the merged model; --type f32, f16 or bf16")
-    p.add_argument("--no-check", action="store_true", help="skip reading the file back for the drift check")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+                   help="GGUF tensor type (1-D tensors stay f32; gguf-lora: f32, f16 or bf16); default f16")
+    p.add_argument("--no-check", action="store_true", help="skip reading the result back for the drift check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("generate", help="generate text with a base model and optionally an adapter")
     p.add_argument("--model", required=True)
@@ -345,24 +348,23 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from . import io as dt_io
-    from .export.gguf import export_gguf, export_gguf_lora
+    from .files import check_output_folder
 
     out = Path(args.out)
-    if out.suffix != ".gguf":
-        raise DeltaError(f"--out {out}: a GGUF file's name ends in .gguf (e.g. --out {out.with_suffix('.gguf').name})")
-    if out.is_dir():
-        raise DeltaError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'model.gguf'}")
-    if out.exists() and not args.overwrite:
-        raise DeltaError(f"--out {out} already exists; nothing was written. Pass --overwrite to replace it "
-                         "(once the new file is complete), or choose another name")
-    if not out.parent.is_dir():
-        raise DeltaError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if args.format == "vllm":
+        inputs = {"adapter": Path(args.adapter)} if args.adapter else {}
+        check_output_folder(out, inputs, args.overwrite)
+    else:
+        _check_gguf_out(out, args.overwrite)
+    if args.format != "gguf" and args.adapter is None:
+        raise DeltaError(f"--format {args.format} writes an adapter: name it with --adapter")
     task_type, base = "CAUSAL_LM", args.model
     if args.adapter is not None:
         config, _ = dt_io.read_adapter(args.adapter)
         task_type, base = config.task_type or "CAUSAL_LM", args.model or config.base_model_name_or_path
         if task_type != "CAUSAL_LM":
-            raise DeltaError(f"{args.adapter} is a {task_type} adapter; GGUF export writes causal language models")
+            raise DeltaError(f"{args.adapter} is a {task_type} adapter; `deltatune export` writes causal language "
+                             "models (`deltatune merge` writes any)")
         if not base:
             raise DeltaError(f"{Path(args.adapter) / 'adapter_config.json'} records no base model "
                              "(base_model_name_or_path); name it with --model")
@@ -370,13 +372,15 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"base model: {base} (recorded in the adapter's config; --model chooses another)")
     elif base is None:
         raise DeltaError("name the model to export with --model, an adapter with --adapter, or both")
-    if args.lora and args.adapter is None:
-        raise DeltaError("--lora writes an adapter: name it with --adapter")
     model, tokenizer = _load_for_adapter(base, task_type, args.trust_remote_code)
     if args.adapter is not None:
         dt_io.load(model, args.adapter)
     name = Path(args.adapter or base).name
-    if args.lora:
+    if args.format == "vllm":
+        return _export_vllm(model, out, base, name, args)
+    from .export.gguf import export_gguf, export_gguf_lora
+
+    if args.format == "gguf-lora":
         report = export_gguf_lora(model, out, args.type, name=name, check=not args.no_check)
     else:
         report = export_gguf(model, tokenizer, out, args.type, name=name, check=not args.no_check)
@@ -384,6 +388,44 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
           f"{report.bytes / 2**20:.1f} MiB")
     if report.drift is not None:
         print(f"drift from the unmerged model: {report.drift.line()}")
+    return 0
+
+
+def _check_gguf_out(out: Path, overwrite: bool) -> None:
+    if out.suffix != ".gguf":
+        raise DeltaError(f"--out {out}: a GGUF file's name ends in .gguf (e.g. --out {out.with_suffix('.gguf').name})")
+    if out.is_dir():
+        raise DeltaError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'model.gguf'}")
+    if out.exists() and not overwrite:
+        raise DeltaError(f"--out {out} already exists; nothing was written. Pass --overwrite to replace it "
+                         "(once the new file is complete), or choose another name")
+    if not out.parent.is_dir():
+        raise DeltaError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+
+
+def _export_vllm(model: Any, out: Path, base: str, name: str, args: argparse.Namespace) -> int:
+    import secrets
+    import shutil
+
+    from .export.vllm import export_vllm
+    from .files import replace_tree
+
+    if args.type != "f16":
+        print("note: --type applies to GGUF; the vLLM folder keeps the adapter's own dtype")
+    # a fresh folder beside the target, renamed into place once complete (check_output_folder allowed replacing it)
+    staging = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        result = export_vllm(model, staging, check=not args.no_check)
+        replace_tree(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out}: a LoRA adapter vLLM serves as it is ({result.modules} modules, rank {result.rank}; each "
+          "module's scale folded into its B)")
+    if result.drift is not None:
+        print(f"drift from the unmerged model: {result.drift.line()}")
+    if result.max_lora_rank is None:
+        print(f"note: rank {result.rank} is above vLLM's largest --max-lora-rank (512)")
+    print(f"serve it: {result.command(base, name, out)}")
     return 0
 
 
