@@ -354,3 +354,20 @@ def test_plan_run_plans_batch_times_rows_per_example(tmp_path):
 
     example = prepare(config, load_tokenizer(config), None).train[0]
     assert DPO.rows_of(example) == (example, example.rejected) and SFT.rows_of(example) == (example,)
+
+
+def test_a_margin_column_on_a_dpo_run_is_named_as_ignored_and_the_reward_stage_reads_it(tmp_path):
+    from deltatune.pipeline.data import Example
+    from deltatune.pipeline.stages import ignored_columns, named
+
+    with_margin = [Example([1], [1], rejected=Example([1], [1]), margin=0.5)]
+    without = [Example([1], [1], rejected=Example([1], [1]))]
+    (note,) = ignored_columns(named("dpo"), with_margin)
+    assert "'margin' is read by stage reward only; stage 'dpo' ignores it" in note
+    assert ignored_columns(named("reward"), with_margin) == [] and ignored_columns(named("dpo"), without) == []
+    # and a run says so where it prints its data notes
+    lines: list[str] = []
+    rows = [dict(row, margin=1.0) for row in ROWS]
+    config = load_run_config(None, stage_flags(tmp_path, rows, "preference", **{"train.max_steps": 1}))
+    run(config, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any("'margin' is read by stage reward only" in line for line in lines)

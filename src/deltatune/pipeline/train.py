@@ -39,7 +39,7 @@ from .evaluate import evaluate
 from .render import Renderer
 from .report import RunLog, write_report
 from .rows import canonical_format
-from .stages import active_stage, reference, stage_for
+from .stages import active_stage, ignored_columns, reference, stage_for
 from .stages.reference import needs_copy
 
 
@@ -332,7 +332,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
         template = Renderer(tokenizer, config.data).template_to_save()
         if template is not None:
             tokenizer.chat_template = template
-    for line in prepared.notes + prepared.lengths.lines():
+    for line in prepared.notes + ignored_columns(stage, prepared.train) + prepared.lengths.lines():
         say(line)
     world = accelerator.num_processes
     per_step = config.train.batch_size * world * config.train.grad_accum  # examples per optimizer step

@@ -58,6 +58,9 @@ class Stage:
     # checkpoint), and its head's output count; load_base loads the base so. None: model.task decides, as for SFT
     task: str | None = None
     num_labels: int | None = None
+    # the optional example fields (data columns) the stage reads: a run whose data carries one its stage does not
+    # read is told so (`ignored_columns`) rather than training as if it were used
+    reads: frozenset[str] = frozenset()
     # (config) -> whether the loss compares the policy with a reference model (DPO but SimPO, KTO, GRPO with
     # beta > 0); the loss gets it from reference.reference(model). None: never. Where the method trains the base
     # weights, the loop then holds a separate frozen copy of the base (reference.py) and the plan counts it
@@ -75,6 +78,22 @@ class Stage:
 
         stand_in = Example([0], [0], rejected=Example([0], [0]), desirable=True)
         return len(self.rows_of(stand_in))
+
+
+# optional example fields some stage reads, with the column they come from
+OPTIONAL_COLUMNS = {"margin": "margin"}
+
+
+def ignored_columns(stage: Stage, examples: list["Example"]) -> list[str]:
+    """Notes for the optional columns the data carries that `stage` does not read (a `margin` on a DPO run)."""
+    notes = []
+    for field, column in OPTIONAL_COLUMNS.items():
+        if field in stage.reads or not any(getattr(e, field, None) is not None for e in examples):
+            continue
+        readers = [s.name for s in _stages().values() if field in s.reads]
+        notes.append(f"column {column!r} is read by stage {' and '.join(readers)} only; stage {stage.name!r} ignores it "
+                     f"(set stage: {readers[0]} to use it, or drop the column)")
+    return notes
 
 
 # formats that are read and checked but that no stage trains on yet: what they are, for the error message

@@ -146,4 +146,4 @@ def check_config(config: Any) -> str | None:
 
 REWARD = Stage(name="reward", formats=frozenset({"preference"}), items=items, collator=collator, loss=loss,
                settings=RewardSection, check=check_config, task="seq_cls", num_labels=1, evaluate=evaluate,
-               rows=pair_rows)
+               rows=pair_rows, reads=frozenset({"margin"}))
