@@ -13,7 +13,8 @@ import deltatune as dt
 from deltatune.pipeline.config import ConfigError, load_run_config
 from deltatune.pipeline.data import prepare
 from deltatune.pipeline.stages import stage_for
-from deltatune.pipeline.stages.grpo import (GRPO, GrpoSection, completion_mask, group_advantages, kl_k3, reward_functions,
+from deltatune.pipeline.stages.grpo import (GRPO, GrpoSection, completion_mask, group_advantages, group_loss, kl_k3,
+                                            reward_functions,
                                             sample, sample_seed, sequence_means, token_log_probs,
                                             token_losses)
 from deltatune.pipeline.train import load_base, load_tokenizer, run
@@ -54,6 +55,42 @@ def test_the_advantages_are_per_group():
         for i, r in enumerate(row):
             assert got[g, i].item() == pytest.approx((r - mean) / (std + 1e-4), rel=1e-5, abs=1e-6)
     assert torch.all(got[1] == 0)  # equal rewards: no signal
+
+
+def test_scale_rewards_none_only_centres():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 5.0]])
+    torch.testing.assert_close(group_advantages(rewards, "none"), rewards - 1.5)
+
+
+def test_the_loss_types_weigh_the_tokens_as_their_papers_say():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])  # a 4-token and a 1-token completion
+    assert group_loss(per_token, mask, "grpo", 8).item() == pytest.approx(10 / 4 + 10 / 1)
+    assert group_loss(per_token, mask, "dr_grpo", 8).item() == pytest.approx((10 + 10) / 8)
+    assert group_loss(per_token, mask, "dapo", 8).item() == pytest.approx(2 * (10 + 10) / 5)
+    # the weight of one token in the gradient: grpo 1/|y_i| (the short completion's token weighs 4x), dapo and
+    # dr_grpo the same for every token
+    for loss_type, ratio in (("grpo", 4.0), ("dr_grpo", 1.0), ("dapo", 1.0)):
+        x = per_token.clone().requires_grad_(True)
+        group_loss(x, mask, loss_type, 8).backward()
+        assert (x.grad[1, 0] / x.grad[0, 0]).item() == pytest.approx(ratio)
+        assert torch.all(x.grad[1, 1:] == 0)  # nothing after the stop token
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
+def test_a_grpo_step_runs_with_each_loss_type(tmp_path, loss_type):
+    config = load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length"], "num_generations": 3, "max_new_tokens": 4,
+                                                          "loss_type": loss_type, "scale_rewards": "none"}))
+    assert config.as_dict()["grpo"]["loss_type"] == loss_type
+    out = run(config, **QUIET).output_dir
+    (first,) = _records(out)
+    # rho = 1, so the loss is -sum_i A_i |y_i| / L (dr_grpo) or -G sum_i A_i |y_i| / sum |y| (dapo): not zero unless
+    # the lengths are equal; |loss| <= G max|A_i|, and with rewards -|length - 32| for lengths 1..4 in a group of 3
+    # the centred advantages are at most 2 in size
+    assert math.isfinite(first["loss"]) and abs(first["loss"]) <= 3 * 2.0 + 1e-6
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match="loss_type"):
+        load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length"], "loss_type": "ppo"}))
 
 
 def test_the_token_loss_is_the_formula_with_clipping_and_kl():

@@ -24,6 +24,9 @@ functions), and, with the group's mean and (unbiased) standard deviation,
     loss_t  = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta KL_t
     loss_i  = mean of loss_t over y_i's tokens (up to and with its stop token)
 
+(grpo.loss_type dr_grpo and dapo weigh the tokens otherwise, and grpo.scale_rewards: none drops the division by the
+group's std: see `group_loss` and `group_advantages`.)
+
 The stage returns the sum of loss_i over the batch's completions; each prompt is G loss items, so the loop's division
 averages over completions. eps = grpo.epsilon (0.2); beta = grpo.beta, 0.0 by default as in TRL (GRPOConfig.beta,
 read in TRL 1.16.0; DeepSeek-R1 used 0.001); beta = 0 skips the reference forward. Every method trains: with beta > 0
@@ -49,7 +52,7 @@ import importlib.util
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -73,6 +76,13 @@ class GrpoSection:
     epsilon: float = check(0.2, gt=0, lt=1)  # the clipping range of the ratio
     beta: float = check(0.0, ge=0)  # the weight of KL(pi || pi_ref); 0: no reference forward
     length_target: int = check(32, ge=0)  # the `length` reward's target, in completion tokens
+    # how token losses become the group's loss: "grpo" (each completion's mean over its tokens), "dr_grpo" (each
+    # completion's sum over max_new_tokens, a constant: no length bias), "dapo" (the mean over every token of the
+    # group: a long completion's tokens weigh as much as a short one's)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    # "group": A_i = (R_i - mean) / (std + 1e-4), as in the paper; "none": R_i - mean only (Dr. GRPO: dividing by
+    # the group's std over-weights groups whose rewards barely differ)
+    scale_rewards: Literal["group", "none"] = "group"
 
 
 # ---------------------------------------------------------------- rewards
@@ -132,9 +142,26 @@ def reward_functions(settings: GrpoSection) -> list[Callable[[str, str, int], fl
 
 # ---------------------------------------------------------------- the math
 
-def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """A_i = (R_i - mean R) / (std R + 1e-4) within each group; rewards (P, G) -> (P, G)."""
-    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + SCALE_EPS)
+def group_advantages(rewards: torch.Tensor, scale: str = "group") -> torch.Tensor:
+    """A_i = (R_i - mean R) / (std R + 1e-4) within each group, or R_i - mean R with scale "none"; (P, G) -> (P, G)."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred if scale == "none" else centred / (rewards.std(-1, keepdim=True) + SCALE_EPS)
+
+
+def group_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
+    """One group's loss as the sum over its G loss items (the loop divides by G), from token losses (G, C):
+
+        grpo     sum_i  mean_t loss_it                    every completion weighs 1, its tokens 1/|y_i|
+        dr_grpo  sum_i  sum_t loss_it / max_new_tokens    every token weighs 1/L, L constant (Liu et al. 2025)
+        dapo     G * sum_it loss_it / sum_i |y_i|         every token of the group weighs alike (Yu et al. 2025;
+                                                          normalised per group here, not over the whole batch)"""
+    weights = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return sequence_means(per_token, mask).sum()
+    total = (per_token * weights).sum()
+    if loss_type == "dr_grpo":
+        return total / max_new_tokens
+    return per_token.shape[0] * total / weights.sum().clamp(min=1.0)
 
 
 def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -303,7 +330,7 @@ def group_terms(forward: Callable[..., Any], model: torch.nn.Module, prompt: tor
     completions, keep, per_function = score_group(model, prompt, answer, config, position)
     lengths = keep.sum(-1)
     rewards = per_function.sum(-1)  # (G,): the functions are summed
-    advantages = group_advantages(rewards[None, :])[0]
+    advantages = group_advantages(rewards[None, :], settings.scale_rewards)[0]
     rows = torch.cat([prompt[None, :].repeat(completions.shape[0], 1), completions], dim=1)  # (G, P + C)
     mask = torch.cat([torch.ones_like(rows[:, :prompt.shape[0]]), keep], dim=1)
     width = completions.shape[1]
@@ -313,13 +340,13 @@ def group_terms(forward: Callable[..., Any], model: torch.nn.Module, prompt: tor
             reference = token_log_probs(ref, ref, rows, mask, width, settings.temperature)
     logp = token_log_probs(forward, model, rows, mask, width, settings.temperature)
     per_token = token_losses(logp, logp.detach(), advantages, settings.epsilon, settings.beta, reference)
-    losses = sequence_means(per_token, keep)  # (G,)
+    total = group_loss(per_token, keep, settings.loss_type, settings.max_new_tokens)
     with torch.no_grad():
-        kl = sequence_means(kl_k3(logp, reference), keep) if reference is not None else torch.zeros_like(losses)
         G = rewards.numel()
+        kl = sequence_means(kl_k3(logp, reference), keep) if reference is not None else torch.zeros(G)
         metrics = {"reward": rewards.sum(), "reward_std": rewards.std() * G, "kl": kl.sum(),
                    "completion_length": lengths.sum().float()}
-    return losses.sum(), metrics
+    return total, metrics
 
 
 def loss(forward: Callable[..., Any], model: torch.nn.Module, batch: dict[str, Any],
