@@ -82,7 +82,7 @@ def test_permuted_rows_under_pairs_rope_equal_transformers_rotation_permuted():
 
 # --- what the file holds ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_f32_file_is_the_merged_model_and_reads_back_exactly(tmp_path, tokenizer, arch):
     model = lora_model(arch, tokenizer)
     before = copy.deepcopy(model.state_dict())
@@ -101,8 +101,9 @@ def test_f32_file_is_the_merged_model_and_reads_back_exactly(tmp_path, tokenizer
     down = torch.from_numpy(held["blk.0.ffn_down.weight"].data.copy())
     torch.testing.assert_close(down.reshape(-1), merged.model.layers[0].mlp.down_proj.weight.detach().reshape(-1))
     assert ("blk.0.attn_q.bias" in held) == (arch == "qwen2")
-    assert field(tmp_path / "m.gguf", "general.architecture") == ("qwen2" if arch == "qwen2" else "llama")
-    prefix = "qwen2" if arch == "qwen2" else "llama"
+    assert ("blk.0.attn_q_norm.weight" in held) == (arch == "qwen3")  # Qwen3's per-head q/k norms
+    prefix = {"mistral": "llama"}.get(arch, arch)  # llama.cpp runs Mistral as its llama architecture
+    assert field(tmp_path / "m.gguf", "general.architecture") == prefix
     assert field(tmp_path / "m.gguf", f"{prefix}.block_count") == model.config.num_hidden_layers
     assert field(tmp_path / "m.gguf", f"{prefix}.attention.head_count_kv") == model.config.num_key_value_heads
     state = read_gguf_weights(tmp_path / "m.gguf", model.config)

@@ -73,6 +73,7 @@ ARCHITECTURES: dict[str, Tiny] = {
     "llama": _tiny("LlamaConfig", "LlamaForCausalLM", **_LLAMA_LIKE),
     "mistral": _tiny("MistralConfig", "MistralForCausalLM", **_LLAMA_LIKE),
     "qwen2": _tiny("Qwen2Config", "Qwen2ForCausalLM", **_LLAMA_LIKE),
+    "qwen3": _tiny("Qwen3Config", "Qwen3ForCausalLM", **_LLAMA_LIKE, head_dim=lambda h: h // 4),
     "starcoder2": _tiny("Starcoder2Config", "Starcoder2ForCausalLM", **_LLAMA_LIKE),
     "gpt2": _tiny("GPT2Config", "GPT2LMHeadModel", **_GPT2_LIKE),
     "gpt_bigcode": _tiny("GPTBigCodeConfig", "GPTBigCodeForCausalLM", **_GPT2_LIKE),
