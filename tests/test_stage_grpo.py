@@ -11,7 +11,7 @@ import torch
 
 import deltatune as dt
 from deltatune.pipeline.config import ConfigError, load_run_config
-from deltatune.pipeline.data import prepare
+from deltatune.pipeline.data import IGNORE, prepare
 from deltatune.pipeline.stages import stage_for
 from deltatune.pipeline.stages.grpo import (GRPO, GrpoSection, completion_mask, group_advantages, group_loss, kl_k3,
                                             reward_functions,
@@ -306,3 +306,13 @@ def test_evaluation_logs_eval_reward_and_is_the_reward_of_the_sampled_completion
     assert first["reward"] == pytest.approx(sum(totals) / len(totals), rel=1e-6)
     assert first["reward_std"] == pytest.approx(sum(stds) / len(stds), rel=1e-5, abs=1e-6)
     assert first["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_the_plan_counts_each_prompts_g_sampled_rows_at_their_longest(tmp_path):
+    from deltatune.pipeline.data import Example
+
+    config = load_run_config(None, _flags(tmp_path, grpo={"rewards": ["length"], "num_generations": 3, "max_new_tokens": 5}))
+    example = Example([7, 8, 9, 4, 4], [IGNORE, IGNORE, IGNORE, 4, 4])  # a 3-token prompt and its 2-token answer
+    rows = GRPO.rows_of(example, config)
+    assert len(rows) == 3 and all(len(r.input_ids) == 3 + 5 and r.input_ids[:3] == [7, 8, 9] for r in rows)
+    assert GRPO.rows_per_example() == 8  # TRL's default G, for `deltatune plan --stage grpo`

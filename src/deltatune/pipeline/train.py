@@ -367,7 +367,7 @@ def run(config: RunConfig, echo: Any = print) -> RunResult:
     counts = summary(model, print_table=False)
     say(f"{config.method}: {counts.trainable:,} trainable parameters of {counts.total:,} ({counts.percent:.3f}%)")
     # the rows each example puts into the forward (one; a preference pair's two), for the plan and the tokens/s
-    rows_of = [stage.rows_of(e) for e in prepared.train]
+    rows_of = [stage.rows_of(e, config) for e in prepared.train]
     if main:  # the memory plan at the longest training row: advice, never a stop
         targets = [len(e.decoder_labels) for e in prepared.train if e.decoder_labels is not None]
         check_run(config, model, max((len(r.input_ids) for rows in rows_of for r in rows), default=1), say,

@@ -51,9 +51,10 @@ class Stage:
     # (model, prepared, config, tokenizer) -> the stage's own eval metrics over prepared.eval, in eval batches, under
     # no_grad (DPO's loss and rewards); None: evaluate.py's metrics for the task (loss and perplexity, accuracy)
     evaluate: Callable[[torch.nn.Module, Any, "RunConfig", Any], dict[str, float]] | None = None
-    # example -> the rows it puts into the training forward (a pair: its chosen and its rejected row); what the
-    # memory plan sizes the batch by and what tokens/s counts. None: the example is one row
-    rows: Callable[["Example"], tuple["Example", ...]] | None = None
+    # (example, the stage's settings or None) -> the rows it puts into the training forward (a pair: its chosen
+    # and its rejected row; a GRPO prompt: its G sampled rows); what the memory plan sizes the batch by and what
+    # tokens/s counts. None: the example is one row
+    rows: Callable[["Example", Any], tuple["Example", ...]] | None = None
     # the model class the stage trains, when it is not model.task's (a reward model: "seq_cls" on a causal LM's
     # checkpoint), and its head's output count; load_base loads the base so. None: model.task decides, as for SFT
     task: str | None = None
@@ -66,14 +67,20 @@ class Stage:
     # weights, the loop then holds a separate frozen copy of the base (reference.py) and the plan counts it
     reference: Callable[["RunConfig"], bool] | None = None
 
-    def rows_of(self, example: "Example") -> tuple["Example", ...]:
-        """The rows `example` puts into a training forward of this stage."""
-        return (example,) if self.rows is None else self.rows(example)
+    def rows_of(self, example: "Example", config: "RunConfig | None" = None) -> tuple["Example", ...]:
+        """The rows `example` puts into a training forward of this stage, under `config`'s settings of the stage
+        (its defaults without a config)."""
+        if self.rows is None:
+            return (example,)
+        settings = None
+        if self.settings is not None:
+            settings = config.stage_settings[self.name] if config is not None else self.settings()
+        return self.rows(example, settings)
 
     def rows_per_example(self) -> int:
         """The rows one example puts into a training forward, for a plan made before any data is read (`deltatune
-        plan --stage`): counted on a stand-in example that carries every field a stage's rows may read (a rejected
-        completion, a KTO label), so no stage is special-cased here."""
+        plan --stage`, the stage's default settings): counted on a stand-in example that carries every field a
+        stage's rows may read (a rejected completion, a KTO label), so no stage is special-cased here."""
         from ..data import Example
 
         stand_in = Example([0], [0], rejected=Example([0], [0]), desirable=True)

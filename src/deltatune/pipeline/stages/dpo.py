@@ -164,7 +164,7 @@ def evaluate(model: torch.nn.Module, prepared: Any, config: Any, tokenizer: Any)
     return {name: value / max(1, pairs) for name, value in totals.items()}
 
 
-def rows(example: Any) -> tuple[Any, ...]:
+def rows(example: Any, settings: Any = None) -> tuple[Any, ...]:
     return (example, example.rejected)  # both completions run in the policy's forward
 
 

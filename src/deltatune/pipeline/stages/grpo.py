@@ -200,6 +200,15 @@ def _answer_start(labels: list[int]) -> int:
     return start
 
 
+def rows(example: Example, settings: GrpoSection) -> tuple[Example, ...]:
+    """The G rows a prompt puts into the training forward: its prompt and up to max_new_tokens sampled tokens each
+    (the longest they can be: the plan sizes for it, and tokens/s counts it, an upper bound where completions stop
+    early)."""
+    prompt = example.input_ids[: _answer_start(example.labels)]
+    row = Example(prompt + [0] * settings.max_new_tokens, [IGNORE] * len(prompt) + [0] * settings.max_new_tokens)
+    return (row,) * settings.num_generations
+
+
 def items(example: Any, config: Any) -> int:
     return config.stage_settings["grpo"].num_generations  # G completions, G loss items
 
@@ -432,5 +441,5 @@ def check_config(config: Any) -> str | None:
 
 
 GRPO = Stage(name="grpo", formats=frozenset({"instruction", "chat"}), items=items, collator=collator, loss=loss,
-             settings=GrpoSection, check=check_config, evaluate=evaluate,
+             settings=GrpoSection, check=check_config, evaluate=evaluate, rows=rows,
              reference=lambda config: bool(config.stage_settings["grpo"].beta))
