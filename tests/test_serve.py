@@ -126,7 +126,8 @@ def test_a_list_of_prompts_gets_one_choice_each_as_each_alone(server, reference,
 def test_concurrent_requests_for_different_adapters_share_one_batch_and_answer_as_alone(server, reference, tokenizer):
     jobs = [("a", PROMPTS[0]), ("b", PROMPTS[2]), (BASE, PROMPTS[1]), ("a", PROMPTS[1])]
     answers: dict[int, tuple[int, dict]] = {}
-    before = len(server.served.engine.batches)
+    engine = server.served.engine
+    before = engine.calls
     with server.served.engine.lock:  # the worker waits, so all four requests queue up behind it
         threads = [threading.Thread(target=lambda i=i, m=m, p=p: answers.__setitem__(i, request(
             server, "POST", "/v1/completions", {"model": m, "prompt": p, "max_tokens": 7, "temperature": 0})))
@@ -140,7 +141,7 @@ def test_concurrent_requests_for_different_adapters_share_one_batch_and_answer_a
         assert server.served.engine.waiting() == len(jobs)
     for t in threads:
         t.join(timeout=60)
-    assert server.served.engine.batches[before:] == [4]  # one generate call, four rows, three adapters
+    assert engine.calls == before + 1 and engine.batches[-1] == 4  # one generate call, four rows, three adapters
     for i, (model_name, prompt) in enumerate(jobs):
         status, body = answers[i]
         assert status == 200, body
@@ -184,7 +185,7 @@ def test_models_and_health(server):
     ("/v1/completions", {"model": "a", "prompt": "x", "max_tokens": "8"}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"model": "a", "prompt": "x", "n": 2}, 400, "n", "only n=1"),
     ("/v1/completions", {"model": "a", "prompt": "x", "temperature": -1}, 400, "temperature", "from 0 to 2"),
-    ("/v1/completions", {"model": "a", "prompt": "x", "stream": True}, 400, "stream", "not supported"),
+    ("/v1/completions", {"model": "a", "prompt": "x", "stream": "yes"}, 400, "stream", "true or false"),
     ("/v1/completions", {"model": "a", "prompt": "x", "logprobs": 3}, 400, "logprobs", "not supported"),
     ("/v1/completions", {"model": "a", "prompt": "x", "stop": [1]}, 400, "stop", "list of up to 4"),
     ("/v1/chat/completions", {"model": "a"}, 400, "messages", "missing field 'messages'"),
@@ -265,3 +266,47 @@ def test_sampling_with_a_seed_is_reproducible(server):
     first = request(server, "POST", "/v1/completions", body)
     assert first[0] == 200
     assert request(server, "POST", "/v1/completions", body)[1]["choices"] == first[1]["choices"]
+
+
+def stream(srv, path: str, body: dict) -> list:
+    """The server-sent events of a streamed answer, parsed; the last is the string [DONE]."""
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request("POST", path, body=json.dumps({**body, "stream": True}), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    raw = response.read().decode()
+    conn.close()
+    assert raw.endswith("\n\n")
+    lines = [event.removeprefix("data: ") for event in raw.split("\n\n")[:-1]]
+    return [json.loads(line) if line != "[DONE]" else line for line in lines]
+
+
+@pytest.mark.parametrize("extra", [{}, {"stop": ["zz", "a"]}])
+def test_streamed_completions_add_up_to_the_whole_answer(server, extra):
+    body = {"model": "a", "prompt": PROMPTS, "max_tokens": 8, "temperature": 0, **extra}
+    whole = request(server, "POST", "/v1/completions", body)[1]
+    chunks = stream(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]"
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"] == whole["usage"]
+    for i, choice in enumerate(whole["choices"]):
+        mine = [c["choices"][0] for c in chunks[:-2] if c["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine][-1] == choice["finish_reason"]
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+        assert len(mine) > 2 or extra  # it came in pieces
+    if extra:  # the stop string cut two of the three answers
+        assert [c["finish_reason"] for c in whole["choices"]] == ["stop", "length", "stop"]
+    assert all(c["object"] == "text_completion" and c["model"] == "a" for c in chunks[:-1])
+
+
+def test_a_streamed_chat_starts_with_the_role_and_adds_up_to_the_whole_answer(server):
+    body = {"model": "b", "messages": [{"role": "user", "content": "say something"}], "max_tokens": 8,
+            "temperature": 0}
+    whole = request(server, "POST", "/v1/chat/completions", body)[1]["choices"][0]
+    chunks = stream(server, "/v1/chat/completions", body)
+    assert chunks[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("content", "") for d in deltas) == whole["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["finish_reason"]

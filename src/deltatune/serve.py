@@ -10,7 +10,7 @@ under its name, into the one base; a request's rows run with their adapter throu
 (dt.mixed_batch), so requests for different adapters that wait together share one `generate` call:
 the engine's worker takes every waiting request whose decoding settings match, left-pads their prompts
 into one batch and gives each row its own adapter. Requests arriving while a batch runs wait for the
-next one (static batching; no continuous batching, no streaming yet).
+next one (static batching, not continuous). `stream: true` sends server-sent events as the batch decodes.
 
 Standard library only (http.server + json): no new dependency. The server binds 127.0.0.1 unless
 told otherwise, and it has no authentication beyond an optional bearer key.
@@ -21,15 +21,17 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import queue
 import sys
 import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -92,11 +94,12 @@ class Output:
     generated: int  # tokens generated, the stop token included (what usage counts)
 
 
-def generate_rows(model: Any, rows: list[Row], decoding: Decoding, pad_id: int, per_row: bool = True) -> list[Output]:
+def generate_rows(model: Any, rows: list[Row], decoding: Decoding, pad_id: int, per_row: bool = True,
+                  on_step: Callable[[list[int]], None] | None = None) -> list[Output]:
     """One `generate` call for rows that may each name another adapter: prompts left-padded, row i with its adapter.
 
     per_row=False (a prompt-tuning or selective adapter, which changes the whole batch): every row must name the
-    same adapter, which is made the active one for the call."""
+    same adapter, which is made the active one for the call. on_step gets each step's new token of every row."""
     from . import api
     from .surgery import get_state
 
@@ -106,7 +109,8 @@ def generate_rows(model: Any, rows: list[Row], decoding: Decoding, pad_id: int, 
     mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
     max_new = max(r.max_new for r in rows)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad_id,
-                  eos_token_id=list(decoding.stop_ids) or None, **decoding.kwargs())
+                  eos_token_id=list(decoding.stop_ids) or None, streamer=_Steps(on_step) if on_step else None,
+                  **decoding.kwargs())
     names = [r.adapter for r in rows]
     with torch.no_grad():
         if get_state(model) is None:  # a base served with no adapter at all
@@ -126,6 +130,22 @@ def generate_rows(model: Any, rows: list[Row], decoding: Decoding, pad_id: int, 
     return [_cut(tokens[: row.max_new], decoding.stop_ids, row.max_new) for tokens, row in zip(new, rows)]
 
 
+class _Steps:
+    """A transformers streamer (put, end) that hands each decoding step's tokens, one per row, to a callback."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]) -> None:
+        self.on_step, self.prompt_seen = on_step, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate puts the prompt first, (B, T)
+            self.prompt_seen = True
+            return
+        self.on_step(value.reshape(-1).tolist())  # (B,)
+
+    def end(self) -> None:
+        pass
+
+
 def _cut(tokens: list[int], stops: tuple[int, ...], max_new: int) -> Output:
     for i, token in enumerate(tokens):
         if token in stops:
@@ -137,9 +157,16 @@ def _cut(tokens: list[int], stops: tuple[int, ...], max_new: int) -> Output:
 class Job:
     rows: list[Row]
     decoding: Decoding
+    steps: queue.SimpleQueue | None = None  # streamed: (row, token) per step, then None when done
     done: threading.Event = field(default_factory=threading.Event)
     outputs: list[Output] | None = None
     error: BaseException | None = None
+
+    def finish(self, outputs: list[Output] | None, error: BaseException | None = None) -> None:
+        self.outputs, self.error = outputs, error
+        self.done.set()
+        if self.steps is not None:
+            self.steps.put(None)
 
 
 class Engine:
@@ -153,21 +180,27 @@ class Engine:
         self.model, self.pad_id, self.per_row = model, pad_id, dict(per_row)
         self.max_batch_rows, self.context = max_batch_rows, context
         self.lock = threading.Lock()
-        self.batches: list[int] = []  # rows in each generate call, newest last (for tests and curiosity)
+        self.batches: deque[int] = deque(maxlen=256)  # rows in the latest generate calls, newest last
+        self.calls = 0  # generate calls so far
         self._waiting: list[Job] = []
         self._changed = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="deltatune-serve-engine", daemon=True)
         self._thread.start()
 
-    def run(self, rows: list[Row], decoding: Decoding) -> list[Output]:
-        """Queue the rows and wait for their outputs (what a request's thread calls)."""
-        job = Job(rows, decoding)
+    def submit(self, rows: list[Row], decoding: Decoding, stream: bool = False) -> Job:
+        """Queue the rows; the job's `done` is set when its outputs are in (and `steps` gets its tokens as they come)."""
+        job = Job(rows, decoding, queue.SimpleQueue() if stream else None)
         with self._changed:
             if self._stopped:
                 raise RuntimeError("the server is shutting down")
             self._waiting.append(job)
             self._changed.notify()
+        return job
+
+    def run(self, rows: list[Row], decoding: Decoding) -> list[Output]:
+        """Queue the rows and wait for their outputs (what a request's thread calls)."""
+        job = self.submit(rows, decoding)
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -191,8 +224,7 @@ class Engine:
                     self._changed.wait()
                 if self._stopped:
                     for job in self._waiting:
-                        job.error = RuntimeError("the server is shutting down")
-                        job.done.set()
+                        job.finish(None, RuntimeError("the server is shutting down"))
                     return
             with self.lock:
                 with self._changed:
@@ -217,23 +249,31 @@ class Engine:
 
     def _run(self, group: list[Job]) -> None:
         rows = [r for job in group for r in job.rows]
+        owners = [(job, i) for job in group for i in range(len(job.rows))]  # batch row -> (its job, the job's row)
         decoding = group[0].decoding
+
+        def on_step(tokens: list[int]) -> None:
+            for (job, i), token in zip(owners, tokens):
+                if job.steps is not None:
+                    job.steps.put((i, token))
+
+        streamed = any(job.steps is not None for job in group)
         try:
             per_row = all(self.per_row.get(r.adapter, True) for r in rows)
             if isinstance(decoding.alone, int) and not isinstance(decoding.alone, bool):
                 torch.manual_seed(decoding.alone)  # a seeded request runs alone, so its seed decides its samples
             self.batches.append(len(rows))
-            outputs = generate_rows(self.model, rows, decoding, self.pad_id, per_row=per_row)
+            self.calls += 1
+            outputs = generate_rows(self.model, rows, decoding, self.pad_id, per_row=per_row,
+                                    on_step=on_step if streamed else None)
         except BaseException as err:  # noqa: BLE001 - handed to the requests' threads, which answer 500
             for job in group:
-                job.error = err
-                job.done.set()
+                job.finish(None, err)
             return
         start = 0
         for job in group:
-            job.outputs = outputs[start:start + len(job.rows)]
+            job.finish(outputs[start:start + len(job.rows)])
             start += len(job.rows)
-            job.done.set()
 
 
 # ---------------------------------------------------------------- the served model
@@ -391,16 +431,15 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"object": "list", "data": data}
         raise RequestError(404, f"no such endpoint: GET {path}; try /v1/models or /health", kind="not_found_error")
 
-    def _post(self) -> tuple[int, dict]:
+    def _post(self) -> tuple[int, dict | Iterator[dict]]:
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in ("/v1/completions", "/v1/chat/completions"):
             raise RequestError(404, f"no such endpoint: POST {path}; try /v1/completions or /v1/chat/completions",
                                kind="not_found_error")
         self._check_key()
-        body = self._body()
-        if path == "/v1/completions":
-            return 200, complete(self.server.served, body)
-        return 200, chat(self.server.served, body)
+        served = self.server.served
+        request = prepare(served, self._body(), chat=path == "/v1/chat/completions")
+        return 200, (events(served, request) if request.stream else answer(served, request))
 
     def _check_key(self) -> None:
         key = self.server.served.api_key
@@ -435,6 +474,9 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, handle: Any) -> None:
         try:
             status, body = handle()
+            if not isinstance(body, dict):
+                self._stream(body)
+                return
         except RequestError as err:
             status, body = err.status, err.body()
         except Exception:  # noqa: BLE001 - never a traceback to the client; the server's log has it
@@ -450,6 +492,25 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _stream(self, chunks: Iterator[dict]) -> None:
+        """Server-sent events: one `data: {json}` per chunk, then `data: [DONE]`; the connection closes after."""
+        self.close_connection = True  # no length to announce: the end of the stream is the end of the connection
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode("utf-8"))
+        except (BrokenPipeError, ConnectionResetError):  # the client left; its rows finish in their batch unseen
+            return
+        except Exception:  # noqa: BLE001 - the status is sent already: the error goes as the stream's last event
+            traceback.print_exc(file=sys.stderr)
+            error = RequestError(500, "the server failed on this request; its log has the details", kind="server_error")
+            self.wfile.write(f"data: {json.dumps(error.body())}\n\n".encode("utf-8"))
+        self.wfile.write(b"data: [DONE]\n\n")
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         if self.server.log:
             super().log_message(format, *args)
@@ -458,47 +519,147 @@ class Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------- the two endpoints
 
 
-def complete(served: Served, body: dict) -> dict:
-    """POST /v1/completions: one choice per prompt."""
+@dataclass
+class Prepared:
+    """A checked request: its rows for the engine and how to answer."""
+
+    chat: bool
+    model: str  # as the request named it
+    rows: list[Row]
+    decoding: Decoding
+    stop_texts: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def prepare(served: Served, body: dict, chat: bool) -> Prepared:
+    """Check a /v1/completions (one row per prompt) or /v1/chat/completions body (the messages rendered as
+    `deltatune generate --chat` renders them); a RequestError names the field at fault."""
     adapter = served.adapter_of(body.get("model"))
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if prompt is None:
-        raise RequestError(400, "missing field 'prompt': a string or a list of strings", "prompt")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise RequestError(400, "field 'prompt' must be a string or a non-empty list of strings "
-                           "(token-id prompts are not supported)", "prompt")
     tokenizer = served.tokenizer
-    stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
-    max_new, decoding, stop_texts = _settings(body, served, stops, default_max=16, adapter=adapter)
-    rows = [_row(served, list(tokenizer(p)["input_ids"]), adapter, max_new) for p in prompts]
-    outputs = served.engine.run(rows, decoding)
+    if chat:
+        messages = _messages(body.get("messages"))
+        renderer = served.renderer(adapter)
+        try:
+            prompt_ids = [renderer.prompt_ids(messages)]
+        except DeltaError as err:  # the template refuses the conversation (roles out of order, ...)
+            raise RequestError(400, str(err), "messages") from None
+        stops = tuple(renderer.stop_ids())
+    else:
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if prompt is None:
+            raise RequestError(400, "missing field 'prompt': a string or a list of strings", "prompt")
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError(400, "field 'prompt' must be a string or a non-empty list of strings "
+                               "(token-id prompts are not supported)", "prompt")
+        prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+        stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    # OpenAI's default max_tokens: 16 for a completion, up to the context for a chat (here: the server's limit)
+    max_new, decoding, stop_texts = _settings(body, served, stops, default_max=None if chat else 16, adapter=adapter)
+    stream = body.get("stream")
+    if stream not in (None, True, False):
+        raise RequestError(400, f"field 'stream' must be true or false, got {stream!r}", "stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and options.get("include_usage") in (None, True, False)):
+        raise RequestError(400, "field 'stream_options' must be an object like {\"include_usage\": true}",
+                           "stream_options")
+    rows = [_row(served, ids, adapter, max_new) for ids in prompt_ids]
+    return Prepared(chat, body["model"], rows, decoding, stop_texts, bool(stream),
+                    bool(options and options.get("include_usage")))
+
+
+def answer(served: Served, request: Prepared) -> dict:
+    """The whole answer, once generation is done: text_completion or chat.completion, with usage."""
+    outputs = served.engine.run(request.rows, request.decoding)
     choices = []
     for i, out in enumerate(outputs):
-        text, reason = _text(tokenizer, out, stop_texts)
-        choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": body["model"], "choices": choices, "usage": _usage(rows, outputs)}
+        text, reason = _text(served.tokenizer, out, request.stop_texts)
+        if request.chat:  # stripped, as `deltatune generate --chat` prints it
+            choices.append({"index": i, "message": {"role": "assistant", "content": text.strip()}, "logprobs": None,
+                            "finish_reason": reason})
+        else:
+            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+    kind, prefix = ("chat.completion", "chatcmpl") if request.chat else ("text_completion", "cmpl")
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": request.model, "choices": choices, "usage": _usage(request.rows, outputs)}
 
 
-def chat(served: Served, body: dict) -> dict:
-    """POST /v1/chat/completions: the messages rendered as `deltatune generate --chat` renders them."""
-    adapter = served.adapter_of(body.get("model"))
-    messages = _messages(body.get("messages"))
-    renderer = served.renderer(adapter)
-    try:
-        ids = renderer.prompt_ids(messages)
-    except DeltaError as err:  # the template refuses the conversation (roles out of order, ...)
-        raise RequestError(400, str(err), "messages") from None
-    max_new, decoding, stop_texts = _settings(body, served, tuple(renderer.stop_ids()), default_max=None,
-                                              adapter=adapter)
-    rows = [_row(served, ids, adapter, max_new)]
-    outputs = served.engine.run(rows, decoding)
-    text, reason = _text(served.tokenizer, outputs[0], stop_texts)
-    choice = {"index": 0, "message": {"role": "assistant", "content": text.strip()}, "logprobs": None,
-              "finish_reason": reason}
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"], "choices": [choice], "usage": _usage(rows, outputs)}
+def events(served: Served, request: Prepared) -> Iterator[dict]:
+    """The answer as chunks while the batch decodes (`stream: true`); their texts add up to answer()'s."""
+    job = served.engine.submit(request.rows, request.decoding, stream=True)
+    assert job.steps is not None
+    kind, prefix = ("chat.completion.chunk", "chatcmpl") if request.chat else ("text_completion", "cmpl")
+    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": request.model}
+
+    def chunk(i: int, text: str | None, reason: str | None) -> dict:
+        if request.chat:
+            delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        return {**head, "choices": [{"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+
+    texts = [_Incremental(served.tokenizer, row, request.decoding.stop_ids, request.stop_texts, strip=request.chat)
+             for row in request.rows]
+    if request.chat:
+        yield chunk(0, None, None)
+    while (step := job.steps.get()) is not None:
+        i, token = step
+        text = texts[i]
+        if text.reason is not None:
+            continue  # the row has ended; the batch decodes on for others
+        piece = text.add(token)
+        if piece:
+            yield chunk(i, piece, None)
+        if text.reason is not None:
+            yield chunk(i, "", text.reason)
+    if job.error is not None:
+        raise job.error
+    assert job.outputs is not None
+    for i, (text, out) in enumerate(zip(texts, job.outputs)):
+        if text.reason is None:  # not seen to end (no step came): close it with the full answer's ending
+            piece = text.flush(final=True)
+            if piece:
+                yield chunk(i, piece, None)
+            yield chunk(i, "", out.finish_reason)
+    if request.include_usage:
+        yield {**head, "choices": [], "usage": _usage(request.rows, job.outputs)}
+
+
+class _Incremental:
+    """One row's text as its tokens arrive: what can be sent now, holding back what a stop string, an unfinished
+    UTF-8 character or (chat) trailing white space may still change."""
+
+    def __init__(self, tokenizer: Any, row: Row, stop_ids: tuple[int, ...], stop_texts: list[str], strip: bool) -> None:
+        self.tokenizer, self.row, self.stop_ids, self.stop_texts, self.strip = tokenizer, row, stop_ids, stop_texts, strip
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the text sent so far
+        self.reason: str | None = None  # set when the row has ended
+
+    def add(self, token: int) -> str:
+        if token in self.stop_ids:
+            self.reason = "stop"
+            return self.flush(final=True)
+        self.tokens.append(token)
+        if len(self.tokens) >= self.row.max_new:
+            self.reason = "length"
+            return self.flush(final=True)
+        return self.flush(final=False)
+
+    def flush(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.strip:
+            text = text.lstrip()
+        cuts = [text.index(s) for s in self.stop_texts if s in text]
+        if cuts:
+            self.reason, end = "stop", min(cuts)
+        elif final:
+            end = len(text.rstrip()) if self.strip else len(text)
+        else:
+            hold = max((len(s) for s in self.stop_texts), default=1) - 1  # a stop string may be starting
+            end = min(len(text) - hold, len(text.rstrip("\ufffd")), len(text.rstrip()) if self.strip else len(text))
+        piece = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
 
 
 def _messages(messages: object) -> list[dict[str, str]]:
@@ -529,8 +690,6 @@ def _settings(body: dict, served: Served, stop_ids: tuple[int, ...], default_max
     for name, unused in UNSUPPORTED.items():
         if name in body and body[name] not in unused:
             raise RequestError(400, f"field {name!r} is not supported by this server; leave it out", name)
-    if body.get("stream") not in (None, False):
-        raise RequestError(400, "field 'stream': streaming is not supported yet; send stream: false", "stream")
     if body.get("n") not in (None, 1):
         raise RequestError(400, "field 'n': only n=1 is supported (send a list of prompts for several completions)",
                            "n")
