@@ -24,13 +24,13 @@ BASE = "tiny-llama"
 PROMPTS = ["the cat sat on", "one two three", "hello world, this is a longer prompt than the others"]
 
 
-def _adapter(base, folder, seed: int):
+def _adapter(base, folder, seed: int, config=None):
     model = tf.AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)
-    dt.attach(model, dt.LoraConfig(r=4, init="none"))  # init none: B random too, so the delta shows in the output
+    dt.attach(model, config or dt.LoraConfig(r=4, init="none"))  # init none: B random too, so the delta shows in the output
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if p.requires_grad and "lora_A" not in name:  # LoRA's B, the virtual tokens
                 p.mul_(20.0)  # large enough that greedy tokens change
     dt.save(model, folder)
     return folder
@@ -42,7 +42,9 @@ def files(tmp_path_factory):
     base = save_tiny(root, "llama")
     a, b = _adapter(base, root / "a", 1), _adapter(base, root / "b", 2)
     (a / "chat_template.jinja").write_text(template_source("zephyr"))  # a trained with zephyr; the base: chatml
-    return {"base": base, "a": a, "b": b}
+    # prompt tuning changes the whole batch (virtual tokens before every row): its requests run in batches of their own
+    p = _adapter(base, root / "p", 3, dt.PromptTuningConfig(num_virtual_tokens=16, init="sample_vocab"))
+    return {"base": base, "a": a, "b": b, "p": p}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,8 @@ def tokenizer(files):
 @pytest.fixture(scope="module")
 def server(files, tokenizer):
     model = tf.AutoModelForCausalLM.from_pretrained(files["base"])
-    srv = serve.make_server(model, tokenizer, {"a": files["a"], "b": files["b"]}, port=0, base_name=BASE, log=False)
+    adapters = {"a": files["a"], "b": files["b"], "p": files["p"]}
+    srv = serve.make_server(model, tokenizer, adapters, port=0, base_name=BASE, log=False)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -65,7 +68,7 @@ def server(files, tokenizer):
 def reference(files):
     """name -> a model with only that adapter (None: the base), for model.generate directly."""
     models = {}
-    for name in (None, "a", "b"):
+    for name in (None, "a", "b", "p"):
         model = tf.AutoModelForCausalLM.from_pretrained(files["base"]).eval()
         if name is not None:
             dt.load(model, files[name])
@@ -97,7 +100,7 @@ def direct(model, tokenizer, ids: list[int], max_new: int, stops: list[int]) -> 
 
 def test_greedy_completions_equal_generate_with_that_adapter_and_differ_between_adapters(server, reference, tokenizer):
     texts = {}
-    for name, model_name in ((None, BASE), ("a", "a"), ("b", "b")):
+    for name, model_name in ((None, BASE), ("a", "a"), ("b", "b"), ("p", "p")):
         status, body = request(server, "POST", "/v1/completions", {"model": model_name, "prompt": PROMPTS[0],
                                                                    "max_tokens": 8, "temperature": 0})
         assert status == 200, body
@@ -110,21 +113,22 @@ def test_greedy_completions_equal_generate_with_that_adapter_and_differ_between_
                                  "total_tokens": len(ids) + generated}
         assert choice["finish_reason"] == reason
         texts[model_name] = want
-    assert len(set(texts.values())) == 3, texts  # each adapter, and the base, writes its own answer
+    assert len(set(texts.values())) == 4, texts  # each adapter, and the base, writes its own answer
 
 
-def test_a_list_of_prompts_gets_one_choice_each_as_each_alone(server, reference, tokenizer):
-    status, body = request(server, "POST", "/v1/completions", {"model": "b", "prompt": PROMPTS, "max_tokens": 6,
+@pytest.mark.parametrize("name", ["b", "p"])
+def test_a_list_of_prompts_gets_one_choice_each_as_each_alone(server, reference, tokenizer, name):
+    status, body = request(server, "POST", "/v1/completions", {"model": name, "prompt": PROMPTS, "max_tokens": 6,
                                                                "temperature": 0})
     assert status == 200, body
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     for prompt, choice in zip(PROMPTS, body["choices"]):
-        want, *_ = direct(reference["b"], tokenizer, tokenizer(prompt)["input_ids"], 6, [tokenizer.eos_token_id])
+        want, *_ = direct(reference[name], tokenizer, tokenizer(prompt)["input_ids"], 6, [tokenizer.eos_token_id])
         assert choice["text"] == want  # left-padded in one batch, the same tokens as alone
 
 
 def test_concurrent_requests_for_different_adapters_share_one_batch_and_answer_as_alone(server, reference, tokenizer):
-    jobs = [("a", PROMPTS[0]), ("b", PROMPTS[2]), (BASE, PROMPTS[1]), ("a", PROMPTS[1])]
+    jobs = [("a", PROMPTS[0]), ("b", PROMPTS[2]), ("p", PROMPTS[0]), (BASE, PROMPTS[1]), ("a", PROMPTS[1])]
     answers: dict[int, tuple[int, dict]] = {}
     engine = server.served.engine
     before = engine.calls
@@ -141,7 +145,8 @@ def test_concurrent_requests_for_different_adapters_share_one_batch_and_answer_a
         assert server.served.engine.waiting() == len(jobs)
     for t in threads:
         t.join(timeout=60)
-    assert engine.calls == before + 1 and engine.batches[-1] == 4  # one generate call, four rows, three adapters
+    # one generate call for four rows with three adapters (and the base), one for the prompt-tuning request
+    assert engine.calls == before + 2 and list(engine.batches)[-2:] == [4, 1]
     for i, (model_name, prompt) in enumerate(jobs):
         status, body = answers[i]
         assert status == 200, body
@@ -171,13 +176,13 @@ def test_chat_renders_the_adapters_template_and_answers_as_generate(server, refe
 def test_models_and_health(server):
     status, body = request(server, "GET", "/v1/models")
     assert status == 200 and body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == [BASE, "a", "b"]
-    assert [m["parent"] for m in body["data"]] == [None, BASE, BASE]
+    assert [m["id"] for m in body["data"]] == [BASE, "a", "b", "p"]
+    assert [m["parent"] for m in body["data"]] == [None, BASE, BASE, BASE]
     assert request(server, "GET", "/health") == (200, {"status": "ok"})
 
 
 @pytest.mark.parametrize("path,body,status,param,words", [
-    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model", "available: tiny-llama, a, b"),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model", "available: tiny-llama, a, b, p"),
     ("/v1/completions", {"prompt": "x"}, 400, "model", "missing field 'model'"),
     ("/v1/completions", {"model": "a"}, 400, "prompt", "missing field 'prompt'"),
     ("/v1/completions", {"model": "a", "prompt": [1, 2]}, 400, "prompt", "list of strings"),
