@@ -71,7 +71,8 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
-    alone: object = None  # a seeded request, or an adapter that cannot act per row: a batch of its own
+    seed: int | None = None  # sampling from a seed: a batch of its own, so the seed alone decides the samples
+    only: str | None = None  # an adapter that changes the whole batch (prompt tuning, ...): batches of its rows only
 
     def kwargs(self) -> dict[str, Any]:
         if not self.sample:
@@ -239,7 +240,7 @@ class Engine:
             for group in groups:
                 rows = [r for j in group for r in j.rows] + job.rows
                 longest = max(len(r.ids) for r in rows) + max(r.max_new for r in rows)
-                if (group[0].decoding == job.decoding and job.decoding.alone is None and len(rows) <= self.max_batch_rows
+                if (group[0].decoding == job.decoding and job.decoding.seed is None and len(rows) <= self.max_batch_rows
                         and (self.context is None or longest <= self.context)):
                     group.append(job)
                     break
@@ -259,12 +260,11 @@ class Engine:
 
         streamed = any(job.steps is not None for job in group)
         try:
-            per_row = all(self.per_row.get(r.adapter, True) for r in rows)
-            if isinstance(decoding.alone, int) and not isinstance(decoding.alone, bool):
-                torch.manual_seed(decoding.alone)  # a seeded request runs alone, so its seed decides its samples
+            if decoding.seed is not None:
+                torch.manual_seed(decoding.seed)
             self.batches.append(len(rows))
             self.calls += 1
-            outputs = generate_rows(self.model, rows, decoding, self.pad_id, per_row=per_row,
+            outputs = generate_rows(self.model, rows, decoding, self.pad_id, per_row=decoding.only is None,
                                     on_step=on_step if streamed else None)
         except BaseException as err:  # noqa: BLE001 - handed to the requests' threads, which answer 500
             for job in group:
@@ -714,12 +714,9 @@ def _settings(body: dict, served: Served, stop_ids: tuple[int, ...], default_max
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise RequestError(400, "field 'stop' must be a non-empty string or a list of up to 4 of them", "stop")
     sample = temperature > 0
-    alone: object = None
-    if sample and seed is not None:
-        alone = seed  # the seed reproduces the answer only if the batch holds this request alone
-    elif not served.engine.per_row.get(adapter, True):
-        alone = object()  # an adapter that changes the whole batch: a batch of its own (compared by identity)
-    decoding = Decoding(sample, temperature if sample else 1.0, top_p if sample else 1.0, stop_ids, alone)
+    only = None if served.engine.per_row.get(adapter, True) else adapter
+    decoding = Decoding(sample, temperature if sample else 1.0, top_p if sample else 1.0, stop_ids,
+                        seed if sample else None, only)
     return max_new, decoding, stops
 
 
