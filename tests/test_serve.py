@@ -316,3 +316,16 @@ def test_a_streamed_chat_starts_with_the_role_and_adds_up_to_the_whole_answer(se
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert "".join(d.get("content", "") for d in deltas) == whole["message"]["content"]
     assert chunks[-2]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+def test_the_context_bounds_max_tokens(server, tokenizer):
+    words = "the cat sat on the mat. "
+    long = words * 80
+    assert len(tokenizer(long)["input_ids"]) > 256
+    status, body = request(server, "POST", "/v1/completions", {"model": "a", "prompt": long, "max_tokens": 4})
+    assert status == 400 and "context of 256 tokens" in body["error"]["message"]
+    assert body["error"]["param"] == "max_tokens"
+    near = next(words * k for k in range(80, 0, -1) if len(tokenizer(words * k)["input_ids"]) <= 252)
+    left = 256 - len(tokenizer(near)["input_ids"])
+    status, body = request(server, "POST", "/v1/completions", {"model": "a", "prompt": near, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] <= left  # the default 16 cut to what is left

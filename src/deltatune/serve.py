@@ -564,7 +564,8 @@ def prepare(served: Served, body: dict, chat: bool) -> Prepared:
     if options is not None and not (isinstance(options, dict) and options.get("include_usage") in (None, True, False)):
         raise RequestError(400, "field 'stream_options' must be an object like {\"include_usage\": true}",
                            "stream_options")
-    rows = [_row(served, ids, adapter, max_new) for ids in prompt_ids]
+    asked = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+    rows = [_row(served, ids, adapter, max_new, asked) for ids in prompt_ids]
     return Prepared(chat, body["model"], rows, decoding, stop_texts, bool(stream),
                     bool(options and options.get("include_usage")))
 
@@ -720,10 +721,12 @@ def _settings(body: dict, served: Served, stop_ids: tuple[int, ...], default_max
     return max_new, decoding, stops
 
 
-def _row(served: Served, ids: list[int], adapter: str, max_new: int) -> Row:
+def _row(served: Served, ids: list[int], adapter: str, max_new: int, asked: bool) -> Row:
     if not ids:
         raise RequestError(400, "the prompt is empty after tokenisation; send some text", "prompt")
     context = served.engine.context
+    if context is not None and not asked and len(ids) < context:
+        max_new = min(max_new, context - len(ids))  # the default fills what the context leaves, no more
     if context is not None and len(ids) + max_new > context:
         raise RequestError(400, f"the prompt is {len(ids)} tokens and max_tokens {max_new}: more than the model's "
                            f"context of {context} tokens; shorten the prompt or lower max_tokens", "max_tokens")
