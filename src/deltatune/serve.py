@@ -287,12 +287,10 @@ class Served:
     tokenizer: Any
     engine: Engine
     adapters: list[str]
-    templates: dict[str, str | None]  # name -> the chat template to render with (None: the tokenizer's own)
+    renderers: dict[str, Any]  # BASE or an adapter's name -> the pipeline's Renderer, with its chat template
     max_new_tokens_limit: int
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    _renderers: dict[str, Any] = field(default_factory=dict)
-    _render_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def adapter_of(self, name: object) -> str:
         """The adapter a request's `model` names (BASE for the base model)."""
@@ -310,17 +308,6 @@ class Served:
 
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
-
-    def renderer(self, adapter: str) -> Any:
-        from .pipeline.config import DataSection
-        from .pipeline.render import Renderer
-
-        with self._render_lock:  # built once per name, on first use (reading the end-of-turn text renders a probe)
-            if adapter not in self._renderers:
-                renderer = Renderer(self.tokenizer, DataSection(chat_template=self.templates.get(adapter)))
-                renderer.stop_ids()
-                self._renderers[adapter] = renderer
-            return self._renderers[adapter]
 
 
 def load_adapters(model: Any, adapters: Mapping[str, str | Path]) -> dict[str, bool]:
@@ -354,7 +341,8 @@ def make_server(model: Any, tokenizer: Any, adapters: Mapping[str, str | Path] |
     Not yet serving: call serve_forever() (in a thread for tests; port=0 takes a free port, see
     server.server_address), and server_close() to stop it and its engine. Chat requests render with the
     adapter's saved chat template, else `template`, else the tokenizer's own (else chatml)."""
-    from .pipeline.render import saved_template
+    from .pipeline.config import DataSection
+    from .pipeline.render import Renderer, saved_template
 
     if getattr(model.config, "is_encoder_decoder", False) or not callable(getattr(model, "generate", None)):
         raise DeltaError(f"serve runs causal language models; {type(model).__name__} is not one")
@@ -370,18 +358,20 @@ def make_server(model: Any, tokenizer: Any, adapters: Mapping[str, str | Path] |
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise DeltaError("the tokenizer has neither a pad nor an eos token to pad a batch with")
-    templates: dict[str, str | None] = {BASE: template}
-    for name, folder in adapters.items():
-        templates[name] = saved_template(folder) or template  # the template the adapter was trained with
+    templates = {BASE: template, **{name: saved_template(folder) or template for name, folder in adapters.items()}}
+    renderers = {}
+    for name, chosen in templates.items():  # built now, so a template that cannot render stops the start, not a chat
+        renderers[name] = Renderer(tokenizer, DataSection(chat_template=chosen))
+        renderers[name].stop_ids()  # reads the end-of-turn text once, from a probe conversation
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     engine = Engine(model, pad_id, per_row, max_batch_rows=max_batch_rows, context=context)
-    served = Served(base_name, tokenizer, engine, list(adapters), templates, max_new_tokens_limit, api_key)
+    served = Served(base_name, tokenizer, engine, list(adapters), renderers, max_new_tokens_limit, api_key)
     try:
         server = Server((host, port), Handler)
     except BaseException:
         engine.stop()
         raise
-    server.served, server.context, server.log = served, context, log
+    server.served, server.log = served, log
     return server
 
 
@@ -397,7 +387,6 @@ def is_loopback(host: str) -> bool:
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a client that never finishes its request does not hold the process at exit
     served: Served
-    context: int | None
     log: bool
 
     def server_close(self) -> None:
@@ -539,7 +528,7 @@ def prepare(served: Served, body: dict, chat: bool) -> Prepared:
     tokenizer = served.tokenizer
     if chat:
         messages = _messages(body.get("messages"))
-        renderer = served.renderer(adapter)
+        renderer = served.renderers[adapter]
         try:
             prompt_ids = [renderer.prompt_ids(messages)]
         except DeltaError as err:  # the template refuses the conversation (roles out of order, ...)
