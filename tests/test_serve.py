@@ -329,3 +329,17 @@ def test_the_context_bounds_max_tokens(server, tokenizer):
     left = 256 - len(tokenizer(near)["input_ids"])
     status, body = request(server, "POST", "/v1/completions", {"model": "a", "prompt": near, "temperature": 0})
     assert status == 200 and body["usage"]["completion_tokens"] <= left  # the default 16 cut to what is left
+
+
+def test_one_connection_carries_requests_after_refused_ones(server):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    answers = []
+    for path, body in [("/v1/nowhere", {"model": "a", "prompt": "x"}), ("/v1/completions", {"model": "zz"}),
+                       ("/v1/completions", {"model": "a", "prompt": "hi", "max_tokens": 2})]:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+    conn.close()
+    assert [status for status, _ in answers] == [404, 404, 200]
+    assert answers[2][1]["object"] == "text_completion"

@@ -421,13 +421,14 @@ class Handler(BaseHTTPRequestHandler):
         raise RequestError(404, f"no such endpoint: GET {path}; try /v1/models or /health", kind="not_found_error")
 
     def _post(self) -> tuple[int, dict | Iterator[dict]]:
+        raw = self._read()  # first, whatever the answer: a body left unread would be read as the next request
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in ("/v1/completions", "/v1/chat/completions"):
             raise RequestError(404, f"no such endpoint: POST {path}; try /v1/completions or /v1/chat/completions",
                                kind="not_found_error")
         self._check_key()
         served = self.server.served
-        request = prepare(served, self._body(), chat=path == "/v1/chat/completions")
+        request = prepare(served, _json_object(raw), chat=path == "/v1/chat/completions")
         return 200, (events(served, request) if request.stream else answer(served, request))
 
     def _check_key(self) -> None:
@@ -439,7 +440,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                                kind="authentication_error", code="invalid_api_key")
 
-    def _body(self) -> dict:
+    def _read(self) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None or not length.strip().isdigit():
             self.close_connection = True  # where a body would end is unknown: the connection cannot carry another
@@ -451,14 +452,7 @@ class Handler(BaseHTTPRequestHandler):
                 for start in range(0, size, 1 << 16):
                     self.rfile.read(min(1 << 16, size - start))
             raise RequestError(413, f"the request body is {size} bytes; at most {MAX_BODY_BYTES} are accepted")
-        raw = self.rfile.read(size)
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RequestError(400, f"the body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
-        return body
+        return self.rfile.read(size)
 
     def _answer(self, handle: Any) -> None:
         try:
@@ -650,6 +644,16 @@ class _Incremental:
         piece = text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return piece
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestError(400, f"the body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 def _messages(messages: object) -> list[dict[str, str]]:
