@@ -188,6 +188,8 @@ def test_models_and_health(server):
     ("/v1/completions", {"model": "a"}, 400, "prompt", "missing field 'prompt'"),
     ("/v1/completions", {"model": "a", "prompt": [1, 2]}, 400, "prompt", "list of strings"),
     ("/v1/completions", {"model": "a", "prompt": "x", "max_tokens": 100000}, 400, "max_tokens", "from 1 to 512"),
+    ("/v1/completions", {"model": "a", "prompt": ["x"] * 17}, 400, "prompt", "at most 16 in one request"),
+    ("/v1/completions", {"model": "a", "prompt": ""}, 400, "prompt", "empty after tokenisation"),
     ("/v1/completions", {"model": "a", "prompt": "x", "max_tokens": "8"}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"model": "a", "prompt": "x", "n": 2}, 400, "n", "only n=1"),
     ("/v1/completions", {"model": "a", "prompt": "x", "temperature": -1}, 400, "temperature", "from 0 to 2"),

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an adapter folder served under NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-new-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=int, default=16, help="at most this many rows in one generate call")
+    p.add_argument("--max-new-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask for (default 512)")
+    p.add_argument("--max-batch", type=int, default=16, help="at most this many rows in one generate call, and prompts in one request (default 16)")
     p.add_argument("--template", default=None, help="chat template for the base and for adapters saved without one "
                    "(an adapter's saved template wins; default: the tokenizer's own, else chatml)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also DELTATUNE_API_KEY)")

@@ -348,8 +348,9 @@ def make_server(model: Any, tokenizer: Any, adapters: Mapping[str, str | Path] |
         raise DeltaError(f"serve runs causal language models; {type(model).__name__} is not one")
     if tokenizer is None:
         raise DeltaError("serve needs the model's tokenizer")
-    if max_new_tokens_limit < 1:
-        raise DeltaError(f"the max_tokens limit must be at least 1, got {max_new_tokens_limit}")
+    if max_new_tokens_limit < 1 or max_batch_rows < 1:
+        raise DeltaError(f"the max_tokens limit ({max_new_tokens_limit}) and the rows in a batch ({max_batch_rows}) "
+                         "must be at least 1")
     adapters = dict(adapters or {})
     if base_name in adapters:
         raise DeltaError(f"an adapter is named {base_name!r}, the base model's name; requests could not tell them apart")
@@ -536,6 +537,9 @@ def prepare(served: Served, body: dict, chat: bool) -> Prepared:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError(400, "field 'prompt' must be a string or a non-empty list of strings "
                                "(token-id prompts are not supported)", "prompt")
+        if len(prompts) > served.engine.max_batch_rows:
+            raise RequestError(400, f"field 'prompt' holds {len(prompts)} prompts; this server takes at most "
+                               f"{served.engine.max_batch_rows} in one request (serve --max-batch)", "prompt")
         prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
         stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     # OpenAI's default max_tokens: 16 for a completion, up to the context for a chat (here: the server's limit)
