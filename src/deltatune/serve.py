@@ -289,6 +289,7 @@ class Served:
     adapters: list[str]
     renderers: dict[str, Any]  # BASE or an adapter's name -> the pipeline's Renderer, with its chat template
     max_new_tokens_limit: int
+    completion_stops: tuple[int, ...]  # the tokenizer's eos and the model's generation config's, as generate stops
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -366,7 +367,10 @@ def make_server(model: Any, tokenizer: Any, adapters: Mapping[str, str | Path] |
         renderers[name].stop_ids()  # reads the end-of-turn text once, from a probe conversation
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     engine = Engine(model, pad_id, per_row, max_batch_rows=max_batch_rows, context=context)
-    served = Served(base_name, tokenizer, engine, list(adapters), renderers, max_new_tokens_limit, api_key)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    stops = tuple(dict.fromkeys(t for t in [tokenizer.eos_token_id, *configured] if t is not None))
+    served = Served(base_name, tokenizer, engine, list(adapters), renderers, max_new_tokens_limit, stops, api_key)
     try:
         server = Server((host, port), Handler)
     except BaseException:
@@ -541,7 +545,7 @@ def prepare(served: Served, body: dict, chat: bool) -> Prepared:
             raise RequestError(400, f"field 'prompt' holds {len(prompts)} prompts; this server takes at most "
                                f"{served.engine.max_batch_rows} in one request (serve --max-batch)", "prompt")
         prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-        stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+        stops = served.completion_stops
     # OpenAI's default max_tokens: 16 for a completion, up to the context for a chat (here: the server's limit)
     max_new, decoding, stop_texts = _settings(body, served, stops, default_max=None if chat else 16, adapter=adapter)
     stream = body.get("stream")
