@@ -230,7 +230,13 @@ class Engine:
             with self.lock:
                 with self._changed:
                     jobs, self._waiting = self._waiting, []
-                for group in self._groups(jobs):
+                try:
+                    groups = self._groups(jobs)
+                except BaseException as err:  # noqa: BLE001 - the worker must live on, or every request would hang
+                    for job in jobs:
+                        job.finish(None, err)
+                    continue
+                for group in groups:
                     self._run(group)
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
