@@ -7,6 +7,7 @@
     deltatune export --adapter DIR --out model.gguf [--type q8_0]   one GGUF file for llama.cpp / Ollama, drift-checked
     deltatune export --adapter DIR --out DIR --format vllm        a LoRA folder vLLM serves as it is
     deltatune generate --model M [--adapter DIR] (--prompt TEXT | --file FILE | --chat)
+    deltatune serve --model M [--adapter NAME=DIR ...] [--port 8000]   an OpenAI-style HTTP server, one adapter per request
     deltatune data CONFIG.yaml                               rendered examples, trained tokens marked
     deltatune info MODEL                                     architecture, targets, counts per method
     deltatune plan --model M --method lora --batch 8 --seq 1024 [--memory 24GB]   peak training memory, from the config
@@ -86,6 +87,21 @@ def main(argv: list[str] | None = None) -> int:
                    "a Jinja string or a file")
     p.add_argument("--system", default=None, help="--chat: a system prompt")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = commands.add_parser("serve", help="an OpenAI-style HTTP server for a base model and several adapters",
+                            description="Serves /v1/completions, /v1/chat/completions, /v1/models and /health; a "
+                            "request's `model` names an adapter (or the base), and requests for different adapters "
+                            "share a batch. Binds 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--model", required=True, help="base model id or folder (a causal LM); requests name it as given")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter folder served under NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-new-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask for (default 512)")
+    p.add_argument("--max-batch", type=int, default=16, help="at most this many rows in one generate call, and prompts in one request (default 16)")
+    p.add_argument("--template", default=None, help="chat template for the base and for adapters saved without one "
+                   "(an adapter's saved template wins; default: the tokenizer's own, else chatml)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also DELTATUNE_API_KEY)")
     p.add_argument("--trust-remote-code", action="store_true")
     p = commands.add_parser("info", help="what deltatune can do with a model: architecture, targets, counts per method")
     p.add_argument("model")
@@ -546,6 +562,44 @@ def _can_generate(model: Any) -> bool:
     return bool(check()) if callable(check) else True
 
 
+def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    import torch
+
+    from . import io as dt_io
+    from . import serve
+
+    adapters: dict[str, str] = {}
+    for item in args.adapter:
+        name, eq, folder = (part.strip() for part in item.partition("="))
+        if not eq or not name or not folder:
+            raise DeltaError(f"--adapter {item!r}: write NAME=DIR, e.g. --adapter sql=out/sql/adapter")
+        if name in adapters:
+            raise DeltaError(f"--adapter {name}= is given twice ({adapters[name]} and {folder}); give each its own name")
+        task = dt_io.read_adapter(folder, verify=False)[0].task_type  # checked before the model loads
+        if task not in (None, "CAUSAL_LM"):
+            raise DeltaError(f"the adapter at {folder} was trained for task {task}; serve runs causal LM adapters")
+        adapters[name] = folder
+    if not serve.is_loopback(args.host):
+        print(f"deltatune serve: warning: binding {args.host} makes the server reachable from the network, and it has "
+              f"{'only the --api-key' if args.api_key else 'no'} authentication", file=sys.stderr)
+    model, tokenizer = _load_for_adapter(args.model, "CAUSAL_LM", args.trust_remote_code)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    server = serve.make_server(model, tokenizer, adapters, args.host, args.port, base_name=args.model,
+                               template=args.template, max_new_tokens_limit=args.max_new_tokens_limit,
+                               api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY") or None,
+                               max_batch_rows=args.max_batch)
+    host, port = server.server_address[:2]
+    print(f"serving {', '.join(server.served.names())} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:
     from .info import describe
 
@@ -670,7 +724,7 @@ def cmd_tiny(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "data": cmd_data, "merge": cmd_merge,
-            "export": cmd_export, "generate": cmd_generate,
+            "export": cmd_export, "generate": cmd_generate, "serve": cmd_serve,
             "info": cmd_info, "plan": cmd_plan, "demo": cmd_demo, "tiny": cmd_tiny}
 
 
