@@ -295,3 +295,11 @@ def test_command_writes_a_lora_file(tmp_path, tokenizer, capsys):
     assert gguf.GGUFReader(out).fields["general.type"].contents() == "adapter"
     assert main(["export", "--model", str(base), "--out", str(tmp_path / "b.gguf"), "--format", "gguf-lora"]) == 2
     assert "--adapter" in capsys.readouterr().err
+
+
+def test_a_bf16_model_is_merged_and_checked_at_its_own_dtype(tmp_path, tokenizer):
+    model = lora_model("llama", tokenizer).to(torch.bfloat16)
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    # the file's model runs in bf16 as the model does: the drift is bf16's rounding, not a wrong weight
+    assert report.drift.max_abs_logit < 0.1 and report.drift.top1_agreement >= 0.9
+    assert next(model.parameters()).dtype == torch.bfloat16 and get_state(model).deltas

@@ -280,7 +280,8 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike,
                          "beside the base model")
     arch = check_exportable(model.config)
     path = Path(path)
-    merged = merged_model(model, dtype=torch.float32)
+    # merged at the model's own dtype (each tensor goes to fp32 only as it is written), or fp32 for an f32 file
+    merged = merged_model(model, dtype=torch.float32 if kind == "f32" else None)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     writer = gguf.GGUFWriter(tmp, arch.name)
     try:
@@ -310,29 +311,31 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike,
     return GgufReport(path, arch.name, kind, count, path.stat().st_size, drift)
 
 
-def read_gguf_weights(path: str | os.PathLike, config: Any) -> dict[str, torch.Tensor]:
-    """The transformers state dict a GGUF file written for `config` holds: names mapped back, q/k rows un-permuted,
-    every tensor dequantised to fp32. The inverse of `gguf_tensors`, used by the drift check."""
+def iter_gguf_weights(path: str | os.PathLike, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers weight name, fp32 tensor) for each tensor of a GGUF file written for `config`: names mapped
+    back, q/k rows un-permuted, dequantised. The inverse of `gguf_tensors`, one tensor at a time (the drift check
+    copies each into place, so a whole fp32 copy of the file is never held)."""
     gguf = _gguf()
     arch = check_exportable(config)
     names = gguf.get_tensor_name_map(_arch_enum(gguf, arch.name), config.num_hidden_layers)
-    back: dict[str, str] = {}
-    for key in _state_keys(config):
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is not None:
-            back[name] = key
-    reader = gguf.GGUFReader(path)
-    state: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    back = {name: key for key in _state_keys(config)
+            if (name := names.get_name(key, try_suffixes=(".weight", ".bias"))) is not None}
+    for t in gguf.GGUFReader(path).tensors:
         if t.name == "rope_freqs.weight":
             continue
+        if t.name not in back:
+            raise DeltaError(f"{path}: tensor {t.name!r} belongs to no weight of this model's architecture")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml lists the fastest dimension first
         values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32").copy()).reshape(shape)
         if arch.pairs_rope and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
             values = values[torch.argsort(_pairs_permutation(values.shape[0], heads))]
-        state[back[t.name]] = values
-    return state
+        yield back[t.name], values
+
+
+def read_gguf_weights(path: str | os.PathLike, config: Any) -> dict[str, torch.Tensor]:
+    """The transformers state dict (fp32) a GGUF file written for `config` holds."""
+    return dict(iter_gguf_weights(path, config))
 
 
 def _state_keys(config: Any) -> list[str]:
@@ -346,20 +349,24 @@ def _state_keys(config: Any) -> list[str]:
 
 @torch.no_grad()
 def measure_drift(model: torch.nn.Module, path: str | os.PathLike, ids: torch.Tensor | None = None) -> Drift:
-    """Logits of the model the GGUF file holds against `model`'s own (base + delta, unmerged), on `ids`."""
+    """Logits of the model the GGUF file holds against `model`'s own (base + delta, unmerged), on `ids`. The file's
+    model is built at `model`'s dtype (what it runs in), so the check holds one more copy of the model at most."""
     import transformers as tf
 
+    from ..pipeline.export import _loaded_dtype
+
     config = copy.deepcopy(model.config)
-    state = read_gguf_weights(path, config)
-    if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    rebuilt = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise DeltaError(f"{path}: the GGUF file does not hold this model's weights (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+    rebuilt = tf.AutoModelForCausalLM.from_config(config, dtype=_loaded_dtype(model))
+    params = {**dict(rebuilt.named_parameters(remove_duplicate=False)), **dict(rebuilt.named_buffers())}
+    filled = set()
+    for key, values in iter_gguf_weights(path, config):
+        params[key].copy_(values.to(params[key].dtype))
+        filled.add(id(params[key]))
+    missing = [k for k, p in rebuilt.named_parameters() if id(p) not in filled]
+    if missing:
+        raise DeltaError(f"{path}: the GGUF file does not hold all of this model's weights (missing {missing[:3]})")
     return compare_logits(model, rebuilt.eval(), ids)
+
 
 def _lora_layers(model: torch.nn.Module) -> list[tuple[str, Any, str]]:
     """(module name, LoRA layer, delta name) for every active LoRA delta's layer; a clear error for what a llama.cpp
@@ -490,8 +497,8 @@ def measure_lora_drift(model: torch.nn.Module, path: str | os.PathLike, ids: tor
     from ..pipeline.export import merged_model
 
     with disabled(model):
-        rebuilt = merged_model(model, dtype=torch.float32)
+        rebuilt = merged_model(model)  # a plain copy of the base, at the model's dtype
     weights = dict(rebuilt.named_parameters())
     for key, update in read_gguf_lora(path, model.config).items():
-        weights[key].add_(update.to(weights[key].device))
+        weights[key].add_(update.to(weights[key]))
     return compare_logits(model, rebuilt.eval(), ids)
