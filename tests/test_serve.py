@@ -345,3 +345,21 @@ def test_one_connection_carries_requests_after_refused_ones(server):
     conn.close()
     assert [status for status, _ in answers] == [404, 404, 200]
     assert answers[2][1]["object"] == "text_completion"
+
+
+def test_a_port_in_use_or_out_of_range_is_one_clear_error(files, tokenizer):
+    import socket
+
+    from deltatune.config import DeltaError
+
+    model = tf.AutoModelForCausalLM.from_pretrained(files["base"])
+    with pytest.raises(DeltaError, match="not a port"):
+        serve.make_server(model, tokenizer, port=70000, base_name=BASE, log=False)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(DeltaError, match="cannot listen on 127.0.0.1:.*choose another --port"):
+            serve.make_server(model, tokenizer, port=taken.getsockname()[1], base_name=BASE, log=False)
+    finally:
+        taken.close()

@@ -377,8 +377,14 @@ def make_server(model: Any, tokenizer: Any, adapters: Mapping[str, str | Path] |
     configured = [configured] if isinstance(configured, int) else list(configured or [])
     stops = tuple(dict.fromkeys(t for t in [tokenizer.eos_token_id, *configured] if t is not None))
     served = Served(base_name, tokenizer, engine, list(adapters), renderers, max_new_tokens_limit, stops, api_key)
+    if not 0 <= port <= 65535:
+        engine.stop()
+        raise DeltaError(f"--port {port} is not a port: use 1-65535 (0 picks a free one)")
     try:
         server = Server((host, port), Handler)
+    except OSError as err:  # in use, not ours to take (below 1024), or a host this machine does not have
+        engine.stop()
+        raise DeltaError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or --host") from None
     except BaseException:
         engine.stop()
         raise
@@ -402,7 +408,9 @@ class Server(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.served.engine.stop()
+        served = getattr(self, "served", None)  # None when binding failed inside the constructor
+        if served is not None:
+            served.engine.stop()
 
 
 # ---------------------------------------------------------------- requests
