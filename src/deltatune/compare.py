@@ -450,6 +450,10 @@ def measure_forgetting(row: MethodRow, out: Path, options: Options, echo: Callab
     if found is None:
         log_file = out / LOGS / f"{_stem(row.name)}.forgetting.log"
         echo(f"{tag}: measuring forgetting on {options.reference_data} (log: {log_file})")
+        # A child of its own, not the training child: the training child stays a plain `deltatune train` whose peak
+        # memory is training's alone (the base loaded again for full/freeze/bitfit would add to it); a run kept
+        # from before --reference-data was given is measured without training it again; and a crash or OOM here
+        # costs only the forgetting numbers, never the trained run.
         argv = ["-m", "deltatune.forgetting", str(run_dir), options.reference_data]
         code, _, _ = child(argv + (["--format", options.reference_format] if options.reference_format else []), log_file)
         found = forgetting.is_current(run_dir, options.reference_data, options.reference_format) if code == 0 else None
