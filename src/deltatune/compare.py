@@ -674,7 +674,7 @@ def _plot(comparison: Comparison) -> bool:
 def _plot_sweep(comparison: Comparison) -> bool:
     """Eval loss (else final train loss) against lr, one line per method, its best lr marked."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401 - the demo extra's
     except ImportError:  # _plot has said so in a note
         return False
 

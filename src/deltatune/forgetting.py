@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeltaError as err:
         print(f"deltatune forgetting: error: {err}", file=sys.stderr)
         return 2
-    print(f"forgetting of {args.run_dir} on {args.reference}: loss {record['base_loss']:.4f} -> {record['tuned_loss']:.4f} "
-          f"({record['loss_increase']:+.4f}), KL(base || tuned) {record['kl']:.6f} per token over {record['tokens']} tokens")
+    print(f"forgetting of {args.run_dir} on {args.reference}: loss {record['base_loss']:.4f} -> "
+          f"{record['tuned_loss']:.4f} ({record['loss_increase']:+.4f}), KL(base||tuned) {record['kl']:.6f} per token "
+          f"over {record['tokens']} tokens")
     return 0
 
 
