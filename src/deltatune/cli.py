@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", help="YAML run config (a method's own section applies to that method)")
     p.add_argument("--methods", nargs="+", default=[], help="the methods to train, e.g. --methods lora ia3 bitfit")
     p.add_argument("--out", required=True, help="the comparison's folder (new, empty, or this comparison's)")
+    # read by cmd_compare from the flags main() passes on (main's own-option list is not compare's block)
+    p.add_argument("--reference-data", metavar="FILE", help="also measure forgetting on this data (compare.reference_data): "
+                   "each run's loss increase and KL(base || tuned) there")
+    p.add_argument("--sweep", metavar="lr[=A,B,...]", help="train each method once per lr (compare.sweep): "
+                   "--sweep lr=1e-4,3e-4,1e-3, or --sweep lr for a grid around each method's usual lr")
     p = commands.add_parser("eval", help="evaluate a base model, or a base plus an adapter, on the config's eval data")
     p.add_argument("config", nargs="?")
     p.add_argument("--adapter", help="adapter folder (deltatune's or peft's); omit to evaluate the base alone")
@@ -237,7 +242,23 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
 
     argv = [a for a in sys.argv[1:] if a != "--debug"] if sys.argv[1:2] == ["compare"] else None
     command = shlex.join(["deltatune", *argv]) if argv else None
-    comparison = compare(args.config, args.methods, args.out, rest, command=command)
+    # main() hands compare's --reference-data and --sweep on with the config flags: taken out here
+    own: dict[str, str | None] = {"--reference-data": None, "--sweep": None}
+    flags, i = [], 0
+    while i < len(rest):
+        key, eq, value = rest[i].partition("=")
+        if key in own:
+            if not eq:
+                if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                    raise DeltaError(f"{key} needs a value: " + ("a data file" if key == "--reference-data" else
+                                                                 "lr, or lr=1e-4,3e-4,1e-3"))
+                value, i = rest[i + 1], i + 1
+            own[key] = value
+        else:
+            flags.append(rest[i])
+        i += 1
+    comparison = compare(args.config, args.methods, args.out, flags, command=command,
+                         reference_data=own["--reference-data"], sweep=own["--sweep"])
     print_table(comparison)
     return 1 if comparison.failed else 0
 
