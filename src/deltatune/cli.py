@@ -1,7 +1,7 @@
 """The `deltatune` command.
 
     deltatune train CONFIG.yaml [--section.key value ...]   fine-tune; every YAML key is also a flag
-    deltatune compare CONFIG.yaml --methods lora ia3 bitfit --out DIR [--section.key value ...]   the methods side by side
+    deltatune compare CONFIG.yaml --methods lora ia3 bitfit --out DIR [--reference-data FILE] [--sweep lr] [--section.key value ...]   the methods side by side
     deltatune eval CONFIG.yaml [--adapter DIR]               the same metrics for a base, or a base + adapter
     deltatune merge --model M --adapter DIR --out DIR        a merged model any transformers install loads
     deltatune export --adapter DIR --out model.gguf [--type q8_0]   one GGUF file for llama.cpp / Ollama, drift-checked
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     rest: list[str] = []
     if argv and argv[0] in RUN_COMMANDS:
         # CONFIG, the command's own options, then any number of --section.key value flags
-        own = {"eval": {"--adapter"}, "data": {"--examples"}, "compare": {"--methods", "--out"}}.get(argv[0], set())
+        own = {"eval": {"--adapter"}, "data": {"--examples"}, "compare": {"--methods", "--out", "--reference-data", "--sweep"}}.get(argv[0], set())
         head, i = [argv[0]], 1
         if i < len(argv) and not argv[i].startswith("-"):
             head.append(argv[i])
@@ -242,23 +242,8 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
 
     argv = [a for a in sys.argv[1:] if a != "--debug"] if sys.argv[1:2] == ["compare"] else None
     command = shlex.join(["deltatune", *argv]) if argv else None
-    # main() hands compare's --reference-data and --sweep on with the config flags: taken out here
-    own: dict[str, str | None] = {"--reference-data": None, "--sweep": None}
-    flags, i = [], 0
-    while i < len(rest):
-        key, eq, value = rest[i].partition("=")
-        if key in own:
-            if not eq:
-                if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
-                    raise DeltaError(f"{key} needs a value: " + ("a data file" if key == "--reference-data" else
-                                                                 "lr, or lr=1e-4,3e-4,1e-3"))
-                value, i = rest[i + 1], i + 1
-            own[key] = value
-        else:
-            flags.append(rest[i])
-        i += 1
-    comparison = compare(args.config, args.methods, args.out, flags, command=command,
-                         reference_data=own["--reference-data"], sweep=own["--sweep"])
+    comparison = compare(args.config, args.methods, args.out, rest, command=command,
+                         reference_data=args.reference_data, sweep=args.sweep)
     print_table(comparison)
     return 1 if comparison.failed else 0
 
