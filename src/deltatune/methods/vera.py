@@ -57,7 +57,6 @@ class VeraConfig(DeltaConfig):
 
     r: int = check(256, gt=0)
     target_modules: list[str] | str | None = check(None, regex=True)
-    exclude_modules: list[str] | str | None = check(None, regex=True)
     projection_prng_key: int = 0
     save_projection: bool = True
     dropout: float = check(0.0, ge=0, lt=1)
@@ -180,7 +179,7 @@ class VeraLayer(DeltaLayer):
 
 def attach(model: nn.Module, config: VeraConfig, name: str) -> VeraConfig:
     targets = config.target_modules if config.target_modules is not None else default_targets("vera", model)
-    names = select_targets(model, targets, supported=supports, method="vera", exclude_modules=config.exclude_modules,
+    names = select_targets(model, targets, supported=supports, method="vera",
                            layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern)
     shapes = [out_in(model.get_submodule(n)) for n in names]
     out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
