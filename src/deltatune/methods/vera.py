@@ -116,8 +116,8 @@ class VeraLayer(DeltaLayer):
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
         self.dropout: dict[str, float] = {}
-        # adapter -> its Projection at the model root; a plain reference, not a submodule
-        object.__setattr__(self, "projection", {})
+        # adapter -> its Projection at the model root; a plain dict, so not a submodule here
+        self.projection: dict[str, Projection] = {}
 
     def add(self, name: str, config: VeraConfig, module_name: str, projection: Projection) -> None:
         out_f, in_f = out_in(self.base_layer)
@@ -216,8 +216,9 @@ def from_file(model: nn.Module, name: str, config: VeraConfig, tensors: dict[str
     projection = _projection(model, name)
     for key, buffer in ((FILE_A, projection.vera_A), (FILE_B, projection.vera_B)):
         if tuple(tensors[key].shape) != tuple(buffer.shape):
-            raise DeltaError(f"VeRA's {key} has shape {list(tensors[key].shape)} in the file but this model's targets "
-                             f"need {list(buffer.shape)}; was it saved for another model or other target_modules?")
+            raise DeltaError(f"the VeRA adapter does not fit {type(model).__name__}: key {key} has shape "
+                             f"{list(tensors[key].shape)} in the file but {list(buffer.shape)} in the model (the shared "
+                             "projection, sized for the largest target); was it saved for another model?")
     with torch.no_grad():
         projection.vera_A.copy_(tensors[FILE_A])
         projection.vera_B.copy_(tensors[FILE_B])
