@@ -114,25 +114,13 @@ class Comparison:
 
 def read_config(config: str | os.PathLike | dict[str, Any] | None, overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """The run config as plain data, the flags applied (as `deltatune train` applies them)."""
-    from .pipeline.config import ConfigError, _set_path, parse_flags, read_utf8, read_yaml
+    from .pipeline.config import ConfigError, parse_flags, read_config_file, set_path
 
     source = "<flags>" if config is None else "<dict>" if isinstance(config, dict) else str(config)
     if isinstance(config, dict):
         data = json.loads(json.dumps(config))  # a copy the flags may change
-    elif config is None:
-        data = {}
     else:
-        file = Path(config)
-        if not file.is_file():
-            raise ConfigError(f"no config file at {file}")
-        import yaml
-
-        try:
-            data = read_yaml(read_utf8(file, ConfigError)) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file} must hold a mapping of sections (model, data, method, train, ...)")
+        data = {} if config is None else read_config_file(config)
     pairs = overrides.items() if isinstance(overrides, dict) else parse_flags(list(overrides or []))
     for key, value in pairs:
         if key in OWNED:
@@ -140,7 +128,7 @@ def read_config(config: str | os.PathLike | dict[str, Any] | None, overrides: li
                    "output.overwrite": "it would clear finished runs; compare into a new --out instead",
                    "train.resume": "compare resumes interrupted runs itself"}[key]
             raise ConfigError(f"--{key} cannot be given to compare: {why}; drop the flag")
-        _set_path(data, key, value, source)
+        set_path(data, key, value, source)
     return data
 
 
@@ -283,7 +271,7 @@ def run_state(run_dir: Path, config: Any) -> str:
     mine = json.loads(json.dumps(rundir.flat(config), default=str))
     if record["identity"] == rundir.identity(mine):
         return "finished" if (run_dir / "summary.json").is_file() else "unfinished"
-    if rundir._never_trained(run_dir):
+    if rundir.never_trained(run_dir):
         # a start of this comparison that failed before its first step (a setting since fixed): nothing to keep
         (run_dir / rundir.RUN_FILE).unlink()
         return "new"

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -43,7 +44,7 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -255,43 +256,15 @@ def _tokenizer(writer: Any, tokenizer: Any, arch: GgufArch, vocab_size: int) -> 
             special.add_to_gguf(writer, quiet=True)
 
 
-@contextlib.contextmanager
-def _quiet_gguf_log() -> Iterator[None]:
-    log = logging.getLogger("gguf")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, kind: str = "f16",
-                name: str | None = None, check: bool = True) -> GgufReport:
-    """Write `model` (base + its active deltas, merged) as one GGUF file at `path`, atomically; the model is left
-    as it was. With `check`, read the file back and measure its drift from the unmerged model (see the docstring)."""
-    from ..pipeline.export import merged_model
-
+def _write_file(path: Path, arch_name: str, fill: Callable[[Any], int]) -> int:
+    """Write one GGUF file at `path` atomically (a temporary sibling renamed into place): `fill(writer)` adds its
+    keys and tensors and returns the tensor count. A failed write (space, permission) is one WriteFailed, and
+    nothing is half-written."""
     gguf = _gguf()
-    if kind not in TYPES:
-        raise DeltaError(f"GGUF type {kind!r} is not one deltatune writes: choose one of {', '.join(TYPES)}")
-    if tokenizer is None:
-        raise DeltaError("GGUF export needs the model's tokenizer (a GGUF file carries its own): none was found "
-                         "beside the base model")
-    arch = check_exportable(model.config)
-    path = Path(path)
-    # merged at the model's own dtype (each tensor goes to fp32 only as it is written), or fp32 for an f32 file
-    merged = merged_model(model, dtype=torch.float32 if kind == "f32" else None)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    writer = gguf.GGUFWriter(tmp, arch.name)
+    writer = gguf.GGUFWriter(tmp, arch_name)
     try:
-        _metadata(writer, merged, arch, kind, name or path.stem)
-        _tokenizer(writer, tokenizer, arch, merged.config.vocab_size)
-        count = 0
-        for tensor_name, tensor in gguf_tensors(merged, arch):
-            array, ggml_type = _encode(gguf, tensor_name, tensor, kind)
-            writer.add_tensor(tensor_name, array, raw_dtype=ggml_type)
-            count += 1
+        count = fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -306,7 +279,52 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike,
                           f"To finish: {failure[1]}, then export again", failure) from None
     finally:
         tmp.unlink(missing_ok=True)
-    del merged
+    return count
+
+
+@contextlib.contextmanager
+def _quiet_gguf_log() -> Iterator[None]:
+    log = logging.getLogger("gguf")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _fill_model(writer: Any, merged: torch.nn.Module, tokenizer: Any, arch: GgufArch, kind: str, name: str) -> int:
+    """The merged model's keys, tokenizer and tensors into `writer`; the tensor count."""
+    gguf = _gguf()
+    _metadata(writer, merged, arch, kind, name)
+    _tokenizer(writer, tokenizer, arch, merged.config.vocab_size)
+    count = 0
+    for tensor_name, tensor in gguf_tensors(merged, arch):
+        array, ggml_type = _encode(gguf, tensor_name, tensor, kind)
+        writer.add_tensor(tensor_name, array, raw_dtype=ggml_type)
+        count += 1
+    return count
+
+
+def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, kind: str = "f16",
+                name: str | None = None, check: bool = True) -> GgufReport:
+    """Write `model` (base + its active deltas, merged) as one GGUF file at `path`, atomically; the model is left
+    as it was. With `check`, read the file back and measure its drift from the unmerged model (see the docstring)."""
+    from ..pipeline.export import merged_model
+
+    _gguf()  # a missing package is said before the merge, not after it
+    if kind not in TYPES:
+        raise DeltaError(f"GGUF type {kind!r} is not one deltatune writes: choose one of {', '.join(TYPES)}")
+    if tokenizer is None:
+        raise DeltaError("GGUF export needs the model's tokenizer (a GGUF file carries its own): none was found "
+                         "beside the base model")
+    arch = check_exportable(model.config)
+    path = Path(path)
+    # merged at the model's own dtype (each tensor goes to fp32 only as it is written), or fp32 for an f32 file
+    merged = merged_model(model, dtype=torch.float32 if kind == "f32" else None)
+    count = _write_file(path, arch.name, functools.partial(_fill_model, merged=merged, tokenizer=tokenizer, arch=arch,
+                                                           kind=kind, name=name or path.stem))
+    del merged  # before the check builds the file's model: at most two copies are held at once
     drift = measure_drift(model, path) if check else None
     return GgufReport(path, arch.name, kind, count, path.stat().st_size, drift)
 
@@ -421,14 +439,12 @@ def export_gguf_lora(model: torch.nn.Module, path: str | os.PathLike, kind: str 
     alpha = float(layers[0][1].lora_A[layers[0][2]].weight.shape[0] * layers[0][1].scaling[layers[0][2]]) if layers else 1.0
     alpha = alpha or 1.0
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    writer = gguf.GGUFWriter(tmp, arch.name)
-    count = 0
-    try:
+    def fill(writer: Any) -> int:
         writer.add_type("adapter")
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(name or path.stem)
+        count = 0
         for module_name, layer, delta in layers:
             target = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
             if target is None:
@@ -441,23 +457,12 @@ def export_gguf_lora(model: torch.nn.Module, path: str | os.PathLike, kind: str 
                 heads = config.num_attention_heads if ".attn_q." in target else config.num_key_value_heads
                 B = B[_pairs_permutation(B.shape[0], heads)]
             for suffix, tensor in (("lora_a", A), ("lora_b", B)):
-                array, ggml_type = _encode(gguf, f"{target}.{suffix}", tensor, "f32" if kind == "f32" else kind)
+                array, ggml_type = _encode(gguf, f"{target}.{suffix}", tensor, kind)
                 writer.add_tensor(f"{target}.{suffix}", array, raw_dtype=ggml_type)
                 count += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except Exception as err:  # noqa: BLE001 - matched by what it says (files.write_failure), not by its class
-        failure = write_failure(err)
-        if failure is None:
-            raise
-        kept = f"{path} is as it was" if path.exists() else f"nothing is at {path}"
-        raise WriteFailed(f"{failure[0]}: writing {path} failed. Nothing was half-written: {kept}.\n"
-                          f"To finish: {failure[1]}, then export again", failure) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        return count
+
+    count = _write_file(path, arch.name, fill)
     drift = measure_lora_drift(model, path) if check else None
     return GgufReport(path, arch.name, kind, count, path.stat().st_size, drift)
 

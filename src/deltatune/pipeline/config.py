@@ -272,29 +272,33 @@ def read_yaml(text: str) -> Any:
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML run config (or start empty), apply `--key value` overrides, validate everything."""
-    import yaml
-
     source = str(path) if path is not None else "<flags>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"no config file at {file}")
-        try:
-            data = read_yaml(read_utf8(file, ConfigError)) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file} is not valid YAML: {err}") from None
-        except ConfigError as err:
-            if str(err).startswith(str(file)):
-                raise
-            raise ConfigError(f"{file}: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file} must hold a mapping of sections (model, data, method, train, ...), "
-                              f"not a {type(data).__name__}")
+    data = read_config_file(path) if path is not None else {}
     pairs = overrides.items() if isinstance(overrides, dict) else parse_flags(overrides or [])
     for key, value in pairs:
-        _set_path(data, key, value, source)
+        set_path(data, key, value, source)
     return build_run_config(data, source)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML run config's sections, as written (nothing checked but that it is a mapping)."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"no config file at {file}")
+    try:
+        data = read_yaml(read_utf8(file, ConfigError)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file} is not valid YAML: {err}") from None
+    except ConfigError as err:
+        if str(err).startswith(str(file)):
+            raise
+        raise ConfigError(f"{file}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a mapping of sections (model, data, method, train, ...), "
+                          f"not a {type(data).__name__}")
+    return data
 
 
 def read_utf8(path: Path, error: type[DeltaError] = DeltaError) -> str:
@@ -337,7 +341,7 @@ def parse_flags(args: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _set_path(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+def set_path(data: dict[str, Any], key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     node = data
     for part in parts[:-1]:

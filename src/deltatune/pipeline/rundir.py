@@ -152,7 +152,7 @@ def _what_is_there(out: Path) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _never_trained(out: Path) -> bool:
+def never_trained(out: Path) -> bool:
     """Only run.json is there: the run stopped before it wrote a log line, a checkpoint or an adapter."""
     return all(p.name == RUN_FILE or p.name.startswith(".") for p in out.iterdir())
 
@@ -177,7 +177,7 @@ def claim(config: RunConfig, say: Callable[[str], Any] = print) -> Path | None:
     check_writable(out)
     mine = json.loads(json.dumps(flat(config), default=str))  # as run.json holds it (ints as dict keys become strings)
     record = read_run(out)
-    if record is not None and not resume and _never_trained(out):
+    if record is not None and not resume and never_trained(out):
         record = None  # a start that failed before its first step (a wrong model name, say) holds nothing to keep
         (out / RUN_FILE).unlink()
     again = ("pass --output.overwrite true to clear it and start this run afresh, resume it with --train.resume true "
