@@ -125,6 +125,7 @@ SCHEMAS: dict[str, Schema] = {
     "IA3": Schema(rename={"init_weights": "init_ia3_weights"}),
     "LOHA": Schema(),  # our field names are peft's
     "LOKR": Schema(),
+    "LN_TUNING": Schema(),  # our field names are peft's
     "PROMPT_TUNING": Schema(
         rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
         values={"prompt_tuning_init": {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}},
