@@ -115,6 +115,9 @@ DEFAULT_TARGETS["ln_tuning"] = {
     **dict.fromkeys(["bert", "roberta"], ["LayerNorm"]),
 }
 
+# FourierFT: LoRA's, but GPT-2's and GPTBigCode's feed-forward output projection (peft's table).
+DEFAULT_TARGETS["fourierft"] = {**DEFAULT_TARGETS["lora"], **dict.fromkeys(["gpt2", "gpt_bigcode"], ["mlp.c_proj"])}
+
 # Head modules that "all-linear" leaves out, besides the model's output embeddings.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
