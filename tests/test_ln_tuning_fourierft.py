@@ -146,3 +146,136 @@ def build_from(folder):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------- FourierFT
+
+FFT_NEEDLES = ("fourierft_spectrum", "modules_to_save")
+FFT_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"], "bert": ["query", "value"]}
+N_FREQ = 40
+
+
+def dt_fourierft(arch: str, **kw) -> dt.FourierFTConfig:
+    return dt.FourierFTConfig(n_frequency=N_FREQ, scaling=100.0, target_modules=FFT_TARGETS[arch], **kw)
+
+
+def peft_fourierft(arch: str, **kw):
+    return peft.FourierFTConfig(n_frequency=N_FREQ, scaling=100.0, target_modules=FFT_TARGETS[arch], task_type=TASK[arch], **kw)
+
+
+def test_fourierft_locations_and_defaults_are_peft_s():
+    ours = dt.attach(build("llama"), dt.FourierFTConfig(n_frequency=300, random_loc_seed=11, target_modules=["q_proj", "down_proj"]))
+    theirs = peft.get_peft_model(build("llama"), peft.FourierFTConfig(n_frequency=300, random_loc_seed=11,
+                                                                     target_modules=["q_proj", "down_proj"]))
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        mine, peft_layer = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
+        assert torch.equal(mine.indices["default"], peft_layer.indices["default"])
+        with torch.no_grad():  # the same coefficients give the same ΔW
+            mine.fourierft_spectrum["default"].copy_(peft_layer.fourierft_spectrum["default"])
+        torch.testing.assert_close(mine.delta_weight("default"), peft_layer.get_delta_weight("default"), rtol=0, atol=0)
+    defaults, theirs_cfg = dt.FourierFTConfig(), peft.FourierFTConfig()
+    assert (defaults.n_frequency, defaults.scaling, defaults.random_loc_seed, defaults.init_weights) == \
+        (theirs_cfg.n_frequency, theirs_cfg.scaling, theirs_cfg.random_loc_seed, theirs_cfg.init_weights)
+    assert dt.attached(dt.attach(build("gpt2"), dt.FourierFTConfig(n_frequency=10)))["default"].target_modules == ["mlp.c_proj"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fourierft_same_outputs_as_peft_with_the_same_values(arch):
+    base = logits(build(arch), arch)
+    ours = dt.attach(build(arch), dt_fourierft(arch, init_weights=True)).eval()
+    theirs = peft.get_peft_model(build(arch), peft_fourierft(arch, init_weights=True)).eval()
+    assert_same(logits(ours, arch), base)  # zero coefficients: ΔW = 0
+    names = set_values(dt.delta_parameters(ours, "default").items(), FFT_NEEDLES)
+    assert names == set_values([(n, p) for n, p in theirs.named_parameters() if p.requires_grad], FFT_NEEDLES)
+    assert_differs(logits(ours, arch), base)
+    assert_same(logits(ours, arch), logits(theirs, arch))
+    assert summary(ours, print_table=False).trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fourierft_saved_by_deltatune_loads_in_peft(tmp_path, arch):
+    model = dt.attach(build(arch), dt_fourierft(arch)).eval()  # peft's default init: N(0, 1) coefficients
+    set_values(dt.delta_parameters(model, "default").items(), ("modules_to_save",))
+    assert_differs(logits(model, arch), logits(build(arch), arch))
+    dt.save(model, tmp_path)
+    reference = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    assert_same(logits(reference, arch), logits(model, arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fourierft_saved_by_peft_loads_in_deltatune(tmp_path, arch):
+    reference = peft.get_peft_model(build(arch), peft_fourierft(arch, random_loc_seed=3))
+    set_values([(n, p) for n, p in reference.named_parameters() if p.requires_grad], ("modules_to_save",))
+    reference.eval()
+    assert_differs(logits(reference, arch), logits(build(arch), arch))
+    reference.save_pretrained(str(tmp_path))
+    model = dt.load(build(arch), tmp_path).eval()
+    assert_same(logits(model, arch), logits(reference, arch))
+    dt.save(model, tmp_path / "again")  # and back out: the same adapter for peft
+    assert read_files(tmp_path / "again")[0]["init_weights"] is False  # what the file said, not the load's shortcut
+    again = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "again")).eval()
+    assert_same(logits(again, arch), logits(reference, arch))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fourierft_files_match_peft_layout(tmp_path, arch):
+    ours_dir, peft_dir = tmp_path / "dt", tmp_path / "peft"
+    dt.save(dt.attach(build(arch), dt_fourierft(arch)), ours_dir)
+    peft.get_peft_model(build(arch), peft_fourierft(arch)).save_pretrained(str(peft_dir))
+    ours, theirs = assert_same_layout(ours_dir, peft_dir, (
+        "peft_type", "task_type", "n_frequency", "scaling", "random_loc_seed", "init_weights", "fan_in_fan_out",
+        "bias", "n_frequency_pattern", "layers_to_transform", "layers_pattern"))  # fmt: skip
+    assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
+    assert ours["fan_in_fan_out"] is (arch == "gpt2")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fourierft_merge_matches_peft_merge(arch):
+    ours = dt.attach(build(arch), dt_fourierft(arch)).eval()
+    theirs = peft.get_peft_model(build(arch), peft_fourierft(arch)).eval()
+    set_values(dt.delta_parameters(ours, "default").items(), FFT_NEEDLES)
+    set_values([(n, p) for n, p in theirs.named_parameters() if p.requires_grad], FFT_NEEDLES)
+    unmerged = logits(ours, arch)
+    dt.merge(ours)
+    theirs.merge_adapter()
+    assert_same(logits(ours, arch), unmerged)
+    ours_weights = {k: v for k, v in dt.detach(copy_of(ours), merge=True).state_dict().items()}
+    for key, value in theirs.merge_and_unload().state_dict().items():  # the same merged weights, in the same layout
+        torch.testing.assert_close(ours_weights[key], value, rtol=0, atol=1e-6)
+    dt.unmerge(ours)
+    assert_same(logits(ours, arch), unmerged)
+    for key, value in dt.detach(ours).state_dict().items():
+        torch.testing.assert_close(value, build(arch).state_dict()[key], rtol=0, atol=1e-6)
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_fourierft_n_frequency_beyond_the_spectrum_is_refused():
+    with pytest.raises(dt.DeltaError, match=r"n_frequency = 600 is more than the 16 x 32 = 512 entries of model.layers.0.self_attn.v_proj"):
+        dt.attach(build("llama"), dt.FourierFTConfig(n_frequency=600, target_modules=["v_proj"]))
+    model = dt.attach(build("llama"), dt.FourierFTConfig(n_frequency=600, target_modules=["q_proj", "v_proj"],
+                                                         n_frequency_pattern={"v_proj": 100}))
+    sizes = {n: p.numel() for n, p in dt.delta_parameters(model, "default").items()}
+    assert sizes["model.layers.0.self_attn.v_proj.fourierft_spectrum.default"] == 100
+    assert sizes["model.layers.0.self_attn.q_proj.fourierft_spectrum.default"] == 600
+
+
+def test_info_counts_fourierft(tmp_path):
+    from deltatune.info import describe
+    from deltatune.tiny import write_tiny
+    from test_newcomer import _rows
+
+    folder = write_tiny("llama", tmp_path / "llama")
+    row = _rows(describe(str(folder)))["fourierft"]
+    model = build_from(folder)
+    q, v = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.v_proj
+    too_small = min(q.in_features * q.out_features, v.in_features * v.out_features) < 1000
+    if too_small:  # the default n_frequency=1000 does not fit a tiny layer: info says why
+        assert row.startswith("n/a") and "n_frequency = 1000 is more than" in row
+    else:
+        count = summary(dt.attach(model, dt.FourierFTConfig()), print_table=False)
+        assert row == f"{count.trainable:,}  ({count.percent:.4f}%)"
