@@ -160,7 +160,8 @@ def dt_fourierft(arch: str, **kw) -> dt.FourierFTConfig:
 
 
 def peft_fourierft(arch: str, **kw):
-    return peft.FourierFTConfig(n_frequency=N_FREQ, scaling=100.0, target_modules=FFT_TARGETS[arch], task_type=TASK[arch], **kw)
+    return peft.FourierFTConfig(n_frequency=N_FREQ, scaling=100.0, target_modules=FFT_TARGETS[arch], task_type=TASK[arch],
+                                **kw)
 
 
 def test_fourierft_locations_and_defaults_are_peft_s():
@@ -255,7 +256,8 @@ def copy_of(model):
 
 
 def test_fourierft_n_frequency_beyond_the_spectrum_is_refused():
-    with pytest.raises(dt.DeltaError, match=r"n_frequency = 600 is more than the 16 x 32 = 512 entries of model.layers.0.self_attn.v_proj"):
+    refused = r"n_frequency = 600 is more than the 16 x 32 = 512 entries of model.layers.0.self_attn.v_proj"
+    with pytest.raises(dt.DeltaError, match=refused):
         dt.attach(build("llama"), dt.FourierFTConfig(n_frequency=600, target_modules=["v_proj"]))
     model = dt.attach(build("llama"), dt.FourierFTConfig(n_frequency=600, target_modules=["q_proj", "v_proj"],
                                                          n_frequency_pattern={"v_proj": 100}))

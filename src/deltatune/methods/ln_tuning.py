@@ -99,7 +99,8 @@ class LNTuningLayer(DeltaLayer):
         return out.to(dtype) if torch.is_tensor(out) else out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        groups = self.batch_groups(x.shape[0]) if self.model_state is not None and self.model_state.batch_adapters is not None else None
+        mixed = self.model_state is not None and self.model_state.batch_adapters is not None
+        groups = self.batch_groups(x.shape[0]) if mixed else None
         if groups is not None:  # each row through its own adapter's copy ("__base__" rows: the original)
             result = self.base_layer(x, *args, **kwargs)
             for name, rows in groups:
