@@ -165,7 +165,8 @@ def peft_fourierft(arch: str, **kw):
 
 
 def test_fourierft_locations_and_defaults_are_peft_s():
-    ours = dt.attach(build("llama"), dt.FourierFTConfig(n_frequency=300, random_loc_seed=11, target_modules=["q_proj", "down_proj"]))
+    ours = dt.attach(build("llama"), dt.FourierFTConfig(n_frequency=300, random_loc_seed=11,
+                                                        target_modules=["q_proj", "down_proj"]))
     theirs = peft.get_peft_model(build("llama"), peft.FourierFTConfig(n_frequency=300, random_loc_seed=11,
                                                                      target_modules=["q_proj", "down_proj"]))
     for name in ("model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
@@ -177,7 +178,8 @@ def test_fourierft_locations_and_defaults_are_peft_s():
     defaults, theirs_cfg = dt.FourierFTConfig(), peft.FourierFTConfig()
     assert (defaults.n_frequency, defaults.scaling, defaults.random_loc_seed, defaults.init_weights) == \
         (theirs_cfg.n_frequency, theirs_cfg.scaling, theirs_cfg.random_loc_seed, theirs_cfg.init_weights)
-    assert dt.attached(dt.attach(build("gpt2"), dt.FourierFTConfig(n_frequency=10)))["default"].target_modules == ["mlp.c_proj"]
+    gpt2 = dt.attach(build("gpt2"), dt.FourierFTConfig(n_frequency=10))
+    assert dt.attached(gpt2)["default"].target_modules == ["mlp.c_proj"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -281,3 +283,20 @@ def test_info_counts_fourierft(tmp_path):
     else:
         count = summary(dt.attach(model, dt.FourierFTConfig()), print_table=False)
         assert row == f"{count.trainable:,}  ({count.percent:.4f}%)"
+
+
+@pytest.mark.parametrize("make", [lambda: dt.LNTuningConfig(), lambda: dt.FourierFTConfig(n_frequency=64)],
+                         ids=["ln_tuning", "fourierft"])
+def test_a_bf16_base_keeps_its_dtype_and_trains_fp32_deltas(make):
+    model = build("llama").to(torch.bfloat16)
+    dt.attach(model, make())
+    assert all(p.dtype == torch.float32 for p in dt.delta_parameters(model, "default").values())
+    data = batch("llama", labels=True)
+    out = model(**data)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dt.delta_parameters(model, "default").values())
+    unmerged = logits(model, "llama")
+    dt.merge(model)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "default" not in n)
+    torch.testing.assert_close(logits(model, "llama"), unmerged, rtol=0.05, atol=0.05)

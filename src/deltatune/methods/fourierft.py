@@ -103,7 +103,10 @@ class FourierFTLayer(DeltaLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * Re(IDFT2(F)) as (out, in), fp32."""
         spectrum = self.fourierft_spectrum[name]
-        rows, cols = self.indices[name].to(spectrum.device)
+        indices = self.indices[name]
+        if indices.device != spectrum.device:  # the model moved after attach: move the locations once
+            indices = self.indices[name] = indices.to(spectrum.device)
+        rows, cols = indices
         dense = torch.zeros(self.base_weight_shape(), device=spectrum.device, dtype=torch.float32)  # (out, in)
         dense[rows, cols] = spectrum.float()
         return torch.fft.ifft2(dense).real * self.scaling[name]
