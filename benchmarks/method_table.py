@@ -38,6 +38,7 @@ METHODS = {
     "AdaLoRA, at target_r=8 (saved)": lambda: dt.AdaLoraConfig(init_r=12, target_r=8, total_step=1000,
                                                               target_modules=LORA_TARGETS, rank_pattern=AT_TARGET),
     "(IA)³ (default targets)": lambda: dt.IA3Config(),
+    "VeRA r=256 (default targets)": lambda: dt.VeraConfig(),
     "LoHa r=8 (default targets)": lambda: dt.LoHaConfig(r=8, alpha=16),
     "LoKr r=8 (default targets)": lambda: dt.LoKrConfig(r=8, alpha=16),
     "Prompt tuning, 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20),

@@ -75,6 +75,8 @@ CASES: dict[str, Case] = {
                                                     target_modules=ALL, task_type="CAUSAL_LM")),
     "ia3": Case(lambda: dt.IA3Config(),  # llama's defaults: k_proj, v_proj, down_proj (feed-forward)
                 lambda peft: peft.IA3Config(task_type="CAUSAL_LM")),
+    "vera": Case(lambda: dt.VeraConfig(r=256, target_modules=ALL),  # one shared A, B; lambda_b, lambda_d per target
+                 lambda peft: peft.VeraConfig(r=256, target_modules=ALL, task_type="CAUSAL_LM")),
     "loha": Case(lambda: dt.LoHaConfig(r=16, alpha=32, target_modules=ALL),
                  lambda peft: peft.LoHaConfig(r=16, alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
     "lokr": Case(lambda: dt.LoKrConfig(r=16, alpha=32, target_modules=ALL),

@@ -131,6 +131,24 @@ def test_ia3_on_llama_3b_k_v_down():
     assert trainable(model) == 28 * (1024 + 1024 + 8192) == 286_720
 
 
+def test_vera_on_roberta_base_and_large_as_published():
+    # VeRA paper, Table 2 (GLUE): 0.043M on RoBERTa-base at r=1024, 0.061M on RoBERTa-large at r=256, query and value
+    for (hidden, layers, heads, r), published in [((768, 12, 12, 1024), 43_008), ((1024, 24, 16, 256), 61_440)]:
+        config = tf.RobertaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=4 * hidden, vocab_size=50265)
+        model = on_meta(config, tf.RobertaModel)
+        dt.attach(model, dt.VeraConfig(r=r))  # roberta's default: query, value
+        assert trainable(model) == layers * 2 * (r + hidden) == published
+        pair = model.vera_projections["default"]  # one frozen pair for all 2 x layers targets, not trained
+        assert pair.vera_A.shape == (r, hidden) and pair.vera_B.shape == (hidden, r)
+
+
+def test_vera_on_llama_3b_q_v():
+    model = llama_3b()
+    dt.attach(model, dt.VeraConfig())  # r=256 on llama's default q_proj (3072 out), v_proj (8 x 128 = 1024 out)
+    assert trainable(model) == 28 * ((256 + 3072) + (256 + 1024)) == 129_024
+
+
 def test_ia3_on_t0_3b_shape():
     # T0-3B as REFERENCE.md gives it: 24 + 24 layers, d_model 2048, 32 heads x 128, gated FFN 5120
     config = tf.T5Config(d_model=2048, d_kv=128, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24,

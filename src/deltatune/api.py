@@ -461,7 +461,7 @@ def _remove(model: nn.Module, name: str, keep: bool) -> None:
             state.untied = [r for r in state.untied if id(r[0]) not in merged_into]
             state.tie_word_embeddings = None
     remove_from_layers(model, name, keep_merged=keep)
-    for container in delta.method.containers if delta.method.kind == "input" else ():
+    for container in (delta.method.containers if delta.method.kind == "input" else ()) + delta.method.root_modules:
         remove_root_parameters(model, container, name)
     if delta.selected:
         restore_selected(delta, keep_trained=keep)

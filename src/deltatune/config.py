@@ -310,6 +310,10 @@ class Method:
     # loaded weights overwrite anyway should not run (or need a tokenizer download). A
     # callable gets the file's config and returns them (when only some inits need it).
     load_overrides: dict[str, Any] | Callable[[DeltaConfig], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # For kind "wrap": containers at the model root (keyed by adapter name) holding state that a delta's layers
+    # share rather than own (VeRA's frozen random projections); removed with the delta. What of it goes into the
+    # file is the method's to_file / from_file.
+    root_modules: tuple[str, ...] = ()
     # Does the peft package read and write this method's files.
     peft_compatible: bool = False
     # What `save` writes: "adapter" (adapter_config.json + adapter_model.safetensors, peft's layout) or

@@ -123,6 +123,7 @@ SCHEMAS: dict[str, Schema] = {
         ignored=("r", "alpha_pattern", "use_rslora"),  # peft's AdaLoRA uses init_r and lora_alpha only
     ),
     "IA3": Schema(rename={"init_weights": "init_ia3_weights"}),
+    "VERA": Schema(rename={"dropout": "vera_dropout"}, extra={"bias": "none"}),
     "LOHA": Schema(),  # our field names are peft's
     "LOKR": Schema(),
     "LN_TUNING": Schema(),  # our field names are peft's

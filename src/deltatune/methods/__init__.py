@@ -12,9 +12,10 @@ from .prompts import PromptTuningConfig
 from .p_tuning import PTuningConfig
 from .prefix import PrefixTuningConfig, PTuningV2Config
 from .selective import BitFitConfig, FreezeConfig, FullConfig
+from .vera import VeraConfig, VeraLayer
 
 __all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "IA3Config", "IA3Layer", "LoHaConfig",
            "LoHaLayer", "LoKrConfig", "LoKrLayer", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig",
            "PTuningV2Config", "BitFitConfig", "FreezeConfig", "FullConfig", "DiffPruningConfig", "DiffPruningLayer",
-           "AdapterConfig", "AdapterFusionConfig", "AdapterLayer", "fusion_attention"]
+           "AdapterConfig", "AdapterFusionConfig", "AdapterLayer", "fusion_attention", "VeraConfig", "VeraLayer"]
 __all__ += ["LNTuningConfig", "LNTuningLayer", "FourierFTConfig", "FourierFTLayer"]
