@@ -57,6 +57,8 @@ METHODS = {
     "Pfeiffer adapter, reduction 16": lambda: dt.AdapterConfig(placement="pfeiffer"),
     "Parallel adapter, reduction 16": lambda: dt.AdapterConfig(placement="parallel", scaling=4.0),
     "AdapterFusion of 2 Pfeiffer adapters": lambda: dt.AdapterFusionConfig(adapters=["a", "b"]),
+    "LN tuning (default norms)": lambda: dt.LNTuningConfig(),
+    "FourierFT n=1000 (default targets)": lambda: dt.FourierFTConfig(n_frequency=1000),
 }
 
 WHY_NOT = {"no bias terms": "n/a (no biases)", "leaves nothing to train": "n/a (no head)"}

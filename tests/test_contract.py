@@ -83,6 +83,8 @@ METHODS = [
     M("p_tuning_lstm", lambda: dt.PTuningConfig(num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8), identity_at_attach=False, mergeable=False),
     M("prefix_tuning", lambda: dt.PrefixTuningConfig(num_virtual_tokens=3, projection_hidden_size=16), identity_at_attach=False, mergeable=False),
     M("p_tuning_v2", lambda: dt.PTuningV2Config(num_virtual_tokens=3), identity_at_attach=False, mergeable=False, lr=0.1),
+    M("ln_tuning", lambda: dt.LNTuningConfig(), lr=0.1),  # norm scales start at 1: a step of 2e-2 barely moves them
+    M("fourierft", lambda: dt.FourierFTConfig(n_frequency=24, init_weights=True), lr=0.1),  # an entry moves ΔW by s/(out·in)
 ]
 
 CASES = [

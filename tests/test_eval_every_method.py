@@ -27,6 +27,8 @@ ARCH_FOR = {"bitfit": {"causal_lm": "gpt2", "seq_cls": "bert", "seq2seq": "bart"
 # Slow only: a method whose evaluation takes the same path as a sibling of its family that runs by
 # default. A new method runs by default until it is listed here.
 SIBLING = {"loha": "lora", "lokr": "lora", "ia3": "lora", "p_tuning_v2": "prefix_tuning", "freeze": "bitfit"}
+# Method fields a tiny model needs (FourierFT's default 1000 coefficients exceed a 16 x 32 projection's spectrum).
+FIELDS = {"fourierft": {"fourierft.n_frequency": 64}}
 # Where a method cannot run through the pipeline at all, and why.
 CANNOT = {
     "adapter_fusion": "AdapterFusion fuses bottleneck adapters that are already attached; a run attaches one delta, "
@@ -68,7 +70,7 @@ def test_eval_after_training(root, method, task, capsys):
     arch = ARCH_FOR.get(method, ARCH)[task]
     flags = {"model.name": str(save_tiny(root, arch)), "model.task": task, **data_flags(root, task),
              "data.eval_fraction": 0.25, "method": method, "train.max_steps": 2, "train.batch_size": 4,
-             "train.progress": False, "output.dir": str(out)}
+             "train.progress": False, "output.dir": str(out), **FIELDS.get(method, {})}
     result = run(load_run_config(None, flags), echo=lambda *a, **k: None)
     assert result.steps == 2
     assert result.metrics and all(math.isfinite(v) for v in result.metrics.values()), result.metrics

@@ -36,6 +36,7 @@ SMALL = {
     "adapter_fusion": dict(adapters=["fa", "fb"]),
     "loha": dict(r=4, alpha=8),
     "lokr": dict(r=4, alpha=8),
+    "fourierft": dict(n_frequency=64),  # the default 1000 exceeds the tiny llama's 16 x 32 v_proj spectrum
     "prompt_tuning": dict(num_virtual_tokens=3, init="sample_vocab"),
     "p_tuning": dict(num_virtual_tokens=3, encoder_hidden_size=16),
     "prefix_tuning": dict(num_virtual_tokens=3, projection_hidden_size=16),

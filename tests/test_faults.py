@@ -35,6 +35,11 @@ from test_lora import perturb
 from tiny_models import batch, build, logits
 
 GENERIC = [pytest.param(m, id=m.name) for m in METHODS]
+# Methods whose file has no tensor shaped by the model: a wider model takes it without a shape to mismatch.
+SHAPELESS = {"fourierft": "FourierFT's file holds n coefficients per layer whatever the layer's shape (the seed gives "
+                          "the locations), as peft's does: a model with the same module names takes it"}
+FITTING = [pytest.param(m, id=m.name, marks=[pytest.mark.skip(reason=SHAPELESS[m.name])] if m.name in SHAPELESS else [])
+           for m in METHODS]
 
 
 def _arch(method) -> str:
@@ -67,7 +72,7 @@ def _wider_gpt2(method=None):
 # ---------------------------------------------------------------- files: every method
 
 
-@pytest.mark.parametrize("method", GENERIC)
+@pytest.mark.parametrize("method", FITTING)
 def test_loading_into_the_wrong_model_names_the_key_and_changes_nothing(method, tmp_path):
     _trained_and_saved(method, tmp_path)
     files = folder_bytes(tmp_path)
@@ -81,7 +86,7 @@ def test_loading_into_the_wrong_model_names_the_key_and_changes_nothing(method, 
     assert folder_bytes(tmp_path) == files
 
 
-@pytest.mark.parametrize("method", GENERIC)
+@pytest.mark.parametrize("method", FITTING)
 def test_a_failed_load_leaves_the_active_delta_alone(method, tmp_path):
     _trained_and_saved(method, tmp_path)
     model = _wider_gpt2(method)

@@ -66,10 +66,10 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
 
 def replaced_originals(model: nn.Module) -> set[int]:
     """ids of the frozen originals of modules trained whole, which a trained copy stands in for."""
-    from .surgery import ModulesToSave
+    from .surgery import DeltaLayer
 
     out: set[int] = set()
     for module in model.modules():
-        if isinstance(module, ModulesToSave) and len(module.modules_to_save):
+        if isinstance(module, DeltaLayer) and module.replaces_base and module.adapter_names():
             out |= {id(p) for p in module.base_layer.parameters()}
     return out

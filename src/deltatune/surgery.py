@@ -209,6 +209,9 @@ class DeltaLayer(nn.Module):
     """
 
     containers: ClassVar[tuple[str, ...]] = ()
+    # True when an adapter's trained copy of the whole base module computes the output instead of the
+    # base (modules_to_save, LN tuning): the frozen original is then neither counted nor selectable.
+    replaces_base: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -427,6 +430,7 @@ class ModulesToSave(DeltaLayer):
     """
 
     containers = ("modules_to_save",)
+    replaces_base = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -605,7 +609,7 @@ def foreign_parameters(model: nn.Module) -> set[int]:
     for module in model.modules():
         if isinstance(module, DeltaLayer):
             ids |= {id(p) for c in module.containers for p in getattr(module, c).parameters()}
-            if isinstance(module, ModulesToSave):
+            if module.replaces_base:
                 ids |= {id(p) for p in module.base_layer.parameters()}
     for container in roots:
         store = model._modules.get(container)

@@ -98,6 +98,28 @@ DEFAULT_TARGETS["adalora"] = {
     "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
 }
 
+# LN tuning: peft's norms per model_type; deltatune's own (same choice: every block's norms and the final
+# one) for architectures peft has no default for (gpt_bigcode, gpt_neox, opt, chatglm, bert, roberta).
+DEFAULT_TARGETS["ln_tuning"] = {
+    **dict.fromkeys(["llama", "mistral", "gemma"], ["input_layernorm", "post_attention_layernorm", "norm"]),
+    **dict.fromkeys(["gemma2", "gemma3_text"], ["input_layernorm", "post_attention_layernorm",
+                                                "pre_feedforward_layernorm", "post_feedforward_layernorm", "norm"]),
+    **dict.fromkeys(["qwen2", "qwen3"], ["post_attention_layernorm"]),
+    **dict.fromkeys(["bloom", "falcon"], ["input_layernorm", "post_attention_layernorm", "ln_f"]),
+    **dict.fromkeys(["t5", "mt5"], ["layer_norm", "final_layer_norm"]),
+    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["ln_1", "ln_2", "ln_f"]),
+    "gptj": ["ln_1", "ln_f"],
+    "phi": ["input_layernorm", "final_layernorm"],
+    "gpt_neox": ["input_layernorm", "post_attention_layernorm", "final_layer_norm"],
+    "opt": ["self_attn_layer_norm", "final_layer_norm"],
+    "chatglm": ["input_layernorm", "post_attention_layernorm", "final_layernorm"],
+    **dict.fromkeys(["bert", "roberta"], ["LayerNorm"]),
+}
+
+# FourierFT: LoRA's, but GPT-2's and GPTBigCode's feed-forward output projection (peft's table).
+DEFAULT_TARGETS["fourierft"] = {**DEFAULT_TARGETS["lora"], **dict.fromkeys(["gpt2", "gpt_bigcode"], ["mlp.c_proj"])}
+
 # Head modules that "all-linear" leaves out, besides the model's output embeddings.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 

@@ -126,6 +126,8 @@ SCHEMAS: dict[str, Schema] = {
     "VERA": Schema(rename={"dropout": "vera_dropout"}, extra={"bias": "none"}),
     "LOHA": Schema(),  # our field names are peft's
     "LOKR": Schema(),
+    "LN_TUNING": Schema(),  # our field names are peft's
+    "FOURIERFT": Schema(extra={"bias": "none"}),  # peft's field names; its bias training is not supported
     "PROMPT_TUNING": Schema(
         rename={"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"},
         values={"prompt_tuning_init": {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}},

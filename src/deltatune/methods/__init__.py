@@ -3,7 +3,9 @@
 from .adalora import AdaLoraConfig, AdaLoraLayer
 from .adapters import AdapterConfig, AdapterFusionConfig, AdapterLayer, fusion_attention
 from .diff_pruning import DiffPruningConfig, DiffPruningLayer
+from .fourierft import FourierFTConfig, FourierFTLayer
 from .ia3 import IA3Config, IA3Layer
+from .ln_tuning import LNTuningConfig, LNTuningLayer
 from .lokr_loha import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraLayer
 from .prompts import PromptTuningConfig
@@ -16,3 +18,4 @@ __all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "IA3Confi
            "LoHaLayer", "LoKrConfig", "LoKrLayer", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig",
            "PTuningV2Config", "BitFitConfig", "FreezeConfig", "FullConfig", "DiffPruningConfig", "DiffPruningLayer",
            "AdapterConfig", "AdapterFusionConfig", "AdapterLayer", "fusion_attention", "VeraConfig", "VeraLayer"]
+__all__ += ["LNTuningConfig", "LNTuningLayer", "FourierFTConfig", "FourierFTLayer"]
