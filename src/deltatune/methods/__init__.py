@@ -3,6 +3,7 @@
 from .adalora import AdaLoraConfig, AdaLoraLayer
 from .adapters import AdapterConfig, AdapterFusionConfig, AdapterLayer, fusion_attention
 from .diff_pruning import DiffPruningConfig, DiffPruningLayer
+from .hra import HRAConfig, HRALayer
 from .ia3 import IA3Config, IA3Layer
 from .lokr_loha import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer
 from .lora import LoraConfig, LoraLayer
@@ -15,4 +16,5 @@ from .vera import VeraConfig, VeraLayer
 __all__ = ["LoraConfig", "LoraLayer", "AdaLoraConfig", "AdaLoraLayer", "IA3Config", "IA3Layer", "LoHaConfig",
            "LoHaLayer", "LoKrConfig", "LoKrLayer", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig",
            "PTuningV2Config", "BitFitConfig", "FreezeConfig", "FullConfig", "DiffPruningConfig", "DiffPruningLayer",
-           "AdapterConfig", "AdapterFusionConfig", "AdapterLayer", "fusion_attention", "VeraConfig", "VeraLayer"]
+           "AdapterConfig", "AdapterFusionConfig", "AdapterLayer", "fusion_attention", "VeraConfig", "VeraLayer",
+           "HRAConfig", "HRALayer"]
