@@ -276,3 +276,81 @@ def test_peft_bias_option_is_refused(tmp_path):
     reference.save_pretrained(str(tmp_path))
     with pytest.raises(dt.DeltaError, match="bias='all' is not supported"):
         dt.load(build("llama"), tmp_path)
+
+
+# ---------------------------------------------------------------- Conv2d
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)  # a vector: 3 x 3 x 3 = 27 entries
+        self.head = torch.nn.Linear(6 * 5 * 5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+IMAGES = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(4))
+
+
+def test_conv2d_chain_turns_the_flattened_weight_and_merges():
+    net = ConvNet()
+    before = net(IMAGES).detach()
+    dt.attach(net, dt.HRAConfig(r=R, target_modules=["conv"]))
+    assert net.conv.hra_u["default"].shape == (27, R)
+    torch.testing.assert_close(net(IMAGES), before, rtol=0, atol=1e-5)  # the pairs cancel
+    set_vectors(dt.delta_parameters(net, "default").items())
+    W = net.conv.base_layer.weight.detach().clone()
+    turned = (W.reshape(6, 27) @ net.conv.reflection("default")).view(6, 3, 3, 3)
+    torch.testing.assert_close(net.conv(IMAGES), torch.nn.functional.conv2d(IMAGES, turned, net.conv.base_layer.bias, padding=1))
+    out = net(IMAGES).detach()
+    assert_differs(out, before)
+    net(IMAGES).sum().backward()  # gradients reach the vectors through the turned weight
+    assert net.conv.hra_u["default"].grad.abs().sum() > 0
+    net.eval()
+    dt.merge(net)
+    torch.testing.assert_close(net(IMAGES), out, rtol=1e-5, atol=1e-5)
+    dt.unmerge(net)
+    torch.testing.assert_close(net.conv.base_layer.weight, W, rtol=0, atol=1e-6)
+
+
+def test_conv2d_parity_with_peft_both_ways(tmp_path):
+    ours = dt.attach(ConvNet(), dt.HRAConfig(r=R, target_modules=["conv"]))
+    set_vectors(dt.delta_parameters(ours, "default").items())
+    expected = ours(IMAGES).detach()
+    dt.save(ours, tmp_path / "dt")
+    theirs = peft.PeftModel.from_pretrained(ConvNet(), str(tmp_path / "dt"))
+    torch.testing.assert_close(theirs(IMAGES), expected, rtol=1e-5, atol=1e-5)
+    reference = peft.get_peft_model(ConvNet(), peft.HRAConfig(r=R, target_modules=["conv"]))
+    set_vectors(reference.named_parameters(), seed=12)
+    expected = reference(IMAGES).detach()
+    reference.save_pretrained(str(tmp_path / "peft"))
+    torch.testing.assert_close(dt.load(ConvNet(), tmp_path / "peft")(IMAGES), expected, rtol=1e-5, atol=1e-5)
+    merged = reference.merge_and_unload()
+    loaded = dt.load(ConvNet(), tmp_path / "peft")
+    dt.detach(loaded, merge=True)
+    torch.testing.assert_close(loaded.conv.weight, merged.conv.weight, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv2d_is_not_a_target():
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.Conv2d(4, 4, 1))
+    with pytest.raises(dt.DeltaError, match="hra cannot wrap 0"):
+        dt.attach(net, dt.HRAConfig(r=2, target_modules=["0"]))
+
+
+def test_conv2d_mixed_batch_rows_use_their_own_adapter():
+    net = ConvNet().eval()
+    base = net(IMAGES).detach()
+    outs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        dt.attach(net, dt.HRAConfig(r=R, target_modules=["conv"]), name=name)
+        set_vectors(dt.delta_parameters(net, name).items(), seed=seed)
+        dt.set_active(net, [name])
+        outs[name] = net(IMAGES).detach()
+    with dt.mixed_batch(net, ["b", "__base__"]), torch.no_grad():
+        mixed = net(IMAGES)
+    assert_differs(outs["b"], base)
+    torch.testing.assert_close(mixed[0], outs["b"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=1e-5)

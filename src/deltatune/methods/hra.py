@@ -30,16 +30,21 @@ NaN), so apply_GS needs init_weights=False.
 Merging writes W <- W H (transposed for GPT-2's Conv1D, whose weight is stored in x out);
 unmerging W <- W H^T, exact up to rounding since H^T H = I.
 
-Files are peft's ``HRA``: per target ``...<module>.hra_u`` [in, r]. peft's HRA takes
-nn.Linear (and Conv2d, which deltatune's does not); deltatune also takes GPT-2's Conv1D,
-a file peft cannot load.
+On an nn.Conv2d (groups = 1) a vector has in_channels x kh x kw entries, one per weight entry
+of an output channel, and the chain multiplies the weight flattened to (out, in x kh x kw);
+the forward convolves with that turned weight, as a patch of the input is not a row to
+reflect.
+
+Files are peft's ``HRA``: per target ``...<module>.hra_u`` [in, r] (a Conv2d's [in x kh x kw, r]).
+peft's HRA takes nn.Linear and square-kernel Conv2d; deltatune also takes GPT-2's Conv1D
+(and non-square kernels), files peft cannot load.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -68,12 +73,17 @@ class HRAConfig(DeltaConfig):
 
 
 def supports(module: nn.Module) -> bool:
-    # bitsandbytes' quantised layers subclass nn.Linear; other integer weights are refused
-    return (isinstance(module, nn.Linear) or is_conv1d(module)) and float_or_quantized(module)
+    # bitsandbytes' quantised layers subclass nn.Linear; other integer weights are refused; a grouped
+    # convolution's weight sees only part of the input channels, so one chain over all of them does not fit it
+    conv = isinstance(module, nn.Conv2d) and module.groups == 1
+    return (isinstance(module, nn.Linear) or is_conv1d(module) or conv) and float_or_quantized(module)
 
 
 def in_features(module: nn.Module) -> int:
+    """Length of a reflection vector: the input features, or a Conv2d's in_channels x kh x kw (one patch)."""
     module = module.base_layer if isinstance(module, DeltaLayer) else module
+    if isinstance(module, nn.Conv2d):
+        return module.weight[0].numel()
     return module.weight.shape[0] if is_conv1d(module) else module.in_features
 
 
@@ -91,7 +101,7 @@ def initial_vectors(n: int, r: int, paired: bool, device: torch.device) -> torch
 
 
 class HRALayer(DeltaLayer):
-    """Wraps an nn.Linear (quantised or not) or a GPT-2 Conv1D; r reflection vectors per adapter."""
+    """Wraps an nn.Linear (quantised or not), a GPT-2 Conv1D or an nn.Conv2d; r reflection vectors per adapter."""
 
     containers = ("hra_u",)
 
@@ -133,6 +143,8 @@ class HRALayer(DeltaLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         groups = self.batch_groups(x.shape[0]) if self.model_state is not None and self.model_state.batch_adapters is not None else None
+        if isinstance(self.base_layer, nn.Conv2d):
+            return self.conv_forward(x, groups)
         if groups is not None:  # each row through its own adapter's chain only
             for name, rows in groups:
                 x = x.index_copy(0, rows, self.reflect(name, x[rows]))
@@ -141,10 +153,32 @@ class HRALayer(DeltaLayer):
                 x = self.reflect(name, x)
         return self.base_layer(x, *args, **kwargs)
 
+    def conv_forward(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]] | None) -> torch.Tensor:
+        """A Conv2d: a patch is not an input row, so the chain goes into the weight, W H over (out, in x kh x kw)."""
+        conv = self.base_layer
+        if groups is None:
+            if not self.live:
+                return conv(x)
+            return conv._conv_forward(x, self.turned_weight(self.live, x.dtype), conv.bias)
+        result = conv(x)  # rows of "__base__" (or of another method)
+        for name, rows in groups:
+            result = result.index_copy(0, rows, conv._conv_forward(x[rows], self.turned_weight([name], x.dtype), conv.bias))
+        return result
+
+    def turned_weight(self, names: Sequence[str], dtype: torch.dtype) -> torch.Tensor:
+        """The base weight times the chains of `names` in order (differentiable), shaped as the base stores it."""
+        weight = self.base_layer.weight
+        h = None
+        for name in names:
+            one = self.reflection(name, grad=True)
+            h = one if h is None else h @ one
+        return (weight.reshape(weight.shape[0], -1).to(dtype) @ h.to(dtype)).view(weight.shape)  # (out, in, kh, kw)
+
     # ------------------------------------------------------------ merge
-    def reflection(self, name: str) -> torch.Tensor:
-        """H = H_1 ... H_r (or I - 2 Q Q^T) as an (in, in) fp32 matrix."""
-        d = self.directions(name).detach().float()
+    def reflection(self, name: str, grad: bool = False) -> torch.Tensor:
+        """H = H_1 ... H_r (or I - 2 Q Q^T) as an (in, in) fp32 matrix (`grad`: kept in the autograd graph)."""
+        d = self.directions(name).float()
+        d = d if grad else d.detach()
         eye = torch.eye(d.shape[0], device=d.device)
         if self.apply_GS[name]:
             return eye - 2 * d @ d.T
@@ -155,12 +189,16 @@ class HRALayer(DeltaLayer):
         return h
 
     def merge_delta(self, name: str) -> None:
-        with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() @ self.reflection(name))
+        self._multiply(self.reflection(name))
 
     def unmerge_delta(self, name: str) -> None:
+        self._multiply(self.reflection(name).T)
+
+    def _multiply(self, h: torch.Tensor) -> None:
+        """W <- W h, W as (out, in) (a Conv2d's as (out, in x kh x kw))."""
         with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() @ self.reflection(name).T)
+            weight = self.base_weight().float()
+            self.set_base_weight((weight.reshape(weight.shape[0], -1) @ h).view(weight.shape))
 
 
 def attach(model: nn.Module, config: HRAConfig, name: str) -> HRAConfig:
