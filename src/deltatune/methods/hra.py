@@ -9,7 +9,9 @@ chain, H = H_1 H_2 ... H_r:
     h = W H x + b = W (H_1 (H_2 ( ... (H_r x)))) + b
 
 so the input goes through the reflections (the last first) and then the base layer,
-unchanged; r x in parameters per target (LoRA: r (in + out)). H is orthogonal, so W H
+unchanged; r x in parameters per target (LoRA: r (in + out)). The chain is applied in its
+compact form H = I - A D^T (D the unit directions, A built from them column by column), so
+H x costs two thin matmuls, x - A (D^T x), and no (in x in) matrix is formed. H is orthogonal, so W H
 keeps W's singular values (the paper's orthogonal view), while I - H has rank at most r
 (its low-rank view). Several adapters on one layer multiply in their active order,
 W H_a H_b.
@@ -121,25 +123,32 @@ class HRALayer(DeltaLayer):
         super().remove(name, keep_merged)
         self.apply_GS.pop(name, None)
 
-    def directions(self, name: str) -> torch.Tensor:
-        """(in, r) unit columns: û_i, or with apply_GS the orthonormal Q of the vectors in order."""
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, D), both (in, r), with H = I - A D^T: the chain H_1 ... H_r in compact form, so that
+        H x costs two thin matmuls rather than r passes over x. D holds the unit directions û_i; A's
+        columns follow from (I - A D^T) H_k = I - [A, a_k] [D, û_k]^T with a_k = 2 (û_k - A (D^T û_k)).
+        With apply_GS, D is the orthonormal Q of the vectors in order and A = 2 Q (H = I - 2 Q Q^T)."""
         u = self.hra_u[name]
         if self.apply_GS[name]:
-            q, _ = torch.linalg.qr(u.float())  # Q Q^T is Gram-Schmidt's projection whatever Q's column signs
-            return q
-        return u / u.norm(dim=0)
+            q, _ = torch.linalg.qr(u)  # Q Q^T is Gram-Schmidt's projection whatever Q's column signs
+            return 2 * q, q
+        d = u / u.norm(dim=0)  # (in, r)
+        cols: list[torch.Tensor] = []
+        for k in range(d.shape[1]):
+            a = 2 * d[:, k]  # (in,)
+            if cols:
+                done = torch.stack(cols, dim=1)  # (in, k)
+                a = a - done @ (d[:, :k].T @ a)
+            cols.append(a)
+        return torch.stack(cols, dim=1), d
 
     # ------------------------------------------------------------ forward
     def reflect(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """H x for adapter `name` (x: (..., in)), in x's dtype."""
-        d = self.directions(name)
-        d = d if d.dtype == x.dtype else d.to(x.dtype)  # fp32 trainables, half-precision base: the base's dtype
-        if self.apply_GS[name]:
-            return x - 2 * (x @ d) @ d.T  # (I - 2 Q Q^T) x
-        for i in reversed(range(d.shape[1])):  # H_1 (... (H_r x)): the last reflection first
-            ui = d[:, i]  # (in,)
-            x = x - 2 * (x @ ui).unsqueeze(-1) * ui  # (..., in)
-        return x
+        """H x for adapter `name` (x: (..., in)), in x's dtype: x - A (D^T x), as rows x - (x D) A^T."""
+        a, d = self.factors(name)
+        if a.dtype != x.dtype:  # fp32 trainables, half-precision base: compute in the base's dtype
+            a, d = a.to(x.dtype), d.to(x.dtype)
+        return x - (x @ d) @ a.T  # (..., r) -> (..., in)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         groups = self.batch_groups(x.shape[0]) if self.model_state is not None and self.model_state.batch_adapters is not None else None
@@ -177,16 +186,10 @@ class HRALayer(DeltaLayer):
     # ------------------------------------------------------------ merge
     def reflection(self, name: str, grad: bool = False) -> torch.Tensor:
         """H = H_1 ... H_r (or I - 2 Q Q^T) as an (in, in) fp32 matrix (`grad`: kept in the autograd graph)."""
-        d = self.directions(name).float()
-        d = d if grad else d.detach()
-        eye = torch.eye(d.shape[0], device=d.device)
-        if self.apply_GS[name]:
-            return eye - 2 * d @ d.T
-        h = eye
-        for i in range(d.shape[1]):
-            ui = d[:, i : i + 1]  # (in, 1)
-            h = h - 2 * (h @ ui) @ ui.T
-        return h
+        a, d = self.factors(name)
+        if not grad:
+            a, d = a.detach(), d.detach()
+        return torch.eye(d.shape[0], device=d.device) - a.float() @ d.float().T
 
     def merge_delta(self, name: str) -> None:
         self._multiply(self.reflection(name))
