@@ -39,6 +39,7 @@ METHODS = {
                                                               target_modules=LORA_TARGETS, rank_pattern=AT_TARGET),
     "(IA)³ (default targets)": lambda: dt.IA3Config(),
     "VeRA r=256 (default targets)": lambda: dt.VeraConfig(),
+    "HRA r=8 (default targets)": lambda: dt.HRAConfig(),
     "LoHa r=8 (default targets)": lambda: dt.LoHaConfig(r=8, alpha=16),
     "LoKr r=8 (default targets)": lambda: dt.LoKrConfig(r=8, alpha=16),
     "Prompt tuning, 20 tokens": lambda: dt.PromptTuningConfig(num_virtual_tokens=20),

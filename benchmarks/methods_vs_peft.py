@@ -77,6 +77,8 @@ CASES: dict[str, Case] = {
                 lambda peft: peft.IA3Config(task_type="CAUSAL_LM")),
     "vera": Case(lambda: dt.VeraConfig(r=256, target_modules=ALL),  # one shared A, B; lambda_b, lambda_d per target
                  lambda peft: peft.VeraConfig(r=256, target_modules=ALL, task_type="CAUSAL_LM")),
+    "hra": Case(lambda: dt.HRAConfig(r=8, target_modules=ALL),  # reflections of the input vs peft's W H built per step
+                lambda peft: peft.HRAConfig(r=8, target_modules=ALL, task_type="CAUSAL_LM")),
     "loha": Case(lambda: dt.LoHaConfig(r=16, alpha=32, target_modules=ALL),
                  lambda peft: peft.LoHaConfig(r=16, alpha=32, target_modules=ALL, task_type="CAUSAL_LM")),
     "lokr": Case(lambda: dt.LoKrConfig(r=16, alpha=32, target_modules=ALL),

@@ -66,6 +66,8 @@ METHODS = [
     M("adalora", lambda: dt.AdaLoraConfig(init_r=6, target_r=4, alpha=12, total_step=12)),
     M("ia3", lambda: dt.IA3Config(), lr=0.2),  # scales of tiny random activations: the loss moves slowly
     M("vera", lambda: dt.VeraConfig(r=8), lr=5e-2),  # shared random A, B: only two vectors train
+    # paired reflections cancel to rounding; all-linear: rotating only bloom's fused qkv input barely moves the loss
+    M("hra", lambda: dt.HRAConfig(r=4, target_modules="all-linear"), lr=5e-2, attach_atol=1e-5),
     M("loha", lambda: dt.LoHaConfig(r=4, alpha=8)),
     M("lokr", lambda: dt.LoKrConfig(r=4, alpha=8)),
     M("lokr_low_rank", lambda: dt.LoKrConfig(r=1, alpha=16, decompose_both=True)),  # W1 and W2 both low-rank

@@ -149,6 +149,12 @@ def test_vera_on_llama_3b_q_v():
     assert trainable(model) == 28 * ((256 + 3072) + (256 + 1024)) == 129_024
 
 
+def test_hra_on_llama_3b_q_v():
+    model = llama_3b()
+    dt.attach(model, dt.HRAConfig())  # r=8 vectors of length 3072 (the input) on q_proj and v_proj alike
+    assert trainable(model) == 28 * 2 * 8 * 3072 == 1_376_256
+
+
 def test_ia3_on_t0_3b_shape():
     # T0-3B as REFERENCE.md gives it: 24 + 24 layers, d_model 2048, 32 heads x 128, gated FFN 5120
     config = tf.T5Config(d_model=2048, d_kv=128, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24,

@@ -248,13 +248,14 @@ WRAPPING = {
     "rslora": lambda: dt.LoraConfig(r=4, alpha=8, use_rslora=True, init="gaussian"),
     "ia3": lambda: dt.IA3Config(),
     "vera": lambda: dt.VeraConfig(r=8),
+    "hra": lambda: dt.HRAConfig(r=4, target_modules="all-linear"),
     "loha": lambda: dt.LoHaConfig(r=4, alpha=8),
     "lokr": lambda: dt.LoKrConfig(r=4, alpha=8),
     "adalora": lambda: dt.AdaLoraConfig(init_r=6, target_r=4, alpha=12, total_step=12),
     "adapter_houlsby": lambda: dt.AdapterConfig(placement="houlsby", reduction_factor=8),
     "adapter_parallel": lambda: dt.AdapterConfig(placement="parallel", bottleneck_size=4, scaling=4.0),
 }
-LR = {"ia3": 0.2, "vera": 5e-2}
+LR = {"ia3": 0.2, "vera": 5e-2, "hra": 5e-2}
 METHOD_CASES = [pytest.param(m, arch, kind, id=f"{m}-{arch}-{kind}") for m in WRAPPING
                 for arch, kind in [("llama", "nf4"), ("gpt2", "nf4"), ("bert", "nf4"), ("t5", "nf4"), ("llama", "int8")]]
 

@@ -20,6 +20,7 @@ __all__ = [
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "BitFitConfig", "FreezeConfig",
     "FullConfig", "DiffPruningConfig", "AdapterConfig", "AdapterFusionConfig", "fusion_attention", "VeraConfig",
     "LNTuningConfig", "FourierFTConfig",
+    "HRAConfig",
     "Summary", "plan", "Plan", "MasterWeights", "MasterMode", "LossScaler", "METHODS", "config_from_dict", "config_from_json",
     "load_base", "prepare_kbit", "fused_linear_cross_entropy", "lm_loss",
 ]  # fmt: skip
@@ -39,6 +40,7 @@ def _load() -> None:
                           FreezeConfig, FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
                           PromptTuningConfig, PTuningConfig, PTuningV2Config, VeraConfig, fusion_attention)
     from .methods import FourierFTConfig, LNTuningConfig
+    from .methods import HRAConfig
     from .planner import Plan, plan
     from .losses import fused_linear_cross_entropy, lm_loss
     from .master import MasterMode, MasterWeights

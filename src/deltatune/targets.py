@@ -72,6 +72,8 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
 DEFAULT_TARGETS["loha"] = DEFAULT_TARGETS["lokr"] = DEFAULT_TARGETS["lora"]
 # VeRA takes LoRA's defaults too, and phi's attention projections (peft's table).
 DEFAULT_TARGETS["vera"] = {**DEFAULT_TARGETS["lora"], "phi": ["q_proj", "v_proj"]}
+# HRA takes LoRA's defaults, as peft does.
+DEFAULT_TARGETS["hra"] = DEFAULT_TARGETS["lora"]
 
 # (IA)³'s feed-forward modules per model_type: the default targets whose input is rescaled.
 IA3_FEEDFORWARD: dict[str, list[str]] = {

@@ -124,6 +124,7 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "IA3": Schema(rename={"init_weights": "init_ia3_weights"}),
     "VERA": Schema(rename={"dropout": "vera_dropout"}, extra={"bias": "none"}),
+    "HRA": Schema(extra={"bias": "none"}),  # our field names are peft's; bias "none" only
     "LOHA": Schema(),  # our field names are peft's
     "LOKR": Schema(),
     "LN_TUNING": Schema(),  # our field names are peft's
