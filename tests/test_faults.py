@@ -91,8 +91,10 @@ def test_a_failed_load_leaves_the_active_delta_alone(method, tmp_path):
     _trained_and_saved(method, tmp_path)
     model = _wider_gpt2(method)
     prepared = list(dt.attached(model))
-    # on c_fc, which no method's default targets on GPT-2 (two wrapping methods never share a module)
-    dt.attach(model, dt.LoraConfig(r=2, init="none", target_modules=["c_fc"]), name="working")
+    # on c_fc, which no method's default targets on GPT-2 (two wrapping methods never share a module); a row that
+    # targets every linear (hra's) leaves only the head
+    everywhere = getattr(method.make(), "target_modules", None) == "all-linear" and method.name != "lora_all_linear"
+    dt.attach(model, dt.LoraConfig(r=2, init="none", target_modules=["lm_head" if everywhere else "c_fc"]), name="working")
     data = batch("gpt2")
     out, before = logits(model, data), fingerprint(model)
     with pytest.raises(dt.DeltaError, match="does not fit"):
@@ -635,8 +637,8 @@ def test_corrupted_config_and_unknown_peft_type(tmp_path):
     (tmp_path / CONFIG_NAME).write_text('{"peft_type": "LORA", "r": ')
     with pytest.raises(dt.DeltaError, match=f"{CONFIG_NAME} is not valid JSON"):
         dt.load(build("gpt2"), tmp_path)
-    (tmp_path / CONFIG_NAME).write_text('{"peft_type": "VERA"}')
-    with pytest.raises(dt.DeltaError, match="'VERA' are not supported; supported: .*LORA"):
+    (tmp_path / CONFIG_NAME).write_text('{"peft_type": "BOFT"}')
+    with pytest.raises(dt.DeltaError, match="'BOFT' are not supported; supported: .*LORA"):
         dt.load(build("gpt2"), tmp_path, verify=False)
     (tmp_path / CONFIG_NAME).write_text('{"r": 8}')
     with pytest.raises(dt.DeltaError, match="has no 'peft_type'"):

@@ -137,9 +137,9 @@ def test_missing_folder_and_unsupported_peft_options(tmp_path):
         dt.load(build("llama"), tmp_path)
     with pytest.raises(dt.DeltaError, match="peft option layer_replication"):
         dt.load(build("llama"), tmp_path, verify=False)
-    config["peft_type"] = "VERA"
+    config["peft_type"] = "BOFT"
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(dt.DeltaError, match="'VERA' are not supported"):
+    with pytest.raises(dt.DeltaError, match="'BOFT' are not supported"):
         dt.load(build("llama"), tmp_path, verify=False)
 
 
