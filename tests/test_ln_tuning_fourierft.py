@@ -234,6 +234,13 @@ def test_fourierft_files_match_peft_layout(tmp_path, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fourierft_merge_matches_peft_merge(arch):
+    from packaging.version import Version
+
+    if arch == "gpt2" and Version(peft.__version__) < Version("0.21"):
+        # peft 0.17.1's own FourierFT merge raises a shape error on GPT-2's Conv1D ((96, 32) vs (32, 96): its ΔW is
+        # not transposed for fan_in_fan_out); 0.21.2 merges it. Ours is checked against the unmerged output above
+        # that version too (test_contract's merge row).
+        pytest.skip("peft before 0.21 cannot merge FourierFT on a Conv1D (its own shape error; 0.17.1 measured)")
     ours = dt.attach(build(arch), dt_fourierft(arch)).eval()
     theirs = peft.get_peft_model(build(arch), peft_fourierft(arch)).eval()
     set_values(dt.delta_parameters(ours, "default").items(), FFT_NEEDLES)
