@@ -366,6 +366,12 @@ class DeltaLayer(nn.Module):
     def merge_delta(self, name: str) -> None:
         raise DeltaError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    def add_to_base_weight(self, delta: torch.Tensor) -> None:
+        """W += delta, (out, in), summed in fp32 and written back in the base's dtype (re-quantised on a quantised
+        base): the merge and unmerge of a method whose delta is an additive weight update."""
+        with torch.no_grad():
+            self.set_base_weight(self.base_weight().float() + delta)
+
     def unmerge_delta(self, name: str) -> None:
         raise DeltaError(f"{type(self).__name__} cannot be unmerged")
 

@@ -119,12 +119,10 @@ class FourierFTLayer(DeltaLayer):
 
     # ------------------------------------------------------------ merge
     def merge_delta(self, name: str) -> None:
-        with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() + self.delta_weight(name))
+        self.add_to_base_weight(self.delta_weight(name))
 
     def unmerge_delta(self, name: str) -> None:
-        with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() - self.delta_weight(name))
+        self.add_to_base_weight(-self.delta_weight(name))
 
 
 def attach(model: nn.Module, config: FourierFTConfig, name: str) -> FourierFTConfig:

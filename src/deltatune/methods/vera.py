@@ -169,12 +169,10 @@ class VeraLayer(DeltaLayer):
         return (lambda_b.unsqueeze(1) * B.float()) @ (lambda_d.unsqueeze(1) * A.float())
 
     def merge_delta(self, name: str) -> None:
-        with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() + self.delta_weight(name))
+        self.add_to_base_weight(self.delta_weight(name))
 
     def unmerge_delta(self, name: str) -> None:
-        with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() - self.delta_weight(name))
+        self.add_to_base_weight(-self.delta_weight(name))
 
 
 def attach(model: nn.Module, config: VeraConfig, name: str) -> VeraConfig:
